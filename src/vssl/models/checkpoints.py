@@ -278,6 +278,10 @@ def read_hf_dir(path: Path) -> tuple[dict, dict]:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    if cfg.get("model_type") not in HF_SUPPORTED:  # fail before reading gigabytes of weights
+        raise CheckpointError(
+            f"{path}: transformers model_type {cfg.get('model_type')!r} is not supported; vssl "
+            f"reads {', '.join(HF_SUPPORTED)}")
     index = path / "model.safetensors.index.json"
     if (path / "model.safetensors").is_file():
         sd, _ = _load_safetensors(path / "model.safetensors")
