@@ -416,8 +416,12 @@ def suggest(config: ViTConfig, sd: dict) -> str:
     return "\n".join(lines)
 
 
-def _fmt_keys(keys, limit=12) -> str:
-    keys = sorted(keys)
+def _natural(key: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+def _fmt_keys(keys, limit=8) -> str:
+    keys = sorted(keys, key=_natural)
     more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
 
