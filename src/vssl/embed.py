@@ -1,0 +1,538 @@
+"""`vssl embed`: images in, one feature row per image out.
+
+Outputs in ``--output`` (row ``i`` of every array is row ``i`` of the manifest):
+
+- ``embeddings.npy``   float32 (N, D): the normalized CLS token (``x_norm_clstoken``);
+- ``patch_tokens.npy`` float32 (N, num_patches, D), only with ``--patch-tokens`` (written
+  incrementally to a memory map, so it never has to fit in RAM);
+- ``manifest.parquet`` columns ``row`` (int64), ``path`` (absolute, string), ``label`` (string or
+  null: the first-level subfolder of an input folder);
+- ``errors.jsonl``     one ``{"path": ..., "error": ...}`` line per skipped input (always written).
+
+Decoding and the eval transform run in DataLoader workers so they overlap the model; a bad file is
+counted and skipped, never fatal (DESIGN.md section 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
+from .data.transforms import EvalTransform
+
+__all__ = ["EmbedResult", "add_embed_parser", "embed_images", "list_inputs", "run_embed"]
+
+LIST_SUFFIXES = (".txt", ".lst")
+EMBEDDINGS = "embeddings.npy"
+PATCH_TOKENS = "patch_tokens.npy"
+MANIFEST = "manifest.parquet"
+ERRORS = "errors.jsonl"
+
+InputList = list[tuple[Path, "str | None"]]
+
+
+# ------------------------------------------------------------------------------------ inputs
+def list_inputs(path: str | os.PathLike) -> InputList:
+    """The inputs behind ``path`` as ``[(absolute path, label or None)]``, in a deterministic order.
+
+    - a folder: every non-hidden file below it (hidden files and folders skipped), sorted by
+      relative path; the label is the first-level subfolder's name (None for files in the root),
+      the usual ``class/image.jpg`` layout. Non-image files are kept: they become skipped inputs
+      with an error line, so nothing disappears silently.
+    - a ``.txt`` / ``.lst`` file: one path per line, relative paths resolved against the list's
+      folder; blank lines and ``#`` comments skipped; an optional label after a TAB.
+    - any other file: that single image.
+
+    Raises FileNotFoundError when ``path`` does not exist.
+    """
+    root = Path(os.path.abspath(os.fspath(path)))
+    if not root.exists():
+        raise FileNotFoundError(f"input not found: {path}")
+    if root.is_dir():
+        found: list[tuple[tuple[str, ...], Path]] = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if name.startswith("."):
+                    continue
+                p = Path(dirpath) / name
+                found.append((p.relative_to(root).parts, p))
+        found.sort(key=lambda t: t[0])
+        return [(p, parts[0] if len(parts) > 1 else None) for parts, p in found]
+    if root.suffix.lower() in LIST_SUFFIXES:
+        out: InputList = []
+        with open(root, encoding="utf-8") as f:
+            for line in f:
+                line = line.rstrip("\r\n")
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                item, _, label = line.partition("\t")
+                item = item.strip()
+                p = Path(item).expanduser()
+                if not p.is_absolute():
+                    p = root.parent / p
+                out.append((Path(os.path.abspath(p)), label.strip() or None))
+        return out
+    return [(root, None)]
+
+
+# ------------------------------------------------------------------------------------ loading
+class _ImageDataset(torch.utils.data.Dataset):
+    """Item ``i`` -> ``(i, tensor, None)`` or ``(i, None, reason)``; never raises for a bad file."""
+
+    def __init__(self, paths: Sequence[Path], transform: EvalTransform, draft: bool,
+                 max_pixels: int | None):
+        self.paths = [str(p) for p in paths]
+        self.transform = transform
+        self.draft_size = transform.draft_size if draft else None
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            img = open_image(self.paths[i], draft_size=self.draft_size, max_pixels=self.max_pixels)
+            return i, self.transform(img), None
+        except ImageDecodeError as exc:
+            return i, None, exc.reason
+        except Exception as exc:  # noqa: BLE001 - a transform failure is still one bad input
+            return i, None, f"transform failed: {type(exc).__name__}: {exc}"
+
+
+def _collate(batch):
+    """Keep the good images stacked; pass the errors along as ``[(index, reason)]``."""
+    good = [(i, x) for i, x, err in batch if err is None]
+    errors = [(i, err) for i, _, err in batch if err is not None]
+    indices = [i for i, _ in good]
+    images = torch.stack([x for _, x in good]) if good else None
+    return indices, images, errors
+
+
+def _cpu_count() -> int:
+    """CPUs this process may use (a container's affinity mask, not the host's core count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # decoding is per-process work; do not oversubscribe the cores
+
+
+# ------------------------------------------------------------------------------------ outputs
+def _truncate_npy(path: Path, rows: int) -> None:
+    """Shrink a pre-sized ``.npy`` to its first ``rows`` rows in place.
+
+    The header is rewritten with the new shape, padded with spaces to its old length (the format
+    allows it and the new shape never has more digits), and the file is truncated: no data copy.
+    """
+    with open(path, "r+b") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            len_fmt, len_size = "<H", 2
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            len_fmt, len_size = "<I", 4
+        data_start = f.tell()
+        header_len = data_start - 6 - 2 - len_size  # magic (6) + version (2) + length field
+        new_shape = (rows,) + tuple(shape[1:])
+        header = (
+            "{'descr': %r, 'fortran_order': %r, 'shape': %r, }"
+            % (np.lib.format.dtype_to_descr(dtype), fortran, new_shape)
+        )
+        if len(header) + 1 > header_len:  # cannot happen for a smaller row count
+            raise RuntimeError(f"cannot rewrite the header of {path}")
+        header = header.ljust(header_len - 1) + "\n"
+        f.seek(6 + 2 + len_size)
+        f.write(header.encode("latin1"))
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        f.truncate(data_start + rows * row_bytes)
+
+
+class _RowWriter:
+    """A ``.npy`` memory map pre-sized to every input, filled row by row, cut to size at the end."""
+
+    def __init__(self, path: Path, capacity: int):
+        self.path, self.capacity = path, capacity
+        self.partial = path.with_name(path.name + ".partial")
+        self.array: np.memmap | None = None
+        self.rows = 0
+
+    def write(self, block: np.ndarray) -> None:
+        if self.array is None:  # shape known from the first batch (patch count, width)
+            self.array = np.lib.format.open_memmap(
+                self.partial, mode="w+", dtype=np.float32, shape=(self.capacity, *block.shape[1:])
+            )
+        self.array[self.rows : self.rows + len(block)] = block
+        self.rows += len(block)
+
+    def close(self, empty_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.array is None:  # nothing embedded: still write a valid, empty array
+            with open(self.partial, "wb") as f:  # a file object: np.save adds no ".npy"
+                np.save(f, np.zeros((0, *empty_shape), dtype=np.float32))
+            shape: tuple[int, ...] = (0, *empty_shape)
+        else:
+            shape = (self.rows, *self.array.shape[1:])
+            self.array.flush()
+            del self.array
+            self.array = None
+            if self.rows < self.capacity:
+                _truncate_npy(self.partial, self.rows)
+        os.replace(self.partial, self.path)
+        return shape
+
+
+def _write_manifest(path: Path, rows: list[tuple[str, str | None]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({
+        "row": pa.array(range(len(rows)), type=pa.int64()),
+        "path": pa.array([p for p, _ in rows], type=pa.string()),
+        "label": pa.array([lab for _, lab in rows], type=pa.string()),
+    })
+    tmp = path.with_name(path.name + ".partial")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _write_errors(path: Path, errors: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for e in errors:
+            f.write(json.dumps(e, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ library
+@dataclass
+class EmbedResult:
+    """What ``embed_images`` did: counts, the skipped inputs, speed and where the files went."""
+
+    output_dir: Path
+    num_inputs: int
+    num_embedded: int
+    num_skipped: int
+    errors: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    embeddings_shape: tuple[int, ...] = ()
+    patch_tokens_shape: tuple[int, ...] | None = None
+
+    def summary(self) -> str:
+        files = [f"{EMBEDDINGS} {self.embeddings_shape}"]
+        if self.patch_tokens_shape is not None:
+            files.append(f"{PATCH_TOKENS} {self.patch_tokens_shape}")
+        files += [MANIFEST, ERRORS]
+        skipped = f"skipped {self.num_skipped}"
+        if self.num_skipped:
+            skipped += f" (see {self.output_dir / ERRORS})"
+        return (
+            f"embedded {self.num_embedded} images, {skipped}, {self.images_per_s:.1f} images/s "
+            f"in {self.seconds:.1f} s -> {self.output_dir}: {', '.join(files)}"
+        )
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}") from None
+
+
+def _model_resolution(model: torch.nn.Module) -> int | tuple[int, int]:
+    cfg = getattr(model, "config", None)
+    size = getattr(cfg, "img_size", None)
+    if size is None:
+        raise ValueError("the model has no config.img_size: pass resolution=")
+    return size if isinstance(size, int) else tuple(size)
+
+
+def _check_resolution(model: torch.nn.Module, resolution: int | tuple[int, int]) -> None:
+    """The patch conv silently drops a remainder; a resolution off the patch grid is a mistake."""
+    cfg = getattr(model, "config", None)
+    patch = getattr(cfg, "patch_size", None)
+    if patch is None:
+        return
+    for side in (resolution,) if isinstance(resolution, int) else tuple(resolution):
+        if side % patch:
+            lo, hi = (side // patch) * patch, (side // patch + 1) * patch
+            raise ValueError(
+                f"resolution {side} is not a multiple of the patch size {patch}: use "
+                f"{lo if lo else hi} or {hi}"
+            )
+
+
+def embed_images(
+    model: torch.nn.Module,
+    inputs: Sequence[tuple[str | os.PathLike, str | None]] | Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    resolution: int | tuple[int, int] | None = None,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    patch_tokens: bool = False,
+    progress: bool = True,
+    verbose: bool = False,
+    draft: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> EmbedResult:
+    """Embed ``inputs`` (``list_inputs`` output, or plain paths) with ``model`` into ``output_dir``.
+
+    ``resolution``: the crop (default: the model's ``img_size``), after resizing the short side to
+    ``resolution * 256/224`` (DINOv2's eval protocol). ``num_workers``: decoding processes (None:
+    ``min(4, cpu count)``; 0 decodes in this process). ``dtype``: ``bf16``/``fp16`` with an fp32
+    model runs under ``torch.autocast``; otherwise inputs are cast to the model's own parameter
+    dtype. ``draft``: let large JPEGs decode at 1/2..1/8 scale (never below the resize target;
+    ``False`` is bit-exact with full decoding). Bad inputs are skipped and listed in
+    ``errors.jsonl``, never raised. ``verbose`` prints the summary line at the end.
+    """
+    items = [
+        (Path(os.path.abspath(x[0])), x[1]) if isinstance(x, tuple)
+        else (Path(os.path.abspath(x)), None)
+        for x in inputs
+    ]
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    resolution = _model_resolution(model) if resolution is None else resolution
+    _check_resolution(model, resolution)
+    out_dir = Path(output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"output {out_dir} exists and is not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Leftovers of an earlier run here would not match this run's manifest.
+    for stale in (EMBEDDINGS, PATCH_TOKENS, MANIFEST, ERRORS):
+        (out_dir / stale).unlink(missing_ok=True)
+
+    device = torch.device(device)
+    want = _parse_dtype(dtype)
+    params = list(model.parameters())
+    param_dtype = params[0].dtype if params else torch.float32
+    if params and params[0].device != device:
+        model.to(device)
+    was_training = model.training
+    model.eval()
+    autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if want in (torch.bfloat16, torch.float16) and param_dtype == torch.float32:
+        autocast = torch.autocast(device_type=device.type, dtype=want)
+
+    transform = EvalTransform(resolution)
+    dataset = _ImageDataset([p for p, _ in items], transform, draft, max_pixels)
+    if num_workers is None:
+        num_workers = min(4, _cpu_count())
+    num_batches = -(-len(items) // batch_size)
+    num_workers = max(0, min(num_workers, num_batches))  # idle workers only cost start-up time
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if num_workers else None,
+        pin_memory=device.type == "cuda",
+    )
+
+    from tqdm import tqdm
+
+    emb_writer = _RowWriter(out_dir / EMBEDDINGS, len(items))
+    tok_writer = _RowWriter(out_dir / PATCH_TOKENS, len(items)) if patch_tokens else None
+    manifest: list[tuple[str, str | None]] = []
+    errors: list[dict] = []
+    start = time.perf_counter()
+    bar = tqdm(total=len(items), unit="img", desc="embed", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    try:
+        with torch.inference_mode(), autocast:
+            for indices, images, batch_errors in loader:
+                for i, reason in batch_errors:
+                    errors.append({"path": str(items[i][0]), "error": reason})
+                if images is not None:
+                    x = images.to(device, dtype=param_dtype, non_blocking=True)
+                    out = model.forward_features(x)
+                    emb_writer.write(out["x_norm_clstoken"].float().cpu().numpy())
+                    if tok_writer is not None:
+                        tok_writer.write(out["x_norm_patchtokens"].float().cpu().numpy())
+                    manifest.extend((str(items[i][0]), items[i][1]) for i in indices)
+                bar.update(len(indices) + len(batch_errors))
+                if errors:
+                    bar.set_postfix(skipped=len(errors), refresh=False)
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+
+    cfg = getattr(model, "config", None)
+    dim = int(getattr(cfg, "embed_dim", 0) or 0)
+    emb_shape = emb_writer.close((dim,))
+    tok_shape = None
+    if tok_writer is not None:
+        h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
+        patch = int(getattr(cfg, "patch_size", 1) or 1)
+        tok_shape = tok_writer.close(((h // patch) * (w // patch), dim))
+    _write_manifest(out_dir / MANIFEST, manifest)
+    _write_errors(out_dir / ERRORS, errors)
+    seconds = time.perf_counter() - start
+    result = EmbedResult(
+        output_dir=out_dir,
+        num_inputs=len(items),
+        num_embedded=len(manifest),
+        num_skipped=len(errors),
+        errors=errors,
+        seconds=seconds,
+        images_per_s=len(manifest) / seconds if seconds > 0 else 0.0,
+        embeddings_shape=emb_shape,
+        patch_tokens_shape=tok_shape,
+    )
+    if verbose:
+        print(result.summary(), flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------ CLI
+_EPILOG = """\
+examples:
+  vssl embed webssl-dino1b-full2b-224 --weights webssl_dino1b_full2b_224.pth \\
+      --input photos/ --output feats/
+  vssl embed dinov2-vits14-hf/ --input list.txt --output feats/ --patch-tokens
+  vssl embed vit-test-p14 --random-init --output /tmp/feats     # smoke test on bundled samples
+
+--input is a folder (walked recursively; hidden files skipped; first-level subfolders become
+labels), a .txt/.lst list of image paths (one per line, optionally TAB and a label; relative
+paths are relative to the list's folder), or one image. Unreadable files are skipped and listed in
+OUTPUT/errors.jsonl; rows of embeddings.npy match rows of manifest.parquet.
+"""
+
+
+def add_embed_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``vssl embed`` on an argparse ``add_subparsers()`` object (sets ``func=run_embed``)."""
+    p = subparsers.add_parser(
+        "embed",
+        help="extract features (CLS embeddings, optionally patch tokens) from images",
+        description="Embed images with a vision model: one row per image in OUTPUT/embeddings.npy\n"
+        "(the normalized CLS token), the image paths and labels in OUTPUT/manifest.parquet, skipped\n"
+        "files with the reason in OUTPUT/errors.jsonl. Images are resized to resolution*256/224 and\n"
+        "center-cropped (DINOv2's evaluation transform).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL",
+                   help="a zoo name (see `vssl models`), or a checkpoint: a .pth/.safetensors file "
+                   "or a transformers directory")
+    p.add_argument("--weights", metavar="PATH", default=None,
+                   help="weights for a zoo-name MODEL (.pth / .safetensors)")
+    p.add_argument("--input", "-i", metavar="PATH", default=None,
+                   help="folder, .txt/.lst list of paths, or one image (default: the bundled "
+                   "sample images)")
+    p.add_argument("--output", "-o", metavar="DIR", required=True, help="folder for the outputs")
+    p.add_argument("--resolution", type=int, default=None, metavar="PX",
+                   help="center-crop size in pixels, a multiple of the patch size (default: the "
+                   "model's img_size); images are first resized to resolution*256/224")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass (default 64)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                   help="weights and compute dtype (default fp32); bf16 is fast on GPUs")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--patch-tokens", action="store_true",
+                   help="also write patch_tokens.npy (N, num_patches, D); large")
+    p.add_argument("--num-workers", type=int, default=None, metavar="N",
+                   help="decoding processes (default: min(4, CPU count); 0 = in the main process)")
+    p.add_argument("--random-init", action="store_true",
+                   help="allow a zoo model without --weights (random weights: smoke tests only)")
+    p.add_argument("--no-draft", action="store_true",
+                   help="decode JPEGs at full size (slower; bit-exact with full-decode pipelines)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"refuse larger images as decompression bombs (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_embed)
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"vssl embed: error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    """The ``vssl embed`` command: 0 when at least one image was embedded, 2 otherwise."""
+    if args.input is None:
+        from .assets import sample_images_dir
+
+        input_path: Path = sample_images_dir()
+        print(f"vssl embed: no --input given, using the bundled sample images in {input_path}",
+              file=sys.stderr, flush=True)
+    else:
+        input_path = Path(args.input)
+    try:
+        inputs = list_inputs(input_path)
+    except FileNotFoundError:
+        return _fail(f"input not found: {input_path}")
+    except (OSError, UnicodeDecodeError) as exc:
+        return _fail(f"cannot read input {input_path}: {exc}")
+    if not inputs:
+        what = "folder" if input_path.is_dir() else "list"
+        return _fail(f"no input files in {what} {input_path}")
+    if args.batch_size < 1:
+        return _fail(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_workers is not None and args.num_workers < 0:
+        return _fail(f"--num-workers must be >= 0, got {args.num_workers}")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        return _fail(f"--output {out} exists and is not a folder")
+
+    from .models import create_model, list_models
+
+    try:
+        model = create_model(args.model, args.weights, dtype=args.dtype, device=args.device,
+                             random_init=args.random_init)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any load failure: say what it was, no traceback
+        return _fail(f"cannot load model {args.model!r}: {exc}")
+    if args.weights is None and args.model in list_models():
+        print(f"WARNING: {args.model} has RANDOM weights (no --weights given); these embeddings "
+              "are meaningless except as a smoke test", file=sys.stderr, flush=True)
+
+    try:
+        result = embed_images(
+            model, inputs, out,
+            resolution=args.resolution,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=args.device,
+            dtype=args.dtype,
+            patch_tokens=args.patch_tokens,
+            progress=not args.no_progress,
+            verbose=True,
+            draft=not args.no_draft,
+            max_pixels=args.max_pixels,
+        )
+    except (ValueError, NotADirectoryError) as exc:
+        return _fail(str(exc))
+    except torch.cuda.OutOfMemoryError:
+        return _fail(f"out of GPU memory at --batch-size {args.batch_size}: try a smaller one")
+    if result.num_embedded == 0:
+        return _fail(
+            f"no image could be embedded from {input_path} ({result.num_inputs} inputs, all "
+            f"skipped; reasons in {out / ERRORS})"
+        )
+    return 0
