@@ -193,6 +193,19 @@ def test_library_skips_and_truncates_outputs(tmp_path, tiny):
     assert res.images_per_s > 0 and "embedded 4 images, skipped 4" in res.summary()
 
 
+def test_compiled_forward_same_rows_with_ragged_last_batch(tmp_path, tiny):
+    """--compile pads the last batch (no recompilation) and must drop the padding rows."""
+    model, _ = tiny
+    inputs = list_inputs(sample_images_dir())[:5]  # batch 3: a full batch and a ragged one
+    eager = embed_images(model, inputs, tmp_path / "eager", batch_size=3, num_workers=0,
+                         progress=False)
+    comp = embed_images(model, inputs, tmp_path / "comp", batch_size=3, num_workers=0,
+                        progress=False, compile=True)
+    assert eager.num_embedded == comp.num_embedded == 5
+    np.testing.assert_allclose(np.load(tmp_path / "comp" / "embeddings.npy"),
+                               np.load(tmp_path / "eager" / "embeddings.npy"), atol=1e-5)
+
+
 @pytest.mark.parametrize(("capacity", "rows"), [(1000, 7), (100_000, 99_999), (5, 5), (12, 1)])
 def test_row_writer_truncates_in_place(tmp_path, capacity, rows):
     from vssl.embed import _RowWriter

@@ -297,6 +297,7 @@ def embed_images(
     verbose: bool = False,
     draft: bool = True,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    compile: bool = False,
 ) -> EmbedResult:
     """Embed ``inputs`` (``list_inputs`` output, or plain paths) with ``model`` into ``output_dir``.
 
@@ -305,7 +306,9 @@ def embed_images(
     ``min(4, cpu count)``; 0 decodes in this process). ``dtype``: ``bf16``/``fp16`` with an fp32
     model runs under ``torch.autocast``; otherwise inputs are cast to the model's own parameter
     dtype. ``draft``: let large JPEGs decode at 1/2..1/8 scale (never below the resize target;
-    ``False`` is bit-exact with full decoding). Bad inputs are skipped and listed in
+    ``False`` is bit-exact with full decoding). ``compile``: run the forward through
+    ``torch.compile`` (fuses bias/GELU/LayerNorm passes: about 1.07x on CPU for ViT-S/B, more on
+    GPU; costs 20-40 s of compilation, so it pays off for large inputs only). Bad inputs are skipped and listed in
     ``errors.jsonl``, never raised. ``verbose`` prints the summary line at the end.
     """
     items = [
@@ -353,6 +356,10 @@ def embed_images(
         pin_memory=device.type == "cuda",
     )
 
+    forward = model.forward_features
+    if compile:
+        forward = torch.compile(model.forward_features)
+
     from tqdm import tqdm
 
     emb_writer = _RowWriter(out_dir / EMBEDDINGS, len(items))
@@ -369,10 +376,13 @@ def embed_images(
                     errors.append({"path": str(items[i][0]), "error": reason})
                 if images is not None:
                     x = images.to(device, dtype=param_dtype, non_blocking=True)
-                    out = model.forward_features(x)
-                    emb_writer.write(out["x_norm_clstoken"].float().cpu().numpy())
+                    n = x.shape[0]
+                    if compile and n < batch_size:  # same shape every call: no recompilation
+                        x = torch.cat([x, x.new_zeros((batch_size - n,) + x.shape[1:])])
+                    out = forward(x)
+                    emb_writer.write(out["x_norm_clstoken"][:n].float().cpu().numpy())
                     if tok_writer is not None:
-                        tok_writer.write(out["x_norm_patchtokens"].float().cpu().numpy())
+                        tok_writer.write(out["x_norm_patchtokens"][:n].float().cpu().numpy())
                     manifest.extend((str(items[i][0]), items[i][1]) for i in indices)
                 bar.update(len(indices) + len(batch_errors))
                 if errors:
@@ -458,6 +468,9 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
                    help="decoding processes (default: min(4, CPU count); 0 = in the main process)")
     p.add_argument("--random-init", action="store_true",
                    help="allow a zoo model without --weights (random weights: smoke tests only)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (about 1.07x on CPU, more on GPU; 20-40 s to "
+                        "compile, worth it for thousands of images)")
     p.add_argument("--no-draft", action="store_true",
                    help="decode JPEGs at full size (slower; bit-exact with full-decode pipelines)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
@@ -525,6 +538,7 @@ def run_embed(args: argparse.Namespace) -> int:
             verbose=True,
             draft=not args.no_draft,
             max_pixels=args.max_pixels,
+            compile=args.compile,
         )
     except (ValueError, NotADirectoryError) as exc:
         return _fail(str(exc))

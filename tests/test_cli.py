@@ -1,0 +1,109 @@
+"""The `vssl` command: models table, convert in every direction, info, and its error path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vssl
+from vssl.cli import main, parse_overrides
+from conftest import perturb_
+
+
+def test_models_table_lists_every_model_with_exact_counts(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in vssl.list_models():
+        assert name in out
+    row = next(line for line in out.splitlines() if line.startswith("dinov2-vitg14 "))
+    assert "1,136,480,768" in row and "swiglu" in row and " 518 " in row
+
+
+def test_models_filter_and_no_match(capsys):
+    assert main(["models", "webssl-mae*"]) == 0
+    out = capsys.readouterr().out
+    assert "webssl-mae700m-full2b-224" in out and "dinov2" not in out
+    assert main(["models", "nothing-like-this"]) == 2
+
+
+@pytest.fixture
+def native_ckpt(tmp_path):
+    torch.manual_seed(0)
+    model = perturb_(vssl.create_model("dinov2-vits14", random_init=True, depth=2, embed_dim=48,
+                                       num_heads=3, img_size=56)).eval()
+    return model, vssl.export_native(model, tmp_path / "m.pth")
+
+
+def _same(a, b):
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(a.forward_features(x)["x_norm_patchtokens"],
+                                   b.forward_features(x)["x_norm_patchtokens"], atol=1e-5, rtol=0)
+
+
+def test_convert_native_to_hf_to_native(native_ckpt, tmp_path, capsys):
+    model, pth = native_ckpt
+    sets = ["--set", "depth=2", "--set", "embed_dim=48", "--set", "num_heads=3", "--set", "img_size=56"]
+    assert main(["convert", str(pth), str(tmp_path / "hf"), "--model", "dinov2-vits14", "--to", "hf", *sets]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back.pth"), "--to", "native",
+                 "--block-chunks", "2"]) == 0
+    assert "blocks.1.1.norm1.weight" in torch.load(tmp_path / "back.pth", weights_only=True)
+    back = vssl.create_model("dinov2-vits14", weights=tmp_path / "back.pth", depth=2, embed_dim=48,
+                             num_heads=3, img_size=56)
+    _same(model, back)
+    transformers = pytest.importorskip("transformers")
+    _same(model, _HFWrap(transformers.Dinov2Model.from_pretrained(tmp_path / "hf").eval()))
+
+
+class _HFWrap:
+    def __init__(self, hf):
+        self.hf = hf
+
+    def forward_features(self, x):
+        return {"x_norm_patchtokens": self.hf(pixel_values=x).last_hidden_state[:, 1:]}
+
+
+def test_convert_to_vssl_and_bf16(native_ckpt, tmp_path, capsys):
+    model, pth = native_ckpt
+    sets = ["--set", "depth=2", "--set", "embed_dim=48", "--set", "num_heads=3", "--set", "img_size=56"]
+    out = tmp_path / "m.safetensors"
+    assert main(["convert", str(pth), str(out), "--model", "dinov2-vits14", "--to", "vssl",
+                 "--dtype", "bf16", *sets]) == 0
+    assert "torch.bfloat16" in capsys.readouterr().out
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        assert f.get_tensor("cls_token").dtype == torch.bfloat16
+    # like transformers' from_pretrained, loading gives fp32 unless a dtype is asked for
+    assert next(vssl.create_model(out).parameters()).dtype == torch.float32
+    assert next(vssl.create_model(out, dtype="bf16").parameters()).dtype == torch.bfloat16
+
+
+def test_convert_error_is_a_message_not_a_traceback(native_ckpt, tmp_path, capsys):
+    _, pth = native_ckpt
+    assert main(["convert", str(pth), str(tmp_path / "x"), "--model", "dinov2-vits14", "--to", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vssl convert: error:") and "overrides that would fit" in err
+    assert "Traceback" not in err
+
+
+def test_info_describes_a_training_checkpoint(native_ckpt, tmp_path, capsys):
+    model, _ = native_ckpt
+    sd = {f"teacher.backbone.{k}": v for k, v in model.state_dict().items()}
+    sd["teacher.dino_head.last_layer.weight"] = torch.zeros(4, 8)
+    torch.save({"model": sd}, tmp_path / "train.pth")
+    assert main(["info", str(tmp_path / "train.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "format:      native" in out and "depth=2" in out and "dino_head" in out
+
+
+def test_parse_overrides():
+    assert parse_overrides(["depth=2", "ffn=swiglu", "layerscale=None", "mlp_ratio=2.5"]) == {
+        "depth": 2, "ffn": "swiglu", "layerscale": None, "mlp_ratio": 2.5}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["depth"])
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "embed" in capsys.readouterr().out
