@@ -141,11 +141,15 @@ def test_resolution_mismatch_suggests_img_size(model, tmp_path):
     assert "img_size=56" in msg
 
 
+def meta_state_dict(name: str) -> dict:
+    """A zoo entry's state dict on the meta device: shapes without memory (the check reads shapes)."""
+    with torch.device("meta"):
+        return vssl.VisionTransformer(vssl.get_config(name)).state_dict()
+
+
 def test_wrong_zoo_entry_names_the_fitting_one(tmp_path):
     """Web-DINO ViT-L weights into the DINOv2 ViT-L config: ffn and LayerScale differ."""
-    with torch.device("meta"):
-        webdino = vssl.VisionTransformer(vssl.get_config("webssl-dino300m-full2b-224"))
-    sd = {k: torch.empty(v.shape) for k, v in webdino.state_dict().items()}
+    sd = meta_state_dict("webssl-dino300m-full2b-224")
     msg = _raises(r"shape mismatches|missing keys", ck.build_loaded,
                   vssl.get_config("dinov2-vitl14"), sd, "w.pth")
     assert "webssl-dino300m-full2b-224" in msg
@@ -153,9 +157,7 @@ def test_wrong_zoo_entry_names_the_fitting_one(tmp_path):
 
 
 def test_registers_missing_suggests_override(tmp_path):
-    with torch.device("meta"):
-        reg = vssl.VisionTransformer(vssl.get_config("dinov2-vits14-reg"))
-    sd = {k: torch.empty(v.shape) for k, v in reg.state_dict().items()}
+    sd = meta_state_dict("dinov2-vits14-reg")
     msg = _raises(r"unexpected keys \(1\): register_tokens", ck.build_loaded,
                   vssl.get_config("dinov2-vits14"), sd, "w.pth")
     assert "num_register_tokens=4" in msg and "dinov2-vits14-reg" in msg

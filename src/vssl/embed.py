@@ -30,6 +30,7 @@ import torch
 
 from .data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
 from .data.transforms import EvalTransform
+from .models.checkpoints import parse_dtype
 
 __all__ = ["EmbedResult", "add_embed_parser", "embed_images", "list_inputs", "run_embed"]
 
@@ -247,18 +248,6 @@ class EmbedResult:
         )
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}") from None
-
-
 def _model_resolution(model: torch.nn.Module) -> int | tuple[int, int]:
     cfg = getattr(model, "config", None)
     size = getattr(cfg, "img_size", None)
@@ -329,7 +318,7 @@ def embed_images(
         (out_dir / stale).unlink(missing_ok=True)
 
     device = torch.device(device)
-    want = _parse_dtype(dtype)
+    want = parse_dtype(dtype)
     params = list(model.parameters())
     param_dtype = params[0].dtype if params else torch.float32
     if params and params[0].device != device:
@@ -459,7 +448,7 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
                    help="center-crop size in pixels, a multiple of the patch size (default: the "
                    "model's img_size); images are first resized to resolution*256/224")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass (default 64)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="weights and compute dtype (default fp32); bf16 is fast on GPUs")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--patch-tokens", action="store_true",

@@ -144,7 +144,6 @@ def normalize_native_keys(sd: dict[str, torch.Tensor], branch: str | None = None
         if not sd:
             raise CheckpointError(f"the checkpoint has no {want}.* weights")
     sd = _strip(sd, "backbone.")
-    sd = _strip(sd, "encoder.") if "encoder.cls_token" in sd else sd
     backbone, heads = {}, {}
     for k, v in sd.items():
         if k.startswith(HEAD_PREFIXES) or k.startswith("decoder_"):
@@ -518,7 +517,8 @@ def _plain_state_dict(model: VisionTransformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
-def _atomic_dir_write(write_fn, out: Path):
+def _atomic_write(write_fn, out: Path):
+    """Write through a temporary file in the same folder, then rename: never a half-written file."""
     import os
     import tempfile
 
@@ -539,7 +539,7 @@ def save_vssl(model: VisionTransformer, path: str | Path) -> Path:
 
     path = Path(path)
     meta = {"format": "vssl", "vssl_config": json.dumps(model.config.to_dict())}
-    _atomic_dir_write(lambda tmp: save_file(_plain_state_dict(model), tmp, metadata=meta), path)
+    _atomic_write(lambda tmp: save_file(_plain_state_dict(model), tmp, metadata=meta), path)
     return path
 
 
@@ -557,7 +557,7 @@ def export_native(model: VisionTransformer, path: str | Path, block_chunks: int 
 
         sd = {chunk(k): v for k, v in sd.items()}
     path = Path(path)
-    _atomic_dir_write(lambda tmp: torch.save(sd, tmp), path)
+    _atomic_write(lambda tmp: torch.save(sd, tmp), path)
     return path
 
 
@@ -646,7 +646,7 @@ def export_hf(model: VisionTransformer, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     hf_cfg = hf_config_for(model)
     sd = _native_to_hf(model)
-    _atomic_dir_write(lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}), out / "model.safetensors")
+    _atomic_write(lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}), out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     res = model.config.img_size if model.config.family == "mae" else 224
     pre = {
