@@ -141,14 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and skipped")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_models(sub)
-    try:
-        from .embed import add_embed_parser
-    except ImportError:  # pragma: no cover - embed is part of the package
-        add_embed_parser = None
-    if add_embed_parser is not None:
-        add_embed_parser(sub)
+    from .embed import add_embed_parser
+
+    add_embed_parser(sub)
     _add_convert(sub)
     _add_info(sub)
+    from .data.pack import add_data_parser
+
+    add_data_parser(sub)
     return parser
 
 
