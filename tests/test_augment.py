@@ -341,3 +341,30 @@ def test_hue_matches_kornia():
     f = torch.rand(8, generator=gen) - 0.5
     assert torch.allclose(_hue(x, f), KE.adjust_hue(x, f * 2 * math.pi), atol=1e-5)
     assert torch.allclose(_hue(x, torch.zeros(8)), x, atol=1e-5)
+
+
+class _FixedCrops(torch.utils.data.Dataset):
+    """Deterministic multi-crop samples: crop values encode (image, crop) so layout is checkable."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        g = torch.stack([torch.full((3, 4, 4), 10 * i + k, dtype=torch.uint8) for k in range(2)])
+        loc = torch.stack([torch.full((3, 2, 2), 100 + 10 * i + k, dtype=torch.uint8) for k in range(3)])
+        return {"global": g, "local": loc}, i
+
+
+def test_collate_in_dataloader_workers_matches_in_process():
+    """Inside workers the batch is built in shared memory; it must equal the in-process result."""
+    from vssl.data.collate import collate_multicrop
+
+    ds = _FixedCrops()
+    expected = collate_multicrop([ds[i] for i in range(3)])
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=1, collate_fn=collate_multicrop)
+    first = next(iter(loader))
+    for key in ("global", "local", "label"):
+        assert torch.equal(first[key], expected[key]), key
+    # crop-major: row k*B + i is crop k of image i
+    assert first["global"][1 * 3 + 2, 0, 0, 0].item() == 10 * 2 + 1
+    assert first["local"][2 * 3 + 0, 0, 0, 0].item() == 100 + 2

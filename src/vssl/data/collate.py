@@ -41,10 +41,27 @@ def _split(sample: Any) -> tuple[dict, Any]:
     )
 
 
-def _crop_major(stacked: torch.Tensor) -> torch.Tensor:
-    """(B, K, C, H, W) -> (K*B, C, H, W) with crop k of every image together."""
-    b, k = stacked.shape[:2]
-    return stacked.transpose(0, 1).reshape(k * b, *stacked.shape[2:])
+def _crop_major(crops: Sequence[torch.Tensor]) -> torch.Tensor:
+    """B tensors (K, C, H, W) -> (K*B, C, H, W) with crop k of every image together, in one copy.
+
+    Inside a DataLoader worker the result is allocated in shared memory, as torch's
+    ``default_collate`` does, so handing the batch to the main process copies nothing more
+    (stack + transpose + the DataLoader's move to shared memory were three copies of ~34 MB per
+    batch of 64 DINOv2 multi-crop samples).
+    """
+    first = crops[0]
+    k, shape, b = first.shape[0], tuple(first.shape[1:]), len(crops)
+    if any(tuple(c.shape) != tuple(first.shape) for c in crops):
+        raise ValueError(f"crops of different shapes cannot be batched: {sorted({tuple(c.shape) for c in crops})}")
+    if torch.utils.data.get_worker_info() is not None:
+        storage = first._typed_storage()._new_shared(k * b * first[0].numel(), device=first.device)
+        out = first.new(storage).view(k * b, *shape)
+    else:
+        out = first.new_empty((k * b, *shape))
+    grouped = out.view(k, b, *shape)
+    for i, c in enumerate(crops):
+        grouped[:, i].copy_(c)
+    return out
 
 
 def collate_multicrop(
@@ -59,10 +76,10 @@ def collate_multicrop(
         raise ValueError("collate_multicrop got an empty batch")
     views, labels = zip(*(_split(s) for s in samples))
     out: dict[str, Any] = {
-        "global": _crop_major(torch.stack([v["global"] for v in views])),
+        "global": _crop_major([v["global"] for v in views]),
     }
     if all("local" in v and v["local"] is not None for v in views):
-        out["local"] = _crop_major(torch.stack([v["local"] for v in views]))
+        out["local"] = _crop_major([v["local"] for v in views])
     if mask_generator is not None:
         m = sample_ibot_masks(
             out["global"].shape[0],
