@@ -188,6 +188,17 @@ def _torch_crop_into(
     out.copy_(r[0])
 
 
+def _check_crop_args(interpolation: str, ratio: Sequence[float], **scales: Sequence[float]) -> None:
+    """Validate random-resized-crop settings (shared by every view)."""
+    if interpolation not in _RESAMPLE:
+        raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}")
+    for name, sc in scales.items():
+        if not (0 < sc[0] <= sc[1] <= 1.0):
+            raise ValueError(f"{name} must satisfy 0 < lo <= hi <= 1, got {sc!r}")
+    if not (0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio!r}")
+
+
 class MultiCropGeometry:
     """PIL RGB image -> {"global": uint8 (2, 3, G, G), "local": uint8 (n_local, 3, L, L)}.
 
@@ -220,13 +231,7 @@ class MultiCropGeometry:
         reducing_gap: float | None = None,
         backend: str = "torch",
     ):
-        if interpolation not in _RESAMPLE:
-            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}")
-        for name, sc in (("global_scale", global_scale), ("local_scale", local_scale)):
-            if not (0 < sc[0] <= sc[1] <= 1.0):
-                raise ValueError(f"{name} must satisfy 0 < lo <= hi <= 1, got {sc!r}")
-        if not (0 < ratio[0] <= ratio[1]):
-            raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio!r}")
+        _check_crop_args(interpolation, ratio, global_scale=global_scale, local_scale=local_scale)
         if n_global < 1 or n_local < 0:
             raise ValueError("need n_global >= 1 and n_local >= 0")
         self.global_size = int(global_size)
@@ -301,10 +306,7 @@ class MAEView:
         reducing_gap: float | None = None,
         backend: str = "torch",
     ):
-        if interpolation not in _RESAMPLE:
-            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}")
-        if not (0 < scale[0] <= scale[1] <= 1.0):
-            raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale!r}")
+        _check_crop_args(interpolation, ratio, scale=scale)
         self.size = int(size)
         self.scale = tuple(float(s) for s in scale)
         self.ratio = tuple(float(r) for r in ratio)
