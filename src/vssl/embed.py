@@ -28,8 +28,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ._io import atomic_write
 from .data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
-from .data.listing import LIST_SUFFIXES, InputList, list_inputs  # noqa: F401 - re-exported
+from .data.listing import list_inputs
 from .data.transforms import EvalTransform
 from .models.checkpoints import parse_dtype
 
@@ -96,10 +97,10 @@ def _truncate_npy(path: Path, rows: int) -> None:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            len_fmt, len_size = "<H", 2
+            len_size = 2
         else:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            len_fmt, len_size = "<I", 4
+            len_size = 4
         data_start = f.tell()
         header_len = data_start - 6 - 2 - len_size  # magic (6) + version (2) + length field
         new_shape = (rows,) + tuple(shape[1:])
@@ -158,17 +159,12 @@ def _write_manifest(path: Path, rows: list[tuple[str, str | None]]) -> None:
         "path": pa.array([p for p, _ in rows], type=pa.string()),
         "label": pa.array([lab for _, lab in rows], type=pa.string()),
     })
-    tmp = path.with_name(path.name + ".partial")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def _write_errors(path: Path, errors: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for e in errors:
-            f.write(json.dumps(e, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 # ------------------------------------------------------------------------------------ library

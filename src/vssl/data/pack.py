@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._io import atomic_write
 from .decode import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
 from .sources import (
     IMAGE_EXTS,
@@ -219,9 +220,8 @@ def pack(source, out_dir: str | os.PathLike, samples_per_shard: int = 1000,
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=isinstance(obj, dict)) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=1, sort_keys=isinstance(obj, dict)) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # ----------------------------------------------------------------------------------- inspect

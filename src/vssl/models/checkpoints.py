@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .._io import atomic_write
 from .vit import ViTConfig, VisionTransformer
 
 log = logging.getLogger("vssl")
@@ -517,29 +518,13 @@ def _plain_state_dict(model: VisionTransformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
-def _atomic_write(write_fn, out: Path):
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    import os
-    import tempfile
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_vssl(model: VisionTransformer, path: str | Path) -> Path:
     """vssl's own format: one safetensors file with native names and the config as metadata."""
     from safetensors.torch import save_file
 
     path = Path(path)
     meta = {"format": "vssl", "vssl_config": json.dumps(model.config.to_dict())}
-    _atomic_write(lambda tmp: save_file(_plain_state_dict(model), tmp, metadata=meta), path)
+    atomic_write(path, lambda tmp: save_file(_plain_state_dict(model), tmp, metadata=meta))
     return path
 
 
@@ -557,7 +542,7 @@ def export_native(model: VisionTransformer, path: str | Path, block_chunks: int 
 
         sd = {chunk(k): v for k, v in sd.items()}
     path = Path(path)
-    _atomic_write(lambda tmp: torch.save(sd, tmp), path)
+    atomic_write(path, lambda tmp: torch.save(sd, tmp))
     return path
 
 
@@ -646,7 +631,7 @@ def export_hf(model: VisionTransformer, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     hf_cfg = hf_config_for(model)
     sd = _native_to_hf(model)
-    _atomic_write(lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}), out / "model.safetensors")
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     res = model.config.img_size if model.config.family == "mae" else 224
     pre = {
