@@ -259,10 +259,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(main_threads)
 
     # (c) full pipeline vs straightforward per-image
-    if "c" not in parts:
-        naive = None
-    else:
-        naive = _part_c(args, all_files, geo, photo, max_workers, main_threads, naive_images, rows)
+    if "c" in parts:
+        _part_c(args, all_files, geo, photo, max_workers, main_threads, naive_images, rows)
     _print_table(args, info, files, naive_images, rows)
     return 0
 

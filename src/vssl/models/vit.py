@@ -11,7 +11,7 @@ Attention goes through ``F.scaled_dot_product_attention``: no xformers.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
 import torch
