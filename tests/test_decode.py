@@ -219,3 +219,69 @@ def test_draft_ignored_for_png(tmp_path):
     p = tmp_path / "large.png"
     _photo_like(1024, 768).save(p)
     assert open_image(p, draft_size=256).size == (1024, 768)
+
+
+# -- the libjpeg-turbo (simplejpeg) fast path must be invisible: same pixels as Pillow ---------
+def _turbo_calls(monkeypatch):
+    """Count decodes that the fast path finished (returned an image) rather than handed back."""
+    from vssl.data import decode
+
+    if decode._simplejpeg is None:
+        pytest.skip("simplejpeg not installed: only the Pillow path exists")
+    calls = []
+    real = decode._decode_jpeg_turbo
+
+    def counting(*a, **kw):
+        out = real(*a, **kw)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(decode, "_decode_jpeg_turbo", counting)
+    return calls
+
+
+@pytest.mark.parametrize("draft", [None, 256, 128, 48])
+def test_fast_jpeg_path_equals_pillow_on_real_photos(shared_data, monkeypatch, draft):
+    calls = _turbo_calls(monkeypatch)
+    files = sorted((shared_data / "imagenet-samples").glob("*.JPEG"))[:40]
+    assert files
+    for f in files:
+        fast = open_image(f, draft_size=draft)
+        slow = open_image(f, draft_size=draft, decoder="pil")
+        assert fast.size == slow.size, f
+        assert np.array_equal(np.asarray(fast), np.asarray(slow)), f
+    assert calls and all(calls)  # every one of these photos took the fast path
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_fast_jpeg_path_applies_every_exif_orientation(tmp_path, monkeypatch, orientation):
+    calls = _turbo_calls(monkeypatch)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    p = tmp_path / f"o{orientation}.jpg"
+    p.write_bytes(_jpeg_bytes(_photo_like(40, 24, seed=orientation), exif=exif.tobytes()))
+    fast, slow = open_image(p), open_image(p, decoder="pil")
+    assert calls == [True]
+    assert fast.size == slow.size == ((40, 24) if orientation <= 4 else (24, 40))
+    assert np.array_equal(np.asarray(fast), np.asarray(slow))
+
+
+def test_fast_jpeg_path_hands_cmyk_grey_and_broken_files_to_pillow(tmp_path, monkeypatch):
+    calls = _turbo_calls(monkeypatch)
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(cmyk, quality=95)
+    grey = tmp_path / "grey.jpg"
+    _photo_like(32, 32).convert("L").save(grey, quality=90)
+    for p in (cmyk, grey):
+        assert np.array_equal(np.asarray(open_image(p)), np.asarray(open_image(p, decoder="pil")))
+    assert calls == [False, True]  # CMYK went to Pillow; greyscale is libjpeg-turbo's job
+    data = _jpeg_bytes(_photo_like(256, 192))
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes(data[: len(data) // 2])
+    assert _reason(bad) == "truncated file"  # handed back, and Pillow words the error
+    assert calls[-1] is False
+
+
+def test_decoder_argument_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="decoder must be"):
+        open_image(tmp_path / "x.jpg", decoder="turbo")
