@@ -368,3 +368,17 @@ def test_collate_in_dataloader_workers_matches_in_process():
     # crop-major: row k*B + i is crop k of image i
     assert first["global"][1 * 3 + 2, 0, 0, 0].item() == 10 * 2 + 1
     assert first["local"][2 * 3 + 0, 0, 0, 0].item() == 100 + 2
+
+
+def test_multicrop_geometry_takes_arrays_like_pil():
+    """``open_image(as_array=True)`` pixels give the very crops the PIL image gives (both backends)."""
+    img = _image()
+    arr = np.array(img)
+    for backend in ("torch", "pil"):
+        geo = MultiCropGeometry(global_size=64, local_size=32, n_local=3, backend=backend)
+        assert geo.accepts_array == (backend == "torch")
+        a = geo(img, generator=torch.Generator().manual_seed(5))
+        b = geo(arr, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(a["global"], b["global"]) and torch.equal(a["local"], b["local"])
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
+        MultiCropGeometry()(arr.astype(np.float32))

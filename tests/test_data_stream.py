@@ -209,3 +209,65 @@ def test_unreadable_shards_raise_instead_of_looping(tmp_path):
                      resampled=True)
     with pytest.raises(RuntimeError, match="gave no record"):
         list(ds.iter_worker(0, 1))
+
+
+def test_array_transforms_get_arrays_from_folders_and_shards(tmp_path):
+    """A transform that declares ``accepts_array`` receives (H, W, 3) uint8 pixels equal to the
+    PIL image's; other transforms keep getting PIL images."""
+    root = tmp_path / "f" / "cls"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(root / "a.jpg")
+
+    class Arr:
+        accepts_array = True
+
+        def __call__(self, img):
+            return img
+
+    arr = FileDataset(tmp_path / "f", transform=Arr())[0].image
+    pil = FileDataset(tmp_path / "f", transform=lambda im: im)[0].image
+    assert isinstance(arr, np.ndarray) and arr.shape == (40, 56, 3) and arr.dtype == np.uint8
+    assert isinstance(pil, Image.Image) and np.array_equal(arr, np.asarray(pil))
+    pack(tmp_path / "f", tmp_path / "sh")
+    shard = next(iter(ShardStream(tmp_path / "sh", transform=Arr(), rank=0, world_size=1))).image
+    assert isinstance(shard, np.ndarray) and np.array_equal(shard, arr)
+
+
+def test_skips_in_dataloader_workers_reach_the_run_summary(tmp_path):
+    """Each worker holds its own copy of the dataset; with ``skipped.path`` set, the main process
+    still sees every skip of the run, from folders and from shards."""
+    from torch.utils.data import DataLoader
+
+    from vssl.data.sources import SkipLog
+
+    root = tmp_path / "f" / "c"
+    root.mkdir(parents=True)
+    for i in range(8):
+        (root / f"{i}.png").write_bytes(_png(i) if i % 3 else b"not an image")  # 0, 3, 6 bad
+    ds = FileDataset(tmp_path / "f", output="tuple", transform=_ToTensor())
+    ds.skipped.path = tmp_path / "skipped.jsonl"
+    list(DataLoader(ds, batch_size=2, num_workers=2))
+    assert len(ds.skipped) == 0  # the workers' copies saw them, not this one
+    log = SkipLog.read(tmp_path / "skipped.jsonl")
+    assert sorted(k for k, _ in log) == ["c/0", "c/3", "c/6"] and len(log) == 3
+    assert log.summary().startswith("3 skipped (3 not an image")
+
+    import io
+    import tarfile
+
+    (tmp_path / "sh").mkdir()
+    with tarfile.open(tmp_path / "sh" / "shard-000000.tar", "w") as tar:  # bad members kept
+        for f in sorted(root.iterdir()):
+            data = f.read_bytes()
+            info = tarfile.TarInfo(f"c/{f.name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    st = ShardStream(tmp_path / "sh", transform=_ToTensor(), output="tuple", rank=0, world_size=1,
+                     shuffle=False, epoch_len=5)
+    st.skipped.path = tmp_path / "skipped-shards.jsonl"
+    list(DataLoader(st, batch_size=1, num_workers=2))
+    # a worker that wraps around to fill its quota meets a bad member again: a set, not a list
+    assert {k for k, _ in SkipLog.read(st.skipped.path)} == {
+        "shard-000000.tar:c/0", "shard-000000.tar:c/3", "shard-000000.tar:c/6"}
+    assert len(SkipLog.read(tmp_path / "missing.jsonl")) == 0

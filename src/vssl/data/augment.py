@@ -159,9 +159,15 @@ def _check_backend(backend: str, interpolation: str) -> str:
 _TORCH_MODES = {"bicubic": "bicubic", "bilinear": "bilinear"}
 
 
-def _as_chw_uint8(img: Image.Image) -> torch.Tensor:
-    """(1, 3, H, W) uint8 view (channels-last strides) of a copy of the RGB pixels."""
-    a = np.array(_as_rgb(img), dtype=np.uint8)  # a writable copy: torch refuses read-only memory
+def _as_chw_uint8(img: Image.Image | np.ndarray) -> torch.Tensor:
+    """(1, 3, H, W) uint8 view (channels-last strides) of the RGB pixels: a PIL image is copied,
+    a writable (H, W, 3) uint8 array (``open_image(as_array=True)``) is used as it is."""
+    if isinstance(img, np.ndarray):
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 array, got {img.dtype} {img.shape}")
+        a = img if img.flags.writeable else img.copy()  # torch refuses read-only memory
+    else:
+        a = np.array(_as_rgb(img), dtype=np.uint8)
     return torch.from_numpy(a).permute(2, 0, 1).unsqueeze(0)
 
 
@@ -200,7 +206,8 @@ def _check_crop_args(interpolation: str, ratio: Sequence[float], **scales: Seque
 
 
 class MultiCropGeometry:
-    """PIL RGB image -> {"global": uint8 (2, 3, G, G), "local": uint8 (n_local, 3, L, L)}.
+    """PIL RGB image (or (H, W, 3) uint8 array) -> {"global": uint8 (2, 3, G, G), "local": uint8
+    (n_local, 3, L, L)}.
 
     DINOv2's geometric part: ``RandomResizedCrop(size, scale, interpolation=bicubic)`` +
     ``RandomHorizontalFlip(flip_p)`` per crop.
@@ -248,6 +255,11 @@ class MultiCropGeometry:
         self.backend = _check_backend(backend, interpolation)
 
     @property
+    def accepts_array(self) -> bool:
+        """The torch backend takes (H, W, 3) uint8 arrays too (sources then skip PIL entirely)."""
+        return self.backend == "torch"
+
+    @property
     def draft_size(self) -> tuple[int, int]:
         """(s, s): the smallest JPEG draft size that still serves every crop without upsampling."""
         s = crop_draft_size(self.global_size, self.global_scale, self.ratio)
@@ -256,10 +268,12 @@ class MultiCropGeometry:
         return (s, s)
 
     def __call__(
-        self, img: Image.Image, generator: torch.Generator | random.Random | None = None
+        self, img: Image.Image | np.ndarray, generator: torch.Generator | random.Random | None = None
     ) -> dict[str, torch.Tensor]:
         rng = python_rng(generator)
         G, L = self.global_size, self.local_size
+        if isinstance(img, np.ndarray) and self.backend != "torch":
+            img = Image.fromarray(img, "RGB")
         if self.backend == "torch":
             t = _as_chw_uint8(img)
             mode = _TORCH_MODES[self.interpolation]

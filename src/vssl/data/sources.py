@@ -58,6 +58,7 @@ __all__ = [
     "open_source",
     "read_sizes",
     "record_to_sample",
+    "transform_accepts_array",
     "transform_draft_size",
 ]
 
@@ -90,18 +91,53 @@ class Sample:
 
 
 class SkipLog:
-    """Skipped inputs of a run: ``entries`` is ``[(key, reason)]``, logged as they happen."""
+    """Skipped inputs of a run: ``entries`` is ``[(key, reason)]``, logged as they happen.
 
-    def __init__(self, max_entries: int = 100_000):
+    DataLoader workers each hold a copy of the dataset, so their skips never reach the main
+    process's object. Give the log a ``path`` (``skipped.path = run_dir / "skipped.jsonl"``,
+    before the loader starts its workers) and every process appends one JSON line per skip there;
+    :meth:`read` then gives the whole run's summary. One ``write`` of one short line in append
+    mode keeps lines from several processes whole.
+    """
+
+    def __init__(self, max_entries: int = 100_000, path: str | os.PathLike | None = None):
         self.entries: list[tuple[str, str]] = []
         self.count = 0
         self.max_entries = max_entries
+        self.path = path
 
-    def add(self, key: str, reason: str) -> None:
+    def add(self, key: str, reason: str, source: str | None = None) -> None:
+        """Record a skip; ``source`` (the file, when it is not the key) goes to the log and file."""
         self.count += 1
         if len(self.entries) < self.max_entries:
             self.entries.append((key, reason))
-        log.warning("skipped %s: %s", key, reason)
+        log.warning("skipped %s: %s%s", key, reason, f" ({source})" if source else "")
+        if self.path is not None:
+            row = {"key": key, "reason": reason, "pid": os.getpid()}
+            if source:
+                row["source"] = str(source)
+            line = json.dumps(row) + "\n"
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, max_entries: int = 100_000) -> "SkipLog":
+        """The skips every process appended to ``path`` (an empty log when there is no file)."""
+        out = cls(max_entries=max_entries)
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.readlines()
+        except FileNotFoundError:
+            return out
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash: the rest still count
+            out.count += 1
+            if len(out.entries) < max_entries:
+                out.entries.append((str(row.get("key")), str(row.get("reason"))))
+        return out
 
     def __len__(self) -> int:
         return self.count
@@ -208,10 +244,11 @@ class FileSource:
 
     def __init__(self, path: str | os.PathLike, *, decode: bool = True,
                  draft_size: tuple[int, int] | int | None = None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, as_array: bool = False):
         self.path = Path(os.path.abspath(os.fspath(path)))
         self.decode = decode
         self.draft_size = draft_size
+        self.as_array = as_array
         self.max_pixels = max_pixels
         self.skipped = SkipLog()
         self.classes: list[str] = []
@@ -284,7 +321,8 @@ class FileSource:
         if it.path is None:
             raise ImageDecodeError(it.key, it.error or "no readable location")
         if self.decode:
-            image: Any = open_image(it.path, draft_size=self.draft_size, max_pixels=self.max_pixels)
+            image: Any = open_image(it.path, draft_size=self.draft_size, max_pixels=self.max_pixels,
+                                    as_array=self.as_array)
         else:
             try:
                 image = _read_local(it.path)
@@ -300,7 +338,7 @@ class FileSource:
             try:
                 yield self.load(i)
             except ImageDecodeError as exc:
-                self.skipped.add(self.items[i].key, f"{exc.reason} ({exc.path})")
+                self.skipped.add(self.items[i].key, exc.reason, source=exc.path)
 
 
 def _resolve_location(value: Any, base: Path) -> tuple[str | None, str | None]:
@@ -449,8 +487,9 @@ def iter_tar_records(shard: str, skipped: SkipLog | None = None) -> Iterator[Rec
 
 def record_to_sample(rec: Record, *, decode: bool = True,
                      draft_size: tuple[int, int] | int | None = None,
-                     max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Sample:
-    """Turn a raw record into a Sample; raises ImageDecodeError(``shard:key``, reason)."""
+                     max_pixels: int | None = DEFAULT_MAX_PIXELS, as_array: bool = False) -> Sample:
+    """Turn a raw record into a Sample; raises ImageDecodeError(``shard:key``, reason).
+    ``as_array``: the image as an (H, W, 3) uint8 array instead of PIL (see ``open_image``)."""
     where = f"{os.path.basename(rec.shard)}:{rec.key}"
     ext = next((e for e in IMAGE_EXTS if e in rec.files), None)
     if ext is None:
@@ -458,7 +497,8 @@ def record_to_sample(rec: Record, *, decode: bool = True,
     data = rec.files[ext]
     if decode:
         try:
-            image: Any = open_image(data, draft_size=draft_size, max_pixels=max_pixels)
+            image: Any = open_image(data, draft_size=draft_size, max_pixels=max_pixels,
+                                    as_array=as_array)
         except ImageDecodeError as exc:
             raise ImageDecodeError(where, exc.reason) from None
     else:
@@ -496,12 +536,13 @@ class ShardSource:
 
     def __init__(self, shards, *, decode: bool = True,
                  draft_size: tuple[int, int] | int | None = None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, as_array: bool = False):
         self.shards = expand_shards(shards)
         if not self.shards:
             raise ValueError(f"no shards in {shards!r}")
         self.decode = decode
         self.draft_size = draft_size
+        self.as_array = as_array
         self.max_pixels = max_pixels
         self.skipped = SkipLog()
 
@@ -513,7 +554,7 @@ class ShardSource:
         """The decoded sample, or None (recorded in ``skipped``) for a bad one."""
         try:
             return record_to_sample(rec, decode=self.decode, draft_size=self.draft_size,
-                                    max_pixels=self.max_pixels)
+                                    max_pixels=self.max_pixels, as_array=self.as_array)
         except ImageDecodeError as exc:
             self.skipped.add(exc.path, exc.reason)
             return None
@@ -557,3 +598,9 @@ def transform_draft_size(transform: Callable | None) -> tuple[int, int] | int | 
     """The ``draft_size`` a transform declares (attribute or property), else None."""
     ds = getattr(transform, "draft_size", None) if transform is not None else None
     return ds() if callable(ds) else ds
+
+
+def transform_accepts_array(transform: Callable | None) -> bool:
+    """Whether a transform declares ``accepts_array`` (it takes ``open_image(as_array=True)``'s
+    (H, W, 3) uint8 arrays as well as PIL images), so sources can skip the PIL round trip."""
+    return bool(getattr(transform, "accepts_array", False)) if transform is not None else False

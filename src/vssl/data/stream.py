@@ -25,7 +25,8 @@ alias). A bad image is recorded in ``skipped`` and replaced by the next good ind
 DataLoader never sees an exception for it.
 
 Both take ``transform`` (applied to the decoded RGB image; its ``draft_size`` attribute, if any,
-is passed on to ``open_image`` so big JPEGs decode at reduced scale) and ``output="sample"``
+is passed on to ``open_image`` so big JPEGs decode at reduced scale; a true ``accepts_array``
+attribute makes the image an (H, W, 3) uint8 array instead of PIL) and ``output="sample"``
 (a :class:`~vssl.data.sources.Sample` whose ``image`` is the transformed image) or ``"tuple"``
 (``(image, label)``, label ``-1`` when unknown, ready for the default collate).
 """
@@ -49,6 +50,7 @@ from .sources import (
     ShardSource,
     SkipLog,
     read_sizes,
+    transform_accepts_array,
     transform_draft_size,
 )
 
@@ -130,7 +132,8 @@ class ShardStream(IterableDataset):
             raise ValueError("batch_size must be >= 1")
         self.source = ShardSource(shards, decode=decode,
                                   draft_size=draft_size or transform_draft_size(transform),
-                                  max_pixels=max_pixels)
+                                  max_pixels=max_pixels,
+                                  as_array=decode and transform_accepts_array(transform))
         self.shards = self.source.shards
         self.rank, self.world_size = dist_info(rank, world_size)
         self.batch_size = batch_size
@@ -308,7 +311,8 @@ class FileDataset(Dataset):
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, not {output!r}")
         self.source = path if isinstance(path, FileSource) else FileSource(
-            path, draft_size=draft_size or transform_draft_size(transform), max_pixels=max_pixels)
+            path, draft_size=draft_size or transform_draft_size(transform), max_pixels=max_pixels,
+            as_array=transform_accepts_array(transform))
         self.transform, self.output, self.max_retries = transform, output, max_retries
 
     @property
@@ -329,7 +333,7 @@ class FileDataset(Dataset):
             try:
                 s = self.source.load(j)
             except ImageDecodeError as exc:
-                self.skipped.add(self.source.items[j].key, f"{exc.reason} ({exc.path})")
+                self.skipped.add(self.source.items[j].key, exc.reason, source=exc.path)
                 continue
             out = _finish(s, self.transform, self.output, self.skipped)
             if out is not None:
