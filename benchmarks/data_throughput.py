@@ -4,6 +4,9 @@
 (a) CPU side: JPEG decode (``open_image`` with the geometry's ``draft_size``) + the 10 random
     resized crops + flips as uint8 (``MultiCropGeometry``) + ``collate_multicrop``, through a
     ``DataLoader`` with 1 and 2 worker processes, images/s. Target: >= 250 images/s on 2 cores.
+    Measured through vssl's own readers, in one run: a folder (``FileDataset`` over a path list)
+    and WebDataset shards (``ShardStream`` over shards ``vssl.data.pack`` writes to a temp dir),
+    and once with Pillow as the JPEG decoder instead of libjpeg-turbo, for comparison.
 (b) photometric side: ``MultiCropPhotometric`` (colour jitter, grayscale, blur, solarize, normalize;
     DINOv2's per-group probabilities) on a collated uint8 batch, images/s on the CPU
     (``torch.set_num_threads(--threads)``).
@@ -49,26 +52,30 @@ from vssl.data.augment import (  # noqa: E402
     MultiCropGeometry,
     MultiCropPhotometric,
 )
+from vssl.data import decode as _decode  # noqa: E402
 from vssl.data.collate import collate_multicrop  # noqa: E402
 from vssl.data.decode import open_image  # noqa: E402
+from vssl.data.pack import pack  # noqa: E402
+from vssl.data.stream import FileDataset, ShardStream  # noqa: E402
 from vssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------- datasets
 
 
-class GeometryDataset(Dataset):
-    """decode (with draft) + MultiCropGeometry -> {"global", "local"} uint8."""
+_TMP = None
 
-    def __init__(self, files, geometry: MultiCropGeometry):
-        self.files, self.geometry = files, geometry
 
-    def __len__(self):
-        return len(self.files)
+def folder_dataset(files, geometry: MultiCropGeometry) -> FileDataset:
+    """vssl's folder reader over ``files`` (a path list in a temp dir): decode + geometry."""
+    import tempfile
 
-    def __getitem__(self, i):
-        img = open_image(self.files[i], draft_size=self.geometry.draft_size)
-        return self.geometry(img)
+    global _TMP
+    if _TMP is None:
+        _TMP = tempfile.TemporaryDirectory(prefix="vssl-bench-")
+    listing = Path(_TMP.name) / f"images-{len(files)}.txt"
+    listing.write_text("".join(f"{f}\n" for f in files))
+    return FileDataset(listing, transform=geometry, output="tuple")
 
 
 class PhotometricCollate:
@@ -230,12 +237,9 @@ def main(argv=None) -> int:
     photo = MultiCropPhotometric()
     rows = []
 
-    # (a) CPU side
-    for w in workers if "a" in parts else []:
-        ips = time_loader(make_loader(GeometryDataset(all_files, geo), w, args.batch_size), args.images)
-        rows.append(("a", f"decode + 10 crops uint8 + collate, {w} worker(s)", ips,
-                     "target >= 250 on 2 cores" if w == 2 else ""))
-        print(f"(a) {w} workers: {ips:.1f} images/s", file=sys.stderr)
+    # (a) CPU side, through vssl's readers: a folder (path list) and shards
+    if "a" in parts:
+        _part_a(args, all_files, geo, workers, rows)
 
     # (b) photometric, batched on CPU tensors
     g = torch.Generator().manual_seed(0)
@@ -265,12 +269,43 @@ def main(argv=None) -> int:
     return 0
 
 
+def _part_a(args, all_files, geo, workers, rows):
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="vssl-bench-") as tmp:
+        folder = folder_dataset(all_files, geo)
+        pack(folder.source, Path(tmp) / "shards", samples_per_shard=256, verify=False)
+        shards = str(Path(tmp) / "shards")
+        readers = [
+            ("folder", lambda w: folder),
+            ("shards", lambda w: ShardStream(shards, transform=geo, output="tuple", shuffle=False,
+                                             batch_size=args.batch_size, rank=0, world_size=1)),
+        ]
+        for name, make in readers:
+            for w in workers:
+                ips = time_loader(make_loader(make(w), w, args.batch_size), args.images)
+                rows.append(("a", f"{name}: decode + 10 crops uint8 + collate, {w} worker(s)", ips,
+                             "target >= 250 on 2 cores" if w == 2 else ""))
+                print(f"(a) {name}, {w} workers: {ips:.1f} images/s", file=sys.stderr)
+        # the same folder run with Pillow decoding JPEGs (simplejpeg switched off in the workers)
+        w = max(workers)
+        saved = _decode._simplejpeg
+        _decode._simplejpeg = None
+        try:
+            ips = time_loader(make_loader(folder, w, args.batch_size), args.images)
+        finally:
+            _decode._simplejpeg = saved
+        rows.append(("a", f"folder, Pillow JPEG decoder instead of libjpeg-turbo, {w} worker(s)",
+                     ips, "for comparison"))
+        print(f"(a) folder with Pillow decoding, {w} workers: {ips:.1f} images/s", file=sys.stderr)
+
+
 def _part_c(args, all_files, geo, photo, max_workers, main_threads, naive_images, rows):
     B = args.batch_size
-    ours_main = time_loader(make_loader(GeometryDataset(all_files, geo), max_workers, B), args.images,
+    ours_main = time_loader(make_loader(folder_dataset(all_files, geo), max_workers, B), args.images,
                             on_batch=photo)
     ours_worker = time_loader(
-        make_loader(GeometryDataset(all_files, geo), max_workers, B, collate_fn=PhotometricCollate(photo)),
+        make_loader(folder_dataset(all_files, geo), max_workers, B, collate_fn=PhotometricCollate(photo)),
         args.images)
     naive_files = all_files[: naive_images + B]
     naive = time_loader(make_loader(NaiveDataset(naive_files), max_workers, B,
