@@ -285,3 +285,48 @@ def test_cli_pack_and_inspect(tmp_path, capsys, hostile_tar):
         with pytest.raises(SystemExit):
             parser.parse_args(["data", sub, "--help"])
         assert "examples:" in capsys.readouterr().out
+
+
+def test_remote_shards_over_http_and_pipe(shared_data, tmp_path, monkeypatch):
+    """URL shards go through webdataset.gopen: an http server on 127.0.0.1 (no outside network)
+    and a ``pipe:`` command give the local shards' samples; sizes.json is fetched beside http
+    shards so the epoch length is known."""
+    import functools
+    import http.server
+    import shutil as _sh
+    import threading
+
+    from vssl.data.pack import pack
+    from vssl.data.sources import ShardSource, read_sizes
+    from vssl.data.stream import ShardStream
+
+    if _sh.which("curl") is None:
+        pytest.skip("webdataset reads http shards with curl, which is not installed")
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    src = tmp_path / "src"
+    for cls in ("airplane", "cat"):
+        (src / cls).mkdir(parents=True)
+        for f in sorted((shared_data / "cifar10-subset" / "test" / cls).glob("*.jpg"))[:6]:
+            _sh.copy(f, src / cls / f.name)
+    pack(src, tmp_path / "sh", samples_per_shard=5)
+    local = [(s.key, s.label, s.image) for s in ShardSource(tmp_path / "sh", decode=False)]
+    assert len(local) == 12
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "sh"))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/shard-{{000000..000002}}.tar"
+        assert sum(read_sizes(ShardSource(url).shards).values()) == 12
+        remote = [(s.key, s.label, s.image) for s in ShardSource(url, decode=False)]
+        assert remote == local
+        stream = ShardStream(url, rank=0, world_size=1, shuffle=False)
+        assert len(stream) == 12 and sorted(s.key for s in stream) == sorted(k for k, _, _ in local)
+    finally:
+        server.shutdown()
+    pipe = f"pipe:cat {tmp_path}/sh/shard-{{000000..000002}}.tar"
+    assert read_sizes(ShardSource(pipe).shards) is None  # a pipe has no folder to look in
+    assert [(s.key, s.label, s.image) for s in ShardSource(pipe, decode=False)] == local

@@ -18,9 +18,11 @@ untrusted: names that are absolute or contain ``..`` are refused, non-regular me
 devices) are ignored, and nothing is ever unpickled (``.cls`` is parsed as a text integer,
 ``.json`` with :mod:`json`; ``.pyd``/``.pth``/``.pickle`` members are ignored).
 
-Remote data: ``url`` manifests are read only for local paths and ``file://`` URLs (no network here;
-``http(s)://`` rows are skipped with a reason). Shard names with a URL scheme (``s3://``,
-``pipe:``, ``https://``...) are opened with ``webdataset.gopen`` (fsspec) - passed through, untested.
+Remote data: ``url`` manifests are read only for local paths and ``file://`` URLs (``http(s)://``
+rows are skipped with a reason: fetch images with a downloader first). Shard names with a URL
+scheme (``https://``, ``pipe:``, ``s3://``...) are opened with ``webdataset.gopen``; ``sizes.json``
+is fetched beside ``scheme://`` shards. http and ``pipe:`` are tested (a 127.0.0.1 server); the
+cloud schemes go through the same call but need credentials we do not have here.
 """
 
 from __future__ import annotations
@@ -396,31 +398,38 @@ def expand_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> li
 
 
 def read_sizes(shards: Sequence[str]) -> dict[str, int] | None:
-    """``{shard: samples}`` from the ``sizes.json`` files next to local shards; None if any shard
-    is missing from them (or a shard is remote)."""
+    """``{shard: samples}`` from the ``sizes.json`` files next to the shards (local, or fetched
+    beside ``http(s)://``, ``s3://``... shards); None if any shard is missing from them or its
+    folder has none (``pipe:`` shards have no folder)."""
     cache: dict[str, dict] = {}
     out: dict[str, int] = {}
     for s in shards:
-        if URL_SCHEME.match(s):
+        remote = bool(URL_SCHEME.match(s))
+        if remote and (s.startswith("pipe:") or "/" not in s.split("://", 1)[-1]):
             return None
-        d = os.path.dirname(os.path.abspath(s))
+        d = s.rsplit("/", 1)[0] if remote else os.path.dirname(os.path.abspath(s))
         if d not in cache:
-            f = os.path.join(d, SIZES_FILE)
-            try:
-                with open(f, encoding="utf-8") as fh:
-                    cache[d] = json.load(fh)
-            except (OSError, ValueError):
-                cache[d] = {}
-        n = cache[d].get(os.path.basename(s))
+            cache[d] = _read_sizes_file(f"{d}/{SIZES_FILE}" if remote else os.path.join(d, SIZES_FILE))
+        n = cache[d].get(s.rsplit("/", 1)[-1] if remote else os.path.basename(s))
         if not isinstance(n, int):
             return None
         out[s] = n
     return out
 
 
+def _read_sizes_file(where: str) -> dict:
+    """A ``sizes.json`` as a dict; {} when it is missing, unreadable or not a JSON object."""
+    try:
+        with _open_shard(where) as fh:
+            data = json.loads(fh.read().decode("utf-8"))
+    except Exception:  # noqa: BLE001 - no sizes file (or no access) just means "count unknown"
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _open_shard(shard: str):
     if URL_SCHEME.match(shard):
-        import webdataset as wds  # fsspec / pipe: / http handled by webdataset (untested here)
+        import webdataset as wds  # http(s) (curl), pipe:, s3/gs... (fsspec) handled by webdataset
 
         return wds.gopen(shard, "rb")
     return open(shard, "rb")
