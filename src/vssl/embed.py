@@ -5,6 +5,11 @@ Outputs in ``--output`` (row ``i`` of every array is row ``i`` of the manifest):
 - ``embeddings.npy``   float32 (N, D): the normalized CLS token (``x_norm_clstoken``);
 - ``patch_tokens.npy`` float32 (N, num_patches, D), only with ``--patch-tokens`` (written
   incrementally to a memory map, so it never has to fit in RAM);
+- ``layers.npy``       float32 (N, L, D), only with ``--layers L``: the normalized CLS tokens of the
+  last L blocks, oldest first (DINOv2's ``get_intermediate_layers(x, L, return_class_token=True,
+  norm=True)`` class tokens: the input of DINOv2's linear probes; the last one is the embedding);
+- ``avgpool.npy``      float32 (N, D), only with ``--avgpool``: the mean of the last block's
+  normalized patch tokens (DINOv2's linear-probe ``avgpool`` input);
 - ``manifest.parquet`` columns ``row`` (int64), ``path`` (absolute, string), ``label`` (string or
   null: the first-level subfolder of an input folder);
 - ``errors.jsonl``     one ``{"path": ..., "error": ...}`` line per skipped input (always written).
@@ -38,6 +43,8 @@ __all__ = ["EmbedResult", "add_embed_parser", "embed_images", "list_inputs", "ru
 
 EMBEDDINGS = "embeddings.npy"
 PATCH_TOKENS = "patch_tokens.npy"
+LAYERS = "layers.npy"
+AVGPOOL = "avgpool.npy"
 MANIFEST = "manifest.parquet"
 ERRORS = "errors.jsonl"
 
@@ -181,11 +188,15 @@ class EmbedResult:
     images_per_s: float = 0.0
     embeddings_shape: tuple[int, ...] = ()
     patch_tokens_shape: tuple[int, ...] | None = None
+    layers_shape: tuple[int, ...] | None = None
+    avgpool_shape: tuple[int, ...] | None = None
 
     def summary(self) -> str:
         files = [f"{EMBEDDINGS} {self.embeddings_shape}"]
-        if self.patch_tokens_shape is not None:
-            files.append(f"{PATCH_TOKENS} {self.patch_tokens_shape}")
+        for name, shape in ((PATCH_TOKENS, self.patch_tokens_shape), (LAYERS, self.layers_shape),
+                            (AVGPOOL, self.avgpool_shape)):
+            if shape is not None:
+                files.append(f"{name} {shape}")
         files += [MANIFEST, ERRORS]
         skipped = f"skipped {self.num_skipped}"
         if self.num_skipped:
@@ -219,6 +230,42 @@ def _check_resolution(model: torch.nn.Module, resolution: int | tuple[int, int])
             )
 
 
+def _feature_fn(model: torch.nn.Module, layers: int, avgpool: bool, patch_tokens: bool):
+    """``x -> {"cls", "patch", "layers", "avgpool"}`` (what was asked), all from ONE forward pass.
+
+    With ``layers`` the pass goes through ``get_intermediate_layers(..., norm=True)``: its last
+    class token is ``x_norm_clstoken`` (same blocks, same final norm) and its last patch output is
+    ``x_norm_patchtokens``, so asking for more outputs never costs a second forward.
+    """
+    if layers:
+        depth = len(getattr(model, "blocks", ()))
+        if not hasattr(model, "get_intermediate_layers"):
+            raise ValueError("layers= needs a model with get_intermediate_layers (a vssl ViT)")
+        if depth and layers > depth:
+            raise ValueError(f"layers={layers} but the model has only {depth} blocks: use "
+                             f"layers <= {depth}")
+
+        def fn(x):
+            pairs = model.get_intermediate_layers(x, layers, return_class_token=True, norm=True)
+            last_patch, last_cls = pairs[-1]
+            out = {"cls": last_cls, "layers": torch.stack([c for _, c in pairs], dim=1)}
+            if patch_tokens:
+                out["patch"] = last_patch
+            if avgpool:
+                out["avgpool"] = last_patch.float().mean(dim=1)
+            return out
+    else:
+        def fn(x):
+            f = model.forward_features(x)
+            out = {"cls": f["x_norm_clstoken"]}
+            if patch_tokens:
+                out["patch"] = f["x_norm_patchtokens"]
+            if avgpool:
+                out["avgpool"] = f["x_norm_patchtokens"].float().mean(dim=1)
+            return out
+    return fn
+
+
 def embed_images(
     model: torch.nn.Module,
     inputs: Sequence[tuple[str | os.PathLike, str | None]] | Sequence[str | os.PathLike],
@@ -230,6 +277,8 @@ def embed_images(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     patch_tokens: bool = False,
+    layers: int = 0,
+    avgpool: bool = False,
     progress: bool = True,
     verbose: bool = False,
     draft: bool = True,
@@ -245,8 +294,11 @@ def embed_images(
     dtype. ``draft``: let large JPEGs decode at 1/2..1/8 scale (never below the resize target;
     ``False`` is bit-exact with full decoding). ``compile``: run the forward through
     ``torch.compile`` (fuses bias/GELU/LayerNorm passes: about 1.07x on CPU for ViT-S/B, more on
-    GPU; costs 20-40 s of compilation, so it pays off for large inputs only). Bad inputs are skipped and listed in
-    ``errors.jsonl``, never raised. ``verbose`` prints the summary line at the end.
+    GPU; costs 20-40 s of compilation, so it pays off for large inputs only). ``layers``: also write
+    ``layers.npy``, the normalized CLS tokens of the last ``layers`` blocks; ``avgpool``: also write
+    ``avgpool.npy``, the mean normalized patch token (both from the same forward pass; DINOv2's
+    linear-probe inputs). Bad inputs are skipped and listed in ``errors.jsonl``, never raised.
+    ``verbose`` prints the summary line at the end.
     """
     items = [
         (Path(os.path.abspath(x[0])), x[1]) if isinstance(x, tuple)
@@ -255,6 +307,9 @@ def embed_images(
     ]
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if layers < 0:
+        raise ValueError(f"layers must be >= 0, got {layers}")
+    features = _feature_fn(model, layers, avgpool, patch_tokens)
     resolution = _model_resolution(model) if resolution is None else resolution
     _check_resolution(model, resolution)
     out_dir = Path(output_dir)
@@ -262,7 +317,7 @@ def embed_images(
         raise NotADirectoryError(f"output {out_dir} exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     # Leftovers of an earlier run here would not match this run's manifest.
-    for stale in (EMBEDDINGS, PATCH_TOKENS, MANIFEST, ERRORS):
+    for stale in (EMBEDDINGS, PATCH_TOKENS, LAYERS, AVGPOOL, MANIFEST, ERRORS):
         (out_dir / stale).unlink(missing_ok=True)
 
     device = torch.device(device)
@@ -293,14 +348,17 @@ def embed_images(
         pin_memory=device.type == "cuda",
     )
 
-    forward = model.forward_features
-    if compile:
-        forward = torch.compile(model.forward_features)
+    forward = torch.compile(features) if compile else features
 
     from tqdm import tqdm
 
-    emb_writer = _RowWriter(out_dir / EMBEDDINGS, len(items))
-    tok_writer = _RowWriter(out_dir / PATCH_TOKENS, len(items)) if patch_tokens else None
+    writers = {"cls": _RowWriter(out_dir / EMBEDDINGS, len(items))}
+    if patch_tokens:
+        writers["patch"] = _RowWriter(out_dir / PATCH_TOKENS, len(items))
+    if layers:
+        writers["layers"] = _RowWriter(out_dir / LAYERS, len(items))
+    if avgpool:
+        writers["avgpool"] = _RowWriter(out_dir / AVGPOOL, len(items))
     manifest: list[tuple[str, str | None]] = []
     errors: list[dict] = []
     start = time.perf_counter()
@@ -317,9 +375,8 @@ def embed_images(
                     if compile and n < batch_size:  # same shape every call: no recompilation
                         x = torch.cat([x, x.new_zeros((batch_size - n,) + x.shape[1:])])
                     out = forward(x)
-                    emb_writer.write(out["x_norm_clstoken"][:n].float().cpu().numpy())
-                    if tok_writer is not None:
-                        tok_writer.write(out["x_norm_patchtokens"][:n].float().cpu().numpy())
+                    for name, writer in writers.items():
+                        writer.write(out[name][:n].float().cpu().numpy())
                     manifest.extend((str(items[i][0]), items[i][1]) for i in indices)
                 bar.update(len(indices) + len(batch_errors))
                 if errors:
@@ -331,12 +388,11 @@ def embed_images(
 
     cfg = getattr(model, "config", None)
     dim = int(getattr(cfg, "embed_dim", 0) or 0)
-    emb_shape = emb_writer.close((dim,))
-    tok_shape = None
-    if tok_writer is not None:
-        h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
-        patch = int(getattr(cfg, "patch_size", 1) or 1)
-        tok_shape = tok_writer.close(((h // patch) * (w // patch), dim))
+    h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
+    patch = int(getattr(cfg, "patch_size", 1) or 1)
+    empty_shapes = {"cls": (dim,), "patch": ((h // patch) * (w // patch), dim),
+                    "layers": (layers, dim), "avgpool": (dim,)}
+    shapes = {name: writer.close(empty_shapes[name]) for name, writer in writers.items()}
     _write_manifest(out_dir / MANIFEST, manifest)
     _write_errors(out_dir / ERRORS, errors)
     seconds = time.perf_counter() - start
@@ -348,8 +404,10 @@ def embed_images(
         errors=errors,
         seconds=seconds,
         images_per_s=len(manifest) / seconds if seconds > 0 else 0.0,
-        embeddings_shape=emb_shape,
-        patch_tokens_shape=tok_shape,
+        embeddings_shape=shapes["cls"],
+        patch_tokens_shape=shapes.get("patch"),
+        layers_shape=shapes.get("layers"),
+        avgpool_shape=shapes.get("avgpool"),
     )
     if verbose:
         print(result.summary(), flush=True)
@@ -362,6 +420,8 @@ examples:
   vssl embed webssl-dino1b-full2b-224 --weights webssl_dino1b_full2b_224.pth \\
       --input photos/ --output feats/
   vssl embed dinov2-vits14-hf/ --input list.txt --output feats/ --patch-tokens
+  vssl embed dinov2-vitb14 --weights dinov2_vitb14.pth --input train/ --output feats/ \\
+      --layers 4 --avgpool                                # inputs of `vssl eval linear`
   vssl embed vit-test-p14 --random-init --output /tmp/feats     # smoke test on bundled samples
 
 --input is a folder (walked recursively; hidden files skipped; first-level subfolders become
@@ -375,11 +435,13 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``vssl embed`` on an argparse ``add_subparsers()`` object (sets ``func=run_embed``)."""
     p = subparsers.add_parser(
         "embed",
-        help="extract features (CLS embeddings, optionally patch tokens) from images",
+        help="extract features (CLS embeddings, optionally patch tokens, last-block CLS tokens, "
+             "avgpool) from images",
         description="Embed images with a vision model: one row per image in OUTPUT/embeddings.npy\n"
         "(the normalized CLS token), the image paths and labels in OUTPUT/manifest.parquet, skipped\n"
         "files with the reason in OUTPUT/errors.jsonl. Images are resized to resolution*256/224 and\n"
-        "center-cropped (DINOv2's evaluation transform).",
+        "center-cropped (DINOv2's evaluation transform). --layers/--avgpool add the inputs of\n"
+        "DINOv2's linear probes (layers.npy, avgpool.npy), computed in the same forward pass.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -401,6 +463,12 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--patch-tokens", action="store_true",
                    help="also write patch_tokens.npy (N, num_patches, D); large")
+    p.add_argument("--layers", type=int, default=0, metavar="L",
+                   help="also write layers.npy (N, L, D): the normalized CLS tokens of the last L "
+                   "blocks, oldest first (DINOv2 linear probes use 4; default 0 = none)")
+    p.add_argument("--avgpool", action="store_true",
+                   help="also write avgpool.npy (N, D): the mean of the last block's normalized "
+                   "patch tokens (DINOv2 linear probes)")
     p.add_argument("--num-workers", type=int, default=None, metavar="N",
                    help="decoding processes (default: min(4, CPU count); 0 = in the main process)")
     p.add_argument("--random-init", action="store_true",
@@ -443,6 +511,8 @@ def run_embed(args: argparse.Namespace) -> int:
         return _fail(f"no input files in {what} {input_path}")
     if args.batch_size < 1:
         return _fail(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.layers < 0:
+        return _fail(f"--layers must be >= 0, got {args.layers}")
     if args.num_workers is not None and args.num_workers < 0:
         return _fail(f"--num-workers must be >= 0, got {args.num_workers}")
     out = Path(args.output)
@@ -471,6 +541,8 @@ def run_embed(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             patch_tokens=args.patch_tokens,
+            layers=args.layers,
+            avgpool=args.avgpool,
             progress=not args.no_progress,
             verbose=True,
             draft=not args.no_draft,
