@@ -389,7 +389,7 @@ def test_zeroshot_cli(tiny_dirs, shared_data, tmp_path, capsys):
     assert "zeroshot_top1" in out.out and "broken.jpg" in out.err
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["metric"] for r in rows] == ["zeroshot_top1", "zeroshot_top5"]
-    assert all(0 <= r["value"] <= 100 for r in rows)
+    assert all(0 <= r["value"] <= 1 for r in rows)
     assert rows[0]["num_images"] == 20 and rows[0]["num_skipped"] == 1
     assert rows[0]["num_classes"] == 10 and rows[0]["num_templates"] == 2
     assert rows[0]["protocol"] == "zeroshot" and rows[0]["dataset"] == "test"
@@ -416,8 +416,8 @@ def test_retrieval_cli(tiny_dirs, shared_data, tmp_path, capsys):
     assert set(got) == {f"{d}_recall@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
     assert got["i2t_recall@1"]["num_images"] == 6 and got["i2t_recall@1"]["num_captions"] == 9
     # with 6 images, text->image recall@10 must find every image
-    assert got["t2i_recall@10"]["value"] == 100.0
-    assert all(0 <= r["value"] <= 100 for r in got.values())
+    assert got["t2i_recall@10"]["value"] == 1.0
+    assert all(0 <= r["value"] <= 1 for r in got.values())
 
     (tmp_path / "pairs.xml").write_text("<x/>")
     rc = _cli(retrieval, ["retrieval", "--model", str(tiny_dirs["clip"]),

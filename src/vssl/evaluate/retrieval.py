@@ -257,7 +257,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Image<->text retrieval with a two-tower model: image->text recall@k counts an "
                     "image as found when any of its captions is among the k nearest captions; "
                     "text->image recall@k counts a caption when its image is among the k nearest "
-                    "images (cosine similarity). Reported in percent.",
+                    "images (cosine similarity). Reported as fractions in [0, 1].",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
     _add_model_args(p)
     p.add_argument("--data", required=True, metavar="PAIRS",
@@ -300,10 +300,10 @@ def run(args: argparse.Namespace) -> int:
         return _error("retrieval", str(exc))
 
     names = {"i2t": "image->text", "t2i": "text->image"}
-    print(format_table([{"direction": names[d], **{f"R@{k}": 100.0 * r[k] for k in args.ks}}
+    print(format_table([{"direction": names[d], **{f"R@{k}": r[k] for k in args.ks}}
                         for d, r in recall.items()]))
     print(f"{len(pairs.images)} images, {len(pairs.captions)} captions")
-    metrics = {f"{d}_recall@{k}": 100.0 * r[k] for d, r in recall.items() for k in args.ks}
+    metrics = {f"{d}_recall@{k}": r[k] for d, r in recall.items() for k in args.ks}
     record(args.results, protocol="retrieval", metrics=metrics,
            model=args.run_name or Path(args.model).name, checkpoint=str(args.model),
            dataset=args.dataset or _dataset_name(args.data),

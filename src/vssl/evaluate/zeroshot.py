@@ -168,7 +168,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Zero-shot classification, CLIP's protocol: class names x prompt templates are "
                     "embedded by the text tower (normalized per prompt, averaged per class, "
                     "re-normalized); each image gets the class of highest cosine similarity. "
-                    "Reports top-1 and top-5 accuracy in percent.",
+                    "Reports top-1 and top-5 accuracy as fractions in [0, 1], like every vssl protocol.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
     _add_model_args(p)
     p.add_argument("--test", required=True, metavar="IMAGES",
@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         return _error("zeroshot", str(exc))
 
-    metrics = {f"zeroshot_top{k}": 100.0 * v for k, v in acc.items()}
+    metrics = {f"zeroshot_top{k}": v for k, v in acc.items()}  # fractions, as every protocol
     print(format_table([{"metric": k, "value": v} for k, v in metrics.items()]))
     print(f"{len(kept)} images, {len(folders)} classes, {len(templates)} templates")
     record(args.results, protocol="zeroshot", metrics=metrics,
