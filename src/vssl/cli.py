@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.pack import add_data_parser
 
     add_data_parser(sub)
+    from .evaluate.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
