@@ -1,0 +1,23 @@
+"""The trainer shared by every method (DESIGN.md section 2): a method computes losses; this package
+owns loops, devices, schedules, checkpoints and logs.
+
+- loop:        ``TrainConfig``, ``Trainer.fit()``
+- data:        ``TrainData`` (deterministic multi-crop batches, exact resume)
+- optim:       DINOv2 parameter groups, AdamW
+- schedules:   ``CosineSchedule`` (DINOv2's CosineScheduler)
+- checkpoint:  atomic torch.distributed.checkpoint saves, ``latest_checkpoint``
+- distributed: torchrun setup, DDP / FSDP2 wrapping, safe teardown
+"""
+
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import TrainData
+from .distributed import DistInfo, setup, teardown, wrap
+from .loop import NonFiniteLossError, TrainConfig, Trainer
+from .optim import build_optimizer, param_groups
+from .schedules import CosineSchedule
+
+__all__ = [
+    "CheckpointError", "CosineSchedule", "DistInfo", "NonFiniteLossError", "TrainConfig",
+    "TrainData", "Trainer", "build_optimizer", "latest_checkpoint", "load_checkpoint",
+    "param_groups", "save_checkpoint", "setup", "teardown", "wrap",
+]

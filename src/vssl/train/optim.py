@@ -1,0 +1,123 @@
+"""AdamW with DINOv2's parameter groups: layer-wise lr decay, patch-embed lr multiplier, no weight
+decay on biases, norms and LayerScale.
+
+The rules are ``dinov2/utils/param_groups.py``'s, applied by parameter name:
+
+- layer id: ``patch_embed`` / ``pos_embed`` / ``cls_token`` / ``mask_token`` / ``register_tokens``
+  -> 0; ``blocks.<i>.*`` -> ``i + 1``; everything else (the final norm, heads) -> ``num_layers + 1``.
+  Only backbone parameters get a layer id below ``num_layers + 1`` (DINOv2 builds the groups per
+  student sub-module and a head has no blocks): a head with a ``blocks`` list of its own (an MAE
+  decoder) is not mistaken for the encoder.
+- lr multiplier ``layer_decay ** (num_layers + 1 - layer_id)``, times ``patch_embed_lr_mult`` for
+  ``patch_embed`` parameters.
+- wd multiplier 0 when the name ends in ``.bias`` or contains ``norm`` or ``gamma`` (LayerScale).
+- ``is_last_layer``: the prototypes (``last_layer`` in the name, or the parameters passed as
+  ``last_layer_params``); the trainer gives them lr 0 while they are frozen.
+
+Parameters with identical (lr multiplier, wd multiplier, is_last_layer) are fused into one group,
+as DINOv2's ``fuse_params_groups`` does, so the optimizer runs few big foreach/fused kernels.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["build_optimizer", "clean_name", "layer_id", "param_groups"]
+
+_TOKENS = ("patch_embed", "pos_embed", "cls_token", "mask_token", "register_tokens")
+# wrappers that insert a path component into parameter names (DDP, FSDP1, compile, checkpointing)
+_WRAPPER_PARTS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def clean_name(name: str) -> str:
+    """``name`` without the path components wrappers add (``module.``, ``_orig_mod.`` ...)."""
+    for part in _WRAPPER_PARTS:
+        if name.startswith(part):
+            name = name[len(part):]
+        name = name.replace("." + part, ".")
+    return name
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """DINOv2's layer id of a backbone parameter name (relative to the backbone)."""
+    if any(tok in name for tok in _TOKENS):
+        return 0
+    m = _BLOCK.search(name)
+    if m is not None:
+        return int(m.group(1)) + 1
+    return num_layers + 1
+
+
+def param_groups(
+    module: nn.Module,
+    *,
+    layer_decay: float = 1.0,
+    patch_embed_lr_mult: float = 1.0,
+    num_layers: int,
+    backbone: str = "backbone",
+    last_layer_params: Iterable[nn.Parameter] | None = None,
+) -> list[dict]:
+    """Fused AdamW parameter groups for ``module``'s trainable parameters (rules: module docstring).
+
+    ``module`` is either the backbone itself (it has ``blocks``) or a container (a method's
+    ``student``) whose child ``backbone`` holds it. Each group is a dict with ``params``,
+    ``names``, ``lr_multiplier``, ``wd_multiplier`` and ``is_last_layer``; set ``lr`` and
+    ``weight_decay`` per step as ``schedule value * multiplier``.
+    """
+    if num_layers < 0:
+        raise ValueError(f"num_layers must be >= 0, got {num_layers}")
+    if not layer_decay > 0:
+        raise ValueError(f"layer_decay must be > 0, got {layer_decay}")
+    whole_is_backbone = isinstance(getattr(module, "blocks", None), nn.ModuleList)
+    prefix = "" if whole_is_backbone else backbone + "."
+    # frozen ones (a fixed weight-norm gain, say) are simply not optimized
+    last_ids = ({id(p) for p in last_layer_params if p.requires_grad}
+                if last_layer_params is not None else None)
+
+    fused: dict[tuple, dict] = {}
+    for raw, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        name = clean_name(raw)
+        in_backbone = name.startswith(prefix)
+        lid = layer_id(name[len(prefix):], num_layers) if in_backbone else num_layers + 1
+        lr_mult = layer_decay ** (num_layers + 1 - lid)
+        if "patch_embed" in name:
+            lr_mult *= patch_embed_lr_mult
+        wd_mult = 0.0 if (name.endswith(".bias") or "norm" in name or "gamma" in name) else 1.0
+        is_last = (id(p) in last_ids) if last_ids is not None else ("last_layer" in name)
+        key = (lr_mult, wd_mult, is_last)
+        g = fused.setdefault(key, {"params": [], "names": [], "lr_multiplier": lr_mult,
+                                   "wd_multiplier": wd_mult, "is_last_layer": is_last})
+        g["params"].append(p)
+        g["names"].append(name)
+    if last_ids is not None:
+        found = {id(p) for g in fused.values() if g["is_last_layer"] for p in g["params"]}
+        if found != last_ids:
+            raise ValueError(
+                f"{len(last_ids - found)} of the last_layer_params are not trainable parameters of "
+                f"the module: pass parameters of this module (with requires_grad=True)")
+    return list(fused.values())
+
+
+def build_optimizer(
+    groups: list[dict],
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW over ``groups`` (lr and weight decay start at 0: the trainer sets them every step).
+
+    The fused kernel when every parameter lives on CUDA, the foreach one otherwise (CPU).
+    """
+    params = [p for g in groups for p in g["params"]]
+    if not params:
+        raise ValueError("no trainable parameters: every parameter has requires_grad=False")
+    on_cuda = all(p.device.type == "cuda" for p in params)
+    impl = {"fused": True} if on_cuda else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=betas, eps=eps, **impl)
