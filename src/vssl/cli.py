@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="vssl", description="Language-free visual representation learning: Web-SSL, DINOv2 "
-                                 "and MAE models, checkpoints and features.")
+                                 "and MAE models, checkpoints, features, data, evaluation and "
+                                 "pretraining.")
     parser.add_argument("--version", action="version", version=f"vssl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and skipped")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -152,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate.cli import add_eval_parser
 
     add_eval_parser(sub)
+    from .pretrain import add_pretrain_parser, add_quickstart_parser
+
+    add_pretrain_parser(sub)
+    add_quickstart_parser(sub)
     return parser
 
 
