@@ -17,10 +17,9 @@ from collections import OrderedDict
 from pathlib import Path
 
 from .._io import atomic_write
+from ..viz.report import COLORS as _COLORS  # the same colour per run in bars and curves
+from ..viz.report import line_chart
 from .results import read_results
-
-_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3",
-           "#8c8c8c", "#ccb974", "#64b5cd"]
 
 
 def _run_label(row: dict) -> str:
@@ -112,33 +111,11 @@ def _bar_chart(title: str, vals: dict[str, float], runs: list[str], width=420, h
     return "".join(parts)
 
 
-def _line_chart(title: str, per_run: dict[str, list[tuple[float, float]]], width=420, height=220) -> str:
-    pad_l, pad_b, pad_t = 48, 28, 26
-    plot_w, plot_h = width - pad_l - 10, height - pad_b - pad_t
-    pts = [p for run in per_run.values() for p in run if math.isfinite(p[1])]
-    if not pts:
-        return ""
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    if 0 <= y0 and y1 <= 1:
-        y0, y1 = 0.0, 1.0
-    xs, ys = (x1 - x0) or 1.0, (y1 - y0) or 1.0
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'role="img" aria-label="{html.escape(title)}">',
-             f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
-             f'<rect x="{pad_l}" y="{pad_t}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#ccc"/>',
-             f'<text x="{pad_l - 4}" y="{pad_t + 4}" text-anchor="end" font-size="10">{_fmt(y1)}</text>',
-             f'<text x="{pad_l - 4}" y="{pad_t + plot_h}" text-anchor="end" font-size="10">{_fmt(y0)}</text>',
-             f'<text x="{pad_l}" y="{height - 8}" font-size="10">step {x0:g}</text>',
-             f'<text x="{width - 10}" y="{height - 8}" text-anchor="end" font-size="10">{x1:g}</text>']
-    for i, (run, series) in enumerate(per_run.items()):
-        coords = " ".join(f"{pad_l + (x - x0) / xs * plot_w:.1f},{pad_t + plot_h - (y - y0) / ys * plot_h:.1f}"
-                          for x, y in series if math.isfinite(y))
-        color = _COLORS[i % len(_COLORS)]
-        parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2">'
-                     f'<title>{html.escape(run)}</title></polyline>')
-    parts.append("</svg>")
-    return "".join(parts)
+def _curve(title: str, per_run: dict[str, list[tuple[float, float]]]) -> str:
+    """One metric over training steps, a line per run (the chart of :mod:`vssl.viz.report`)."""
+    ys = [y for pts in per_run.values() for _, y in pts if math.isfinite(y)]
+    fraction = bool(ys) and 0 <= min(ys) and max(ys) <= 1
+    return line_chart(per_run, title=title, y_range=(0.0, 1.0) if fraction else None)
 
 
 def to_html(rows: list[dict], title: str = "vssl evaluation report") -> str:
@@ -156,7 +133,7 @@ def to_html(rows: list[dict], title: str = "vssl evaluation report") -> str:
         body.append(f"<tr><td>{html.escape(protocol)}</td><td>{html.escape(dataset)}</td>"
                     f"<td>{html.escape(metric)}</td>{cells}</tr>")
     charts = [_bar_chart(f"{p} {d} {m}".strip(), vals, runs) for (p, d, m), vals in table.items()]
-    lines = [_line_chart(f"{metric} during training", per_run) for metric, per_run in curves(rows).items()]
+    lines = [_curve(f"{metric} during training", per_run) for metric, per_run in curves(rows).items()]
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
