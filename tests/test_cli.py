@@ -107,3 +107,16 @@ def test_parse_overrides():
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "embed" in capsys.readouterr().out
+
+
+def test_pretrain_and_quickstart_are_subcommands(capsys):
+    # the shipped 7B recipe, described on the meta device: nothing is allocated or trained
+    assert main(["pretrain", "webdino_7b", "--dry-run", "--world-size", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "webssl-dino7b-full8b-224" in out and "3,072 images/step" in out
+    # a misspelt key is a message naming it (exit 2), not a traceback
+    assert main(["pretrain", "cpu_tiny32", "train.epoch=3", "--dry-run"]) == 2
+    assert "train.epoch" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["quickstart", "--help"])
+    assert e.value.code == 0 and "--minutes" in capsys.readouterr().out

@@ -92,13 +92,13 @@ def test_overrides_apply_with_types():
                                    "method.centering=centering", "data.train=a/{0..9}.tar"])
     assert r.train.epochs == 3 and isinstance(r.train.epochs, int)
     assert r.train.base_lr == pytest.approx(2e-4) and isinstance(r.train.base_lr, float)
-    assert r.model.arch == {"drop_path_rate": 0.1, "depth": 2}
+    assert r.model.arch == {"drop_path_rate": 0.0, "depth": 2}
     assert r.data.global_scale == (0.4, 1.0)
     assert r.train.output_dir == "2024"  # a string field keeps the text
     assert r.method.centering == "ema"  # DINOv2's spelling of EMA centering
     assert r.data.train == "a/{0..9}.tar"
     # untouched values come from the file
-    assert r.method.n_prototypes == 4096 and r.data.n_local == 4
+    assert r.method.n_prototypes == 1024 and r.data.n_local == 4
 
 
 @pytest.mark.parametrize("override, must_contain", [

@@ -111,6 +111,12 @@ register_model(
                                 layerscale=1e-5),
     "ViT for 32-px images (CIFAR): 8x8 patches, 6 blocks", random_init_ok=True,
 )
+register_model(
+    "vit-tiny-p8-32", ViTConfig(img_size=32, patch_size=8, embed_dim=192, depth=6, num_heads=3,
+                                layerscale=None),
+    "ViT for 32-px images on a CPU budget: 4x4 patches (4x fewer tokens), no LayerScale",
+    random_init_ok=True,
+)
 
 
 def list_models(pattern: str | None = None) -> list[str]:
