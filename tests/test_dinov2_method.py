@@ -229,9 +229,10 @@ def test_forward_backward_on_real_multicrop_batch(shared_data):
         id(m.student.ibot_head.last_layer.weight_g), id(m.student.ibot_head.last_layer.weight_v)}
 
 
-@pytest.mark.parametrize("centering,separate", [("ema", False), ("sinkhorn_knopp", True)])
-def test_forward_equals_a_per_crop_per_image_reimplementation(shared_data, centering, separate):
-    cfg = dict(centering=centering)
+@pytest.mark.parametrize("centering,separate,use_bn",
+                         [("ema", False, False), ("sinkhorn_knopp", True, False), ("ema", False, True)])
+def test_forward_equals_a_per_crop_per_image_reimplementation(shared_data, centering, separate, use_bn):
+    cfg = dict(centering=centering, head_use_bn=use_bn)
     if separate:
         cfg.update(ibot_separate_head=True, ibot_n_prototypes=40, ibot_bottleneck_dim=8, ibot_hidden_dim=24)
     m = make_method(seed=3, **cfg)
@@ -253,11 +254,17 @@ def test_forward_equals_a_per_crop_per_image_reimplementation(shared_data, cente
         t_cls_logits = t2n(m.teacher.dino_head(t_tok["x_norm_clstoken"]))  # rows: crop c of image i at c*B+i
         ibot_t = m.teacher.ibot_head if separate else m.teacher.dino_head
         ibot_s = m.student.ibot_head if separate else m.student.dino_head
-        t_patch_logits = t2n(ibot_t(t_tok["x_norm_patchtokens"]))  # (2B, N, K)
-        s_patch_logits = t2n(ibot_s(s_glob["x_norm_patchtokens"]))
-        s_cls_logits = t2n(m.student.dino_head(s_glob["x_norm_clstoken"]))
-        s_loc_logits = t2n(m.student.dino_head(s_loc["x_norm_clstoken"]))
+        # heads over the masked patches only, and over all CLS tokens (local and global) together:
+        # the batches a BatchNorm in the head normalizes over (without one, rows are independent)
+        t_patch_logits = np.zeros((*masks.shape, ibot_t.out_dim))  # (2B, N, K)
+        s_patch_logits = np.zeros_like(t_patch_logits)
+        t_patch_logits[masks.numpy()] = t2n(ibot_t(t_tok["x_norm_patchtokens"][masks]))
+        s_patch_logits[masks.numpy()] = t2n(ibot_s(s_glob["x_norm_patchtokens"][masks]))
+        cls_logits = t2n(m.student.dino_head(torch.cat((s_loc["x_norm_clstoken"], s_glob["x_norm_clstoken"]))))
+        s_loc_logits, s_cls_logits = cls_logits[: len(local)], cls_logits[len(local):]
         s_cls = t2n(s_glob["x_norm_clstoken"])
+    if use_bn:  # DINO's teacher normalizes with batch statistics too (it is never in eval mode)
+        assert m.teacher.dino_head.mlp[1].training and not m.teacher.backbone.training
     B = n_img
     mk = masks.numpy()
     if centering == "ema":  # first step: the center is still zero
@@ -334,11 +341,12 @@ def test_nonfinite_terms_names_the_term():
 
 
 # -- continuing from a checkpoint with heads ----------------------------------------------------------
-def _training_checkpoint(path: Path, *, n_prototypes=64, ibot: bool = True, layout: str = "legacy"):
+def _training_checkpoint(path: Path, *, n_prototypes=64, ibot: bool = True, layout: str = "legacy",
+                         use_bn: bool = False):
     """A DINOv2-layout teacher checkpoint {"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}."""
     torch.manual_seed(11)
     bb = perturb_(VisionTransformer(TINY), seed=2)
-    heads = {"dino_head": perturb_(DINOHead(48, n_prototypes, 32, 16), seed=3)}
+    heads = {"dino_head": perturb_(DINOHead(48, n_prototypes, 32, 16, use_bn=use_bn), seed=3)}
     if ibot:
         heads["ibot_head"] = perturb_(DINOHead(48, 40, 24, 8), seed=4)
     teacher = {f"backbone.{k}": v for k, v in bb.state_dict().items()}
@@ -385,6 +393,12 @@ def test_load_pretrained_refuses_heads_that_do_not_fit(tmp_path):
     _training_checkpoint(path2)
     with pytest.raises(CheckpointError, match="ibot_separate_head=True"):
         make_method().load_pretrained(path2)
+    # a head with BatchNorm (DINO's use_bn_in_head) into a config without, and back
+    path3 = tmp_path / "bn_head.pth"
+    _training_checkpoint(path3, ibot=False, use_bn=True)
+    with pytest.raises(CheckpointError, match="set head_use_bn=True"):
+        make_method().load_pretrained(path3)
+    assert make_method(head_use_bn=True).load_pretrained(path3)["dino_head"]
 
 
 def test_load_pretrained_from_a_backbone_only_export_and_a_wrong_architecture(tmp_path):

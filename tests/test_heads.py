@@ -45,6 +45,33 @@ def test_state_dict_uses_dinov2_names_and_shapes():
     assert {k for k in two if k.startswith("mlp")} == {"mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"}
 
 
+def test_batchnorm_head_uses_dino_keys_and_batch_statistics():
+    torch.manual_seed(3)
+    head = perturb_(DINOHead(24, 40, hidden_dim=20, bottleneck_dim=12, nlayers=3, use_bn=True), scale=0.3)
+    sd = head.state_dict()
+    # DINO / DINOv2 _build_mlp with use_bn: Linear, BatchNorm1d, GELU, Linear, BatchNorm1d, GELU, Linear
+    assert {k for k in sd if k.endswith("weight") and k.startswith("mlp")} == \
+        {"mlp.0.weight", "mlp.1.weight", "mlp.3.weight", "mlp.4.weight", "mlp.6.weight"}
+    assert "mlp.1.running_mean" in sd
+    assert describe_head(sd) == {"in_dim": 24, "nlayers": 3, "bottleneck_dim": 12, "hidden_dim": 20,
+                                 "use_bn": True, "n_prototypes": 40}
+    x = torch.randn(9, 24, dtype=torch.float64)
+    h = x
+    for lin, bn in ((0, 1), (3, 4), (6, None)):
+        h = h @ sd[f"mlp.{lin}.weight"].double().T + sd[f"mlp.{lin}.bias"].double()
+        if bn is not None:  # training mode: this batch's mean and biased variance
+            h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + 1e-5)
+            h = h * sd[f"mlp.{bn}.weight"].double() + sd[f"mlp.{bn}.bias"].double()
+            h = _gelu(h)
+    h = h / h.norm(dim=-1, keepdim=True)
+    w = sd["last_layer.weight_g"].double() * sd["last_layer.weight_v"].double()
+    ref = h @ (w / sd["last_layer.weight_v"].double().norm(dim=1, keepdim=True)).T
+    head.train()
+    torch.testing.assert_close(head(x.float()).double(), ref, rtol=1e-4, atol=1e-5)
+    # the same image in a different batch gets a different output: statistics are the batch's
+    assert not torch.allclose(head(x[:3].float())[0], head(x.float())[0])
+
+
 def test_init_is_dinov2s():
     torch.manual_seed(0)
     head = DINOHead(96, 512, hidden_dim=256, bottleneck_dim=64)

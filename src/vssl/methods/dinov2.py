@@ -57,6 +57,7 @@ class DINOv2Config:
     bottleneck_dim: int = 256
     hidden_dim: int = 2048
     nlayers: int = 3
+    head_use_bn: bool = False  # BatchNorm in the heads' MLPs (DINO's use_bn_in_head)
     dino_loss_weight: float = 1.0
     koleo_loss_weight: float = 0.1
     ibot_loss_weight: float = 1.0
@@ -151,10 +152,12 @@ class DINOv2(nn.Module):
                              "or set ibot_loss_weight=0")
         dim = backbone.embed_dim
         student = {"backbone": backbone,
-                   "dino_head": DINOHead(dim, cfg.n_prototypes, cfg.hidden_dim, cfg.bottleneck_dim, cfg.nlayers)}
+                   "dino_head": DINOHead(dim, cfg.n_prototypes, cfg.hidden_dim, cfg.bottleneck_dim, cfg.nlayers,
+                                        use_bn=cfg.head_use_bn)}
         if self.do_ibot and cfg.ibot_separate_head:
             student["ibot_head"] = DINOHead(dim, cfg.ibot_n_prototypes, cfg.ibot_hidden_dim,
-                                            cfg.ibot_bottleneck_dim, cfg.ibot_nlayers)
+                                            cfg.ibot_bottleneck_dim, cfg.ibot_nlayers,
+                                            use_bn=cfg.head_use_bn)
         self.student = nn.ModuleDict(student)
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():
@@ -167,10 +170,23 @@ class DINOv2(nn.Module):
         self.ibot_patch_loss = iBOTPatchLoss(ibot_dim, **common)
 
     def train(self, mode: bool = True) -> "DINOv2":
-        """The teacher stays in eval mode (no drop-path), as in DINOv2."""
+        """The teacher stays in eval mode (no drop-path), as in DINOv2; BatchNorms in its heads
+        (``head_use_bn``) keep normalizing with batch statistics, as DINO's teacher does."""
         super().train(mode)
         self.teacher.eval()
+        for m in self.teacher.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.SyncBatchNorm)):
+                m.train(mode)
         return self
+
+    @staticmethod
+    def _shared_head(head: DINOHead, cls: torch.Tensor, patch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shared DINO/iBOT head over CLS and patch tokens: one call, as DINOv2 does; a head
+        with BatchNorm gets them in two calls, so each is normalized by its own statistics."""
+        if head.use_bn:
+            return head(cls), head(patch)
+        out = head(torch.cat((cls, patch)))
+        return out[: cls.shape[0]], out[cls.shape[0]:]
 
     # -- the losses ---------------------------------------------------------------------------
     def _batch_layout(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
@@ -213,8 +229,7 @@ class DINOv2(nn.Module):
             if do_ibot:
                 t_patch = t_out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_idx)
             if do_ibot and not separate:
-                logits = self.teacher["dino_head"](torch.cat((t_cls, t_patch)))
-                t_cls_logits, t_patch_logits = logits[: 2 * b], logits[2 * b:]
+                t_cls_logits, t_patch_logits = self._shared_head(self.teacher["dino_head"], t_cls, t_patch)
             else:
                 t_cls_logits = self.teacher["dino_head"](t_cls)
                 t_patch_logits = self.teacher["ibot_head"](t_patch) if do_ibot else None
@@ -226,23 +241,21 @@ class DINOv2(nn.Module):
         # student
         s_glob = self.student["backbone"](glob, masks=masks, is_training=True)
         s_cls = s_glob["x_norm_clstoken"]
-        head_in = [s_cls]
+        all_cls = s_cls
         if n_local:
             s_local_cls = self.student["backbone"](local, is_training=True)["x_norm_clstoken"]
-            head_in.insert(0, s_local_cls)
-        s_patch = None
+            all_cls = torch.cat((s_local_cls, s_cls))
         if do_ibot:
             s_patch = s_glob["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_idx)
-            if not separate:
-                head_in.append(s_patch)
-        out = self.student["dino_head"](torch.cat(head_in) if len(head_in) > 1 else head_in[0])
-        off = 0
-        s_local_logits = None
-        if n_local:
-            s_local_logits, off = out[: n_local * b], n_local * b
-        s_cls_logits = out[off: off + 2 * b]
-        if do_ibot:
-            s_patch_logits = out[off + 2 * b:] if not separate else self.student["ibot_head"](s_patch)
+            if separate:
+                out = self.student["dino_head"](all_cls)
+                s_patch_logits = self.student["ibot_head"](s_patch)
+            else:
+                out, s_patch_logits = self._shared_head(self.student["dino_head"], all_cls, s_patch)
+        else:
+            out = self.student["dino_head"](all_cls)
+        s_local_logits = out[: n_local * b] if n_local else None
+        s_cls_logits = out[n_local * b:]
 
         zero = glob.new_zeros((), dtype=torch.float32)
         n_terms = max(2 * n_local, 1) + 2  # n_local_crops_loss_terms + n_global_crops_loss_terms
@@ -365,13 +378,15 @@ class DINOv2(nn.Module):
             have = describe_head(sd)
             with torch.device("meta"):  # a shape-only twin: checking costs no memory
                 probe = DINOHead(target.in_dim, target.out_dim, target.hidden_dim,
-                                 target.bottleneck_dim, target.nlayers, target.mlp_bias)
+                                 target.bottleneck_dim, target.nlayers, target.mlp_bias, target.use_bn)
             try:
                 probe.load_state_dict(dict(sd), strict=True, assign=True)
             except RuntimeError as e:
                 prefix = "" if g == "dino_head" else "ibot_"
                 fix = [f"{prefix}{k}={v}" for k, v in have.items()
                        if k in ("n_prototypes", "bottleneck_dim", "hidden_dim", "nlayers") and want[k] != v]
+                if have.get("use_bn", False) != target.use_bn:
+                    fix.append(f"head_use_bn={have.get('use_bn', False)}")
                 if have.get("in_dim") not in (None, want["in_dim"]):
                     fix.append(f"a backbone of width {have['in_dim']} (this one is {want['in_dim']})")
                 hint = ("set " + ", ".join(fix)) if fix else f"its tensors are not DINOv2's head layout ({e})"

@@ -78,21 +78,30 @@ class DINOHead(nn.Module):
     ``nlayers`` counts the MLP's linear layers (DINOv2: 3, i.e. ``in->hidden->hidden->bottleneck``;
     1 is a single ``in->bottleneck`` linear, stored as ``mlp.weight`` as DINOv2 does).
     ``last_layer`` holds the prototypes, which DINOv2 keeps frozen during the first epoch.
+
+    ``use_bn`` puts a BatchNorm after each hidden linear layer (DINO / DINOv2's ``use_bn``, keys
+    ``mlp.0/1/3/4/6`` as theirs): it removes the part of the features common to the batch, so the
+    head's outputs differ between images from the first step (used by the short CPU recipe).
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, nlayers: int = 3, mlp_bias: bool = True):
+                 bottleneck_dim: int = 256, nlayers: int = 3, mlp_bias: bool = True,
+                 use_bn: bool = False):
         super().__init__()
         nlayers = max(int(nlayers), 1)
         self.in_dim, self.out_dim = int(in_dim), int(out_dim)
         self.hidden_dim, self.bottleneck_dim, self.nlayers = int(hidden_dim), int(bottleneck_dim), nlayers
-        self.mlp_bias = bool(mlp_bias)
+        self.mlp_bias, self.use_bn = bool(mlp_bias), bool(use_bn)
         if nlayers == 1:
             self.mlp = nn.Linear(in_dim, bottleneck_dim, bias=mlp_bias)
         else:
-            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim, bias=mlp_bias), nn.GELU()]
+            def hidden(n_in: int) -> list[nn.Module]:
+                bn = [nn.BatchNorm1d(hidden_dim)] if use_bn else []
+                return [nn.Linear(n_in, hidden_dim, bias=mlp_bias), *bn, nn.GELU()]
+
+            layers = hidden(in_dim)
             for _ in range(nlayers - 2):
-                layers += [nn.Linear(hidden_dim, hidden_dim, bias=mlp_bias), nn.GELU()]
+                layers += hidden(hidden_dim)
             layers.append(nn.Linear(hidden_dim, bottleneck_dim, bias=mlp_bias))
             self.mlp = nn.Sequential(*layers)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
@@ -127,7 +136,8 @@ def describe_head(sd: dict[str, torch.Tensor]) -> dict:
     """
     out: dict = {}
     weights = sorted(
-        ((int(m.group(1)) if m.group(1) else -1, v) for k, v in sd.items() if (m := _MLP_KEY.match(k))),
+        ((int(m.group(1)) if m.group(1) else -1, v) for k, v in sd.items()
+         if (m := _MLP_KEY.match(k)) and v.ndim == 2),  # 1-d: a BatchNorm's weight
         key=lambda t: t[0],
     )
     if weights:
@@ -136,6 +146,8 @@ def describe_head(sd: dict[str, torch.Tensor]) -> dict:
         out["bottleneck_dim"] = int(weights[-1][1].shape[0])
         if len(weights) > 1:
             out["hidden_dim"] = int(weights[0][1].shape[0])
+    if any(k.startswith("mlp.") and k.endswith(".running_mean") for k in sd):
+        out["use_bn"] = True
     for key in ("last_layer.weight_v", "last_layer.parametrizations.weight.original1", "last_layer.weight"):
         if key in sd:
             out["n_prototypes"] = int(sd[key].shape[0])

@@ -129,6 +129,10 @@ def wrap(
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"strategy {strategy!r} needs a process group: launch with torchrun "
                            "(and call vssl.train.distributed.setup())")
+    if info.device.type == "cuda":
+        # BatchNorm (e.g. a DINO head's use_bn) normalizes over the global batch, as DINO does;
+        # SyncBatchNorm is CUDA-only, so on CPU ranks each normalizes over its own batch
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
