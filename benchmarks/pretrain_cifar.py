@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Quality and speed of the CPU pretraining recipe on real CIFAR-10 images (issue 5's benchmark).
 
-Runs ``cpu_tiny32`` (DINOv2: DINO + iBOT + KoLeo on a ViT with 4-px patches) on
+Runs ``cpu_tiny32`` (DINOv2: DINO + iBOT + KoLeo on a ViT with 8-px patches) on
 ``cifar10-subset/train`` for a fixed wall-clock budget (``--minutes``, everything included:
 data, training, evaluations), through the same code as ``vssl quickstart --data``: the schedule is
 compressed into the number of steps that fit the budget. Then kNN (k=20, DINOv2's weighted vote)
