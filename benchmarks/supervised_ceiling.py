@@ -4,7 +4,8 @@
 ``pretrain_cifar.py`` asks whether self-supervised pretraining of ``cpu_tiny32``'s ViT reaches
 50% kNN top-1 on ``cifar10-subset`` within 20 CPU minutes. This script answers the question
 beneath it: with the labels, and the same backbone, images and evaluator (k=20, DINOv2's weighted
-vote on the CLS token, via :func:`vssl.evaluate.knn.knn_classify`), how many epochs does it take?
+vote on the CLS token of :class:`vssl.evaluate.monitor.KNNMonitor`'s images), how many epochs
+does it take?
 A self-supervised objective learns from less than the labels, so at an equal number of epochs
 it is not expected to do better.
 
@@ -28,26 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-subset"
 
 
-def load_split(root: Path):
-    """All images of ``root/<class>/*`` as a normalized float tensor, and their labels."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from vssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    images, labels = [], []
-    for i, c in enumerate(classes):
-        for f in sorted((root / c).iterdir()):
-            with Image.open(f) as im:
-                images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-            labels.append(i)
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
-    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return x, torch.tensor(labels)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a folder with train/ and test/")
@@ -63,49 +44,54 @@ def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
 
+    from vssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from vssl.evaluate.knn import knn_classify
+    from vssl.evaluate.monitor import KNNMonitor
     from vssl.models import create_model
 
     torch.manual_seed(args.seed)
-    xtr, ytr = load_split(args.data / "train")
-    xte, yte = load_split(args.data / "test")
     model = create_model(args.model, random_init=True)
-    head = torch.nn.Linear(model.embed_dim, int(ytr.max()) + 1)
+    # the images, labels and CLS features of pretrain_cifar.py's evaluator (KNNMonitor)
+    monitor = KNNMonitor(args.data / "train", args.data / "test", every_n_steps=1,
+                         resolution=model.config.img_size, seed=args.seed)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    xtr = (monitor.images["train"].float() / 255.0 - mean) / std
+    ytr, yte = monitor.labels["train"], monitor.labels["test"]
+    size = xtr.shape[-1]
+    head = torch.nn.Linear(model.embed_dim, len(monitor.classes))
     opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=args.lr, weight_decay=0.05)
     g = torch.Generator().manual_seed(args.seed)
 
-    @torch.no_grad()
     def evaluate() -> tuple[float, float]:
-        model.eval()
-        cls = lambda x: torch.cat([model.forward_features(x[i:i + 500])["x_norm_clstoken"]
-                                   for i in range(0, len(x), 500)])
-        ftr, fte = cls(xtr), cls(xte)
-        knn = knn_classify(ftr, ytr, fte, yte, ks=(20,)).top1[20]
-        acc = (head(fte).argmax(1) == yte).float().mean().item()
-        model.train()
+        feats = monitor.features(model)
+        knn = knn_classify(feats["train"], ytr, feats["test"], yte, ks=(monitor.k,),
+                           temperature=monitor.temperature).top1[monitor.k]
+        with torch.no_grad():
+            acc = (head(feats["test"]).argmax(1) == yte).float().mean().item()
         return knn, acc
 
     rows = [(0, 0.0, *evaluate())]
     print(f"epoch 0: kNN {rows[0][2]:.3f}", flush=True)
-    t0 = time.perf_counter()
-    bs = args.batch_size
+    train_s, bs = 0.0, args.batch_size
+    model.train()
     for epoch in range(1, args.epochs + 1):
+        t0 = time.perf_counter()
         perm = torch.randperm(len(xtr), generator=g)
         for k in range(0, len(xtr) - bs + 1, bs):
             x = F.pad(xtr[perm[k:k + bs]], (4, 4, 4, 4), mode="reflect")
             i, j = torch.randint(0, 9, (2,), generator=g).tolist()
-            x = x[:, :, i:i + 32, j:j + 32]
+            x = x[:, :, i:i + size, j:j + size]
             if torch.rand((), generator=g) < 0.5:
                 x = x.flip(3)
             loss = F.cross_entropy(head(model.forward_features(x)["x_norm_clstoken"]), ytr[perm[k:k + bs]])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        train_s = time.perf_counter() - t0
+        train_s += time.perf_counter() - t0  # evaluation time is not training time
         rows.append((epoch, train_s, *evaluate()))
         print(f"epoch {epoch}: {train_s:.0f} s, loss {loss.item():.3f}, kNN {rows[-1][2]:.3f}, "
               f"head accuracy {rows[-1][3]:.3f}", flush=True)
-        t0 += time.perf_counter() - t0 - train_s  # evaluation time is not training time
 
     cmd = "python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv)))
     print(f"\nCommand: `{cmd}`  \nDate: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC}, "
