@@ -558,11 +558,11 @@ def _time_step(method, batches, n: int = 4) -> float:
     untouched: forward, backward, an AdamW step and the EMA update, on batches drawn from the
     run's own loader (so its workers compete for the cores as they will). The median of the
     ``n - 1`` steps after the first (which pays for warm-up)."""
-    import torch
+    from .train.optim import build_optimizer
 
     probe = copy.deepcopy(method).train()
-    params = [p for p in probe.student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-6)
+    # the trainer's AdamW implementation (foreach on CPU); lr 0 leaves the probe's weights as they are
+    opt = build_optimizer([{"params": [p for p in probe.student.parameters() if p.requires_grad]}])
     times = []
     for _ in range(n):
         batch = next(batches)
@@ -686,8 +686,8 @@ def run_quickstart(data: str | None = None, output: str | os.PathLike = "vssl-qu
     batches.close()  # stops its loader workers now
     del batches
     n_evals = 3 if monitor is not None else 0
-    # evaluations during and after training, the report, and ~10 s the command spends outside
-    # this function (importing torch, exiting): `time vssl quickstart` took 5 s more than t0 saw
+    # evaluations during and after training, the report, and 10 s for what the command spends
+    # outside this function (importing torch, exiting: 5 s more than t0 saw in `time vssl quickstart`)
     reserve = t_eval * (n_evals + 1) + 15.0
     train_seconds = budget - (time.perf_counter() - t0) - reserve
     steps = max(1, int(train_seconds / t_step))
