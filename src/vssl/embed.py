@@ -21,7 +21,6 @@ counted and skipped, never fatal (DESIGN.md section 8).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -34,10 +33,12 @@ import numpy as np
 import torch
 
 from ._io import atomic_write
-from .data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
+from .data.decode import DEFAULT_MAX_PIXELS
 from .data.listing import list_inputs
 from .data.transforms import EvalTransform
-from .models.checkpoints import parse_dtype
+from .extract import (
+    ImageDataset, autocast_context, check_resolution, make_loader, model_resolution,
+)
 
 __all__ = ["EmbedResult", "add_embed_parser", "embed_images", "list_inputs", "run_embed"]
 
@@ -47,51 +48,6 @@ LAYERS = "layers.npy"
 AVGPOOL = "avgpool.npy"
 MANIFEST = "manifest.parquet"
 ERRORS = "errors.jsonl"
-
-# ------------------------------------------------------------------------------------ loading
-class _ImageDataset(torch.utils.data.Dataset):
-    """Item ``i`` -> ``(i, tensor, None)`` or ``(i, None, reason)``; never raises for a bad file."""
-
-    def __init__(self, paths: Sequence[Path], transform: EvalTransform, draft: bool,
-                 max_pixels: int | None):
-        self.paths = [str(p) for p in paths]
-        self.transform = transform
-        self.draft_size = transform.draft_size if draft else None
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            img = open_image(self.paths[i], draft_size=self.draft_size, max_pixels=self.max_pixels)
-            return i, self.transform(img), None
-        except ImageDecodeError as exc:
-            return i, None, exc.reason
-        except Exception as exc:  # noqa: BLE001 - a transform failure is still one bad input
-            return i, None, f"transform failed: {type(exc).__name__}: {exc}"
-
-
-def _collate(batch):
-    """Keep the good images stacked; pass the errors along as ``[(index, reason)]``."""
-    good = [(i, x) for i, x, err in batch if err is None]
-    errors = [(i, err) for i, _, err in batch if err is not None]
-    indices = [i for i, _ in good]
-    images = torch.stack([x for _, x in good]) if good else None
-    return indices, images, errors
-
-
-def _cpu_count() -> int:
-    """CPUs this process may use (a container's affinity mask, not the host's core count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def _worker_init(_worker_id: int) -> None:
-    torch.set_num_threads(1)  # decoding is per-process work; do not oversubscribe the cores
-
 
 # ------------------------------------------------------------------------------------ outputs
 def _truncate_npy(path: Path, rows: int) -> None:
@@ -207,29 +163,6 @@ class EmbedResult:
         )
 
 
-def _model_resolution(model: torch.nn.Module) -> int | tuple[int, int]:
-    cfg = getattr(model, "config", None)
-    size = getattr(cfg, "img_size", None)
-    if size is None:
-        raise ValueError("the model has no config.img_size: pass resolution=")
-    return size if isinstance(size, int) else tuple(size)
-
-
-def _check_resolution(model: torch.nn.Module, resolution: int | tuple[int, int]) -> None:
-    """The patch conv silently drops a remainder; a resolution off the patch grid is a mistake."""
-    cfg = getattr(model, "config", None)
-    patch = getattr(cfg, "patch_size", None)
-    if patch is None:
-        return
-    for side in (resolution,) if isinstance(resolution, int) else tuple(resolution):
-        if side % patch:
-            lo, hi = (side // patch) * patch, (side // patch + 1) * patch
-            raise ValueError(
-                f"resolution {side} is not a multiple of the patch size {patch}: use "
-                f"{lo if lo else hi} or {hi}"
-            )
-
-
 def _feature_fn(model: torch.nn.Module, layers: int, avgpool: bool, patch_tokens: bool):
     """``x -> {"cls", "patch", "layers", "avgpool"}`` (what was asked), all from ONE forward pass.
 
@@ -310,8 +243,8 @@ def embed_images(
     if layers < 0:
         raise ValueError(f"layers must be >= 0, got {layers}")
     features = _feature_fn(model, layers, avgpool, patch_tokens)
-    resolution = _model_resolution(model) if resolution is None else resolution
-    _check_resolution(model, resolution)
+    resolution = model_resolution(model) if resolution is None else resolution
+    check_resolution(model, resolution)
     out_dir = Path(output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"output {out_dir} exists and is not a folder")
@@ -321,32 +254,18 @@ def embed_images(
         (out_dir / stale).unlink(missing_ok=True)
 
     device = torch.device(device)
-    want = parse_dtype(dtype)
     params = list(model.parameters())
     param_dtype = params[0].dtype if params else torch.float32
+    autocast = autocast_context(device.type, dtype, param_dtype=param_dtype)
     if params and params[0].device != device:
         model.to(device)
     was_training = model.training
     model.eval()
-    autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if want in (torch.bfloat16, torch.float16) and param_dtype == torch.float32:
-        autocast = torch.autocast(device_type=device.type, dtype=want)
 
-    transform = EvalTransform(resolution)
-    dataset = _ImageDataset([p for p, _ in items], transform, draft, max_pixels)
-    if num_workers is None:
-        num_workers = min(4, _cpu_count())
-    num_batches = -(-len(items) // batch_size)
-    num_workers = max(0, min(num_workers, num_batches))  # idle workers only cost start-up time
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        worker_init_fn=_worker_init if num_workers else None,
-        pin_memory=device.type == "cuda",
-    )
+    dataset = ImageDataset([p for p, _ in items], EvalTransform(resolution), draft=draft,
+                           max_pixels=max_pixels)
+    loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers,
+                         pin_memory=device.type == "cuda")
 
     forward = torch.compile(features) if compile else features
 

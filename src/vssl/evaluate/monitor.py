@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+from ..extract import ImageDataset, autocast_context, make_loader
 
 __all__ = ["KNNMonitor"]
 
@@ -129,20 +130,12 @@ class KNNMonitor:
 
     def prepare(self, resolution: int) -> None:
         """Decode and crop every image once into uint8 tensors; unreadable files are skipped."""
-        from ..data.decode import DEFAULT_MAX_PIXELS
-        # embed's decoding dataset: a bad file comes back as (index, reason), never an exception
-        from ..embed import _collate, _cpu_count, _ImageDataset, _worker_init
-
         crop = _CropUint8(resolution)
         index = {c: i for i, c in enumerate(self.classes)}
         for split, items in self._items.items():
-            dataset = _ImageDataset([p for p, _ in items], crop, draft=True,
-                                    max_pixels=DEFAULT_MAX_PIXELS)
-            workers = self.num_workers if self.num_workers is not None else min(4, _cpu_count())
-            workers = max(0, min(workers, -(-len(items) // 64)))
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=64, num_workers=workers, collate_fn=_collate,
-                worker_init_fn=_worker_init if workers else None)
+            # a bad file comes back as (index, reason), never an exception
+            dataset = ImageDataset([p for p, _ in items], crop)
+            loader = make_loader(dataset, batch_size=64, num_workers=self.num_workers)
             rows, kept, errors = [], [], []
             for indices, images, batch_errors in loader:
                 errors += batch_errors
@@ -174,9 +167,8 @@ class KNNMonitor:
         device, dtype = param.device, param.dtype
         mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-        autocast = (torch.autocast(device.type, dtype=self.autocast_dtype)
-                    if self.autocast_dtype is not None else torch.autocast(device.type,
-                                                                           enabled=False))
+        # isolate: the trainer's own autocast region must not change what the monitor measures
+        autocast = autocast_context(device.type, self.autocast_dtype, isolate=True)
         modes = [(m, m.training) for m in module.modules()]
         module.eval()
         out = {}

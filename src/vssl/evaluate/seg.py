@@ -33,7 +33,6 @@ image without a mask, is a bad file: skipped and listed, never a crash.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
@@ -50,6 +49,7 @@ from PIL import Image
 
 from ..data.decode import ImageDecodeError, open_image
 from ..data.transforms import EvalTransform, center_crop_box, resized_size
+from ..extract import autocast_context, check_resolution, default_num_workers, make_loader
 
 __all__ = [
     "LinearSegHead", "SegFeatures", "SegResult", "SegTransform", "add_parser", "confusion_matrix",
@@ -244,7 +244,8 @@ class SegTransform:
 
 
 class _PairDataset(torch.utils.data.Dataset):
-    """Item ``i`` -> ``(i, image tensor, mask ids, None)`` or ``(i, None, None, reason)``."""
+    """Item ``i`` -> ``(i, (image tensor, mask ids), None)`` or ``(i, None, reason)``: the item
+    protocol of ``collate_skipping_errors``."""
 
     def __init__(self, pairs: Sequence[tuple[Path, Path]], transform: SegTransform):
         self.pairs = [(str(a), str(b)) for a, b in pairs]
@@ -258,26 +259,18 @@ class _PairDataset(torch.utils.data.Dataset):
         try:
             img = open_image(image_path)
         except ImageDecodeError as exc:
-            return i, None, None, f"image: {exc.reason}"
+            return i, None, f"image: {exc.reason}"
         try:
             ids = read_mask(mask_path)
         except MaskError as exc:
-            return i, None, None, f"mask {mask_path}: {exc}"
+            return i, None, f"mask {mask_path}: {exc}"
         if ids.shape != (img.height, img.width):
-            return i, None, None, (f"mask {mask_path} is {ids.shape[1]}x{ids.shape[0]}, the image "
-                                   f"{img.width}x{img.height}")
+            return i, None, (f"mask {mask_path} is {ids.shape[1]}x{ids.shape[0]}, the image "
+                             f"{img.width}x{img.height}")
         try:
-            return i, self.transform.image(img), self.transform.mask(ids), None
+            return i, (self.transform.image(img), self.transform.mask(ids)), None
         except Exception as exc:  # noqa: BLE001 - a transform failure is still one bad sample
-            return i, None, None, f"transform failed: {type(exc).__name__}: {exc}"
-
-
-def _collate(batch):
-    good = [b for b in batch if b[3] is None]
-    errors = [(b[0], b[3]) for b in batch if b[3] is not None]
-    if not good:
-        return [], None, [], errors
-    return [b[0] for b in good], torch.stack([b[1] for b in good]), [b[2] for b in good], errors
+            return i, None, f"transform failed: {type(exc).__name__}: {exc}"
 
 
 # ---------------------------------------------------------------------------------- features
@@ -289,15 +282,6 @@ class SegFeatures:
     masks: torch.Tensor               # (N, H, W) uint8 training targets (ignore_index = skipped)
     paths: list[str]                  # image paths, row order
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-
-
-def _check_resolution(model, resolution: int) -> None:
-    """The patch conv silently drops a remainder: a side off the patch grid is a mistake."""
-    patch = int(getattr(getattr(model, "config", None), "patch_size", 0) or 0)
-    if patch and resolution % patch:
-        lo, hi = (resolution // patch) * patch, (resolution // patch + 1) * patch
-        raise ValueError(f"resolution {resolution} is not a multiple of the patch size {patch}: "
-                         f"use {lo if lo else hi} or {hi}")
 
 
 def extract_patch_features(
@@ -322,27 +306,20 @@ def extract_patch_features(
     as float16 (half the memory; normed tokens are O(1), well inside its range). Bad images and
     masks are skipped and listed in ``skipped``; a mask id outside the classes raises.
     """
-    from ..models.checkpoints import parse_dtype
-
-    _check_resolution(model, resolution)
+    check_resolution(model, resolution)
     seg_transform = SegTransform(resolution, transform)
     device = torch.device(device)
     params = list(model.parameters())
     param_dtype = params[0].dtype if params else torch.float32
+    autocast = autocast_context(device.type, dtype, param_dtype=param_dtype)
     if params and params[0].device != device:
         model.to(device)
-    want = parse_dtype(dtype)
-    autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if want in (torch.bfloat16, torch.float16) and param_dtype == torch.float32:
-        autocast = torch.autocast(device_type=device.type, dtype=want)
     was_training = model.training
     model.eval()
 
     dataset = _PairDataset(pairs, seg_transform)
-    num_workers = max(0, min(num_workers, -(-len(dataset) // batch_size)))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=_collate, pin_memory=device.type == "cuda")
+    loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers,
+                         pin_memory=device.type == "cuda")
     from tqdm import tqdm
 
     feats, masks, paths, skipped = [], [], [], []
@@ -350,9 +327,10 @@ def extract_patch_features(
                dynamic_ncols=True)
     try:
         with torch.inference_mode(), autocast:
-            for indices, images, ids, errors in loader:
+            for indices, samples, errors in loader:
                 skipped += [(dataset.pairs[i][0], reason) for i, reason in errors]
-                if images is not None:
+                if samples is not None:
+                    images, ids = samples
                     for i, m in zip(indices, ids):
                         try:
                             masks.append(torch.from_numpy(map_class_ids(
@@ -684,11 +662,7 @@ def run(args: argparse.Namespace) -> int:
     if args.weights is None and args.model in list_models():
         print(f"WARNING: {args.model} has RANDOM weights (no --weights given): a smoke test only",
               file=sys.stderr, flush=True)
-    if args.num_workers is None:  # the CPUs this process may use, not the host's
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        num_workers = min(4, cpus or 1)
-    else:
-        num_workers = args.num_workers
+    num_workers = default_num_workers() if args.num_workers is None else args.num_workers
     try:
         result = train_linear_seg(
             model, args.train, val_dir, num_classes=args.num_classes,
