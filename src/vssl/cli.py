@@ -24,7 +24,7 @@ def parse_overrides(items: list[str] | None) -> dict:
 
 # -- vssl models --------------------------------------------------------------------------------
 def _cmd_models(args) -> int:
-    from .models.zoo import _ZOO, count_params, list_models
+    from .models.zoo import count_params, get_entry, list_models
 
     names = list_models(args.pattern)
     if not names:
@@ -34,7 +34,7 @@ def _cmd_models(args) -> int:
     print(header)
     print("-" * len(header))
     for n in names:
-        c = _ZOO[n].config
+        c = get_entry(n).config
         print(f"{n:<28} {count_params(c):>15,} {c.patch_size:>5} {c.img_size:>4} {c.embed_dim:>5} "
               f"{c.depth:>5} {c.num_heads:>5} {c.ffn:<6} {c.num_register_tokens:>3}")
     return 0

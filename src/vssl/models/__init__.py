@@ -1,4 +1,5 @@
-"""Models: one ViT (vit.py), the named configs (zoo.py), checkpoint I/O (checkpoints.py)."""
+"""Models: one ViT (vit.py), the named configs (registry.py), building them (zoo.py), checkpoint
+I/O (checkpoints.py)."""
 from .checkpoints import (
     Checkpoint,
     CheckpointError,

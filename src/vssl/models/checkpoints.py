@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_write
+from .registry import ZOO, get_config
 from .vit import ViTConfig, VisionTransformer
 
 log = logging.getLogger("vssl")
@@ -380,9 +381,7 @@ def _config_arch(cfg: ViTConfig) -> dict:
 
 
 def matching_zoo_names(arch: dict) -> list[str]:
-    from .zoo import _ZOO
-
-    return [n for n, e in sorted(_ZOO.items())
+    return [n for n, e in sorted(ZOO.items())
             if all(_config_arch(e.config).get(k) == v for k, v in arch.items())]
 
 
@@ -485,8 +484,6 @@ def load_model(path, *, config: ViTConfig | None = None, dtype=None, device="cpu
                     f"{path} does not say which architecture it is and its shapes match no zoo "
                     "entry; pass a zoo name and overrides, e.g. create_model('dinov2-vits14', "
                     f"weights='{path}', depth=6).\n" + suggest(ViTConfig(), ck.state_dict))
-            from .zoo import get_config
-
             config = get_config(names[0])
             if len({get_config(n).num_heads for n in names}) > 1:
                 raise CheckpointError(
