@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_write
+from ..errors import CheckpointError
 from .registry import ZOO, get_config
 from .vit import ViTConfig, VisionTransformer
 
@@ -39,10 +40,6 @@ _DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message says what to change."""
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .._io import atomic_write
+from ..errors import CheckpointError  # re-exported: vssl.train.CheckpointError
 
 __all__ = [
     "CheckpointError",
@@ -51,10 +52,6 @@ __all__ = [
 STATE_FILE = "trainer_state.json"
 CKPT_DIR = "ckpt"
 _NAME = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or does not fit the model being resumed."""
 
 
 def _dist() -> bool:
