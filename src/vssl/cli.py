@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import logging
 import sys
 
+from .overrides import parse_key_values
+
 
 def parse_overrides(items: list[str] | None) -> dict:
-    """``["depth=2", "ffn=swiglu", "layerscale=None"]`` -> ``{"depth": 2, ...}``."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not KEY=VALUE (e.g. depth=2, img_size=518)")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value  # a bare string such as ffn=swiglu
-    return out
+    """``["depth=2", "ffn=swiglu", "layerscale=None"]`` -> ``{"depth": 2, ...}`` (``--set``).
+
+    YAML scalar values, as recipe overrides; Python spellings (``None``, ``1e-5``) work too.
+    """
+    return {key: value for key, value, _ in parse_key_values(
+        items, example="depth=2, img_size=518", python_literals=True)}
 
 
 # -- vssl models --------------------------------------------------------------------------------

@@ -349,16 +349,13 @@ def _build_model(values: dict, raws: dict) -> ModelConfig:
 # ----------------------------------------------------------------------------------- overrides
 def parse_overrides(items: Sequence[str] | None) -> list[tuple[str, str, Any, str]]:
     """``["train.epochs=10", ...]`` -> ``[(section, key, value, raw_text)]``; values are YAML
-    scalars (``10``, ``2e-4``, ``true``, ``null``, ``[0.4, 1.0]``), anything else a string."""
-    import yaml
+    scalars (``10``, ``2e-4``, ``true``, ``null``, ``[0.4, 1.0]``), anything else a string
+    (``vssl.overrides.parse_key_values``, shared with ``vssl convert --set``)."""
+    from ..overrides import parse_key_values
 
     out = []
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.epochs=10, "
-                              f"data.train=/path/to/images)")
-        key, raw = item.split("=", 1)
-        key = key.strip()
+    for key, value, raw in parse_key_values(
+            items, example="train.epochs=10, data.train=/path/to/images", error=ConfigError):
         section, dot, name = key.partition(".")
         if section not in SECTIONS or not dot or not name:
             close = difflib.get_close_matches(section, SECTIONS, n=1)
@@ -368,10 +365,6 @@ def parse_overrides(items: Sequence[str] | None) -> list[tuple[str, str, Any, st
         if "." in name:
             raise ConfigError(f"override key {key!r}: recipe sections are flat, use "
                               f"{section}.{name.split('.')[-1]}=...")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw  # e.g. {000..009}.tar: not YAML, a plain string
         out.append((section, name, value, raw))
     return out
 
