@@ -45,24 +45,27 @@ def matmul_peak(n: int = 2048, repeats: int = 8) -> float:
     return 2 * n ** 3 / best
 
 
-def step_flops(overrides: list[str], data: Path) -> tuple[float, int]:
+def step_flops(overrides: list[str], data: Path, recipe_name: str = "cpu_tiny32"
+               ) -> tuple[float, int]:
     """(forward + backward FLOPs of one training step, batch size) for the recipe on ``data``."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vssl.pretrain import QUICKSTART_RECIPE, _patch_size, build_data, build_method
+    from vssl.methods.base import StepPlan
+    from vssl.pretrain import build_data, build_method
     from vssl.train.config import load_recipe
 
-    recipe = load_recipe(QUICKSTART_RECIPE, overrides)
+    recipe = load_recipe(recipe_name, overrides)
     recipe.data.train = str(data / "train")
     recipe.data.num_workers = 0
     method, _ = build_method(recipe)
-    batches = build_data(recipe, patch_size=_patch_size(method), device="cpu").batches(0)
+    method.plan(StepPlan(total_steps=1000, iters_per_epoch=100))
+    batches = build_data(recipe, method.views(), device="cpu").batches(0)
     batch = next(batches)
     batches.close()
     counter = FlopCounterMode(display=False)
     with counter:
-        out = method(batch, teacher_temp=0.04)
+        out = method(batch, 0)
         out["loss"].backward()
     return float(counter.get_total_flops()), recipe.train.batch_size_per_rank
 
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    from vssl.pretrain import run_quickstart
+    from vssl.quickstart import run_quickstart
 
     peak = matmul_peak()
     flops, batch = step_flops(list(args.overrides), args.data)

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vssl.methods.base import Freeze, StepPlan
 from vssl.models.vit import VisionTransformer
+from vssl.train.schedules import CosineSchedule
 
 
 class TinyHead(nn.Module):
@@ -35,10 +37,16 @@ class TinyHead(nn.Module):
 
 class TinyDINO(nn.Module):
     """DINO CLS loss (global pairs A<->B and globals -> locals), EMA teacher; ``nan_at``: the
-    forward call (1-based) at which ``local_loss`` becomes NaN, to test the trainer's guard."""
+    forward call (1-based) at which ``local_loss`` becomes NaN, to test the trainer's guard.
 
-    def __init__(self, backbone: VisionTransformer, out_dim: int = 16, nan_at: int | None = None):
+    It keeps the method contract (vssl.methods.base) by itself, without MethodBase: DINOv2's
+    teacher schedules (temperature 0.04 -> 0.07 over ``temp_warmup_epochs``, momentum cosine
+    0.992 -> 1) and the prototype freeze for ``freeze_epochs``."""
+
+    def __init__(self, backbone: VisionTransformer, out_dim: int = 16, nan_at: int | None = None,
+                 temp_warmup_epochs: float = 1, freeze_epochs: float = 1):
         super().__init__()
+        self.temp_warmup_epochs, self.freeze_epochs = temp_warmup_epochs, freeze_epochs
         head = TinyHead(backbone.embed_dim, out_dim)
         self.student = nn.ModuleDict({"backbone": backbone, "head": head})
         self.teacher = copy.deepcopy(self.student)
@@ -51,7 +59,27 @@ class TinyDINO(nn.Module):
         feats = modules["backbone"].forward_features(x, masks=masks)["x_norm_clstoken"]
         return modules["head"](feats)
 
-    def forward(self, batch: dict, *, teacher_temp: float) -> dict:
+    # -- the method contract
+    def plan(self, plan: StepPlan) -> None:
+        tt = plan.epochs_to_steps(self.temp_warmup_epochs)
+        self.momentum = CosineSchedule(0.992, 1.0, plan.total_steps)
+        self.temp = CosineSchedule(0.07, 0.07, tt, warmup_iters=tt, start_warmup_value=0.04)
+        self.freeze_until = plan.epochs_to_steps(self.freeze_epochs)
+
+    def scheduled(self, step: int) -> dict:
+        return {"momentum": self.momentum[step], "teacher_temp": self.temp[step]}
+
+    def after_step(self, step: int) -> None:
+        self.update_teacher(self.momentum[step])
+
+    def frozen_parameters(self) -> list[Freeze]:
+        return [Freeze(self.prototype_parameters(), self.freeze_until)]
+
+    def encoder(self) -> nn.Module:
+        return self.teacher["backbone"]
+
+    def forward(self, batch: dict, step: int) -> dict:
+        teacher_temp = self.temp[step]
         self.calls += 1
         g, loc = batch["global"], batch["local"]
         b = g.shape[0] // 2
@@ -109,12 +137,11 @@ def main(lists: str, out_dir: str) -> None:
     for strategy, budgets in (("ddp", [None]), ("fsdp2", [3, None])):
         summaries = []
         for max_steps in budgets:
-            method = make_method(seed=0)
             data = TrainData(os.path.join(lists, "train.txt"), batch_size=4, seed=1,
                              batches_per_epoch=3, **data_kwargs())
+            method = make_method(seed=0, temp_warmup_epochs=0, freeze_epochs=0)
             cfg = TrainConfig(epochs=2, iters_per_epoch=3, batch_size_per_rank=4, base_lr=1e-2,
-                              warmup_epochs=0, warmup_teacher_temp_epochs=0,
-                              freeze_last_layer_epochs=0, strategy=strategy, log_every=1,
+                              warmup_epochs=0, strategy=strategy, log_every=1,
                               output_dir=os.path.join(out_dir, strategy), seed=2,
                               max_steps=max_steps)
             monitor = KNNMonitor(os.path.join(lists, "knn_train.txt"),

@@ -34,7 +34,8 @@ def test_every_shipped_config_loads_and_validates(path, tmp_path):
     arch = get_config(r.model.name, **r.model.arch)  # a zoo model with valid overrides
     # iBOT masks live on the global crop's patch grid: the crop must be a multiple of the patch
     assert r.data.global_size % arch.patch_size == 0
-    assert r.data.local_size % arch.patch_size == 0
+    if r.data.n_local:  # multi-crop recipes; a single view (MAE) uses the global crop only
+        assert r.data.local_size % arch.patch_size == 0
     assert r.data.train is None  # the user gives the data
     # what is written into a run folder loads back to the same recipe
     save_recipe(r, tmp_path / "config.yaml")
@@ -48,7 +49,7 @@ def test_large_recipes_use_dinov2_large_model_settings(name):
     # DESIGN.md section 4 / DINOv2 vitl14.yaml, vitg14.yaml: the L/g recipe
     r = load_recipe(name)
     t, m = r.train, r.method
-    assert (t.base_lr, t.layer_decay, t.momentum_teacher) == (2e-4, 1.0, 0.994)
+    assert (t.base_lr, t.layer_decay, m.momentum_teacher) == (2e-4, 1.0, 0.994)
     assert (t.weight_decay, t.weight_decay_end) == (0.04, 0.2)
     assert (m.n_prototypes, m.bottleneck_dim, m.ibot_separate_head) == (131072, 384, True)
     assert m.centering == "sinkhorn_knopp"
@@ -68,8 +69,8 @@ def _ranks(name: str) -> int:
 
 def test_small_recipes_use_dinov2_defaults():
     for name in ("dinov2_vits14", "dinov2_vitb14"):
-        t = load_recipe(name).train
-        assert (t.base_lr, t.layer_decay, t.momentum_teacher, t.weight_decay_end) == \
+        t, m = load_recipe(name).train, load_recipe(name).method
+        assert (t.base_lr, t.layer_decay, m.momentum_teacher, t.weight_decay_end) == \
             (4e-3, 0.9, 0.992, 0.4)
         assert (t.epochs, t.iters_per_epoch, t.warmup_epochs) == (100, 1250, 10)
 
@@ -124,7 +125,8 @@ def test_bad_key_names_it_suggests_and_lists_allowed(override, must_contain):
     ("train.precision=fp16", ["train.precision", "'fp16'", "auto", "fp32", "bf16"]),
     ("train.strategy=zero3", ["train.strategy", "'zero3'", "ddp", "fsdp2", "none"]),
     ("method.centering=batchnorm", ["method.centering", "'batchnorm'", "ema", "sinkhorn_knopp"]),
-    ("method.name=mae", ["method.name", "'mae'", "dinov2"]),
+    ("method.name=maee", ["method.name", "'maee'", "Did you mean 'mae'", "dinov2, mae"]),
+    ("method.name=mae", ["method.n_prototypes", "keys of method 'mae'", "mask_ratio"]),
     ("model.ffn=relu", ["model.ffn", "'relu'", "mlp", "swiglu"]),
     ("train.clip_grad=-1", ["clip_grad", "-1", "> 0"]),
 ])
@@ -224,7 +226,7 @@ def test_missing_data_is_a_clear_error(tmp_path):
         run_pretrain(r)
 
 
-def test_pretrain_under_torchrun_fsdp2_exits_0_and_exports_the_full_teacher(shared_data,
+def test_pretrain_under_torchrun_fsdp2_exits_0_and_exports_the_full_encoder(shared_data,
                                                                              tmp_path):
     import subprocess
     import sys
@@ -250,5 +252,5 @@ def test_pretrain_under_torchrun_fsdp2_exits_0_and_exports_the_full_teacher(shar
     assert proc.stdout.count("stopped: max_steps at step 1") == 1  # rank 0 reports, once
     assert (run / "ckpt" / "step_00000001").is_dir()
     # gathered from the shards: full shapes, loads as a model by itself
-    model = create_model(run / "teacher_backbone.safetensors")
+    model = create_model(run / "backbone.safetensors")
     assert model.config.embed_dim == 32 and model.config.depth == 1

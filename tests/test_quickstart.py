@@ -25,7 +25,8 @@ TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "method.n_pr
 
 
 def _parse(argv):
-    from vssl.pretrain import add_pretrain_parser, add_quickstart_parser
+    from vssl.pretrain import add_pretrain_parser
+    from vssl.quickstart import add_quickstart_parser
 
     parser = argparse.ArgumentParser(prog="vssl")
     sub = parser.add_subparsers(dest="command")
@@ -97,8 +98,8 @@ def test_pretrain_cli_end_to_end_writes_metrics_checkpoint_and_resumes(shared_da
     # the saved recipe reproduces the run's recipe
     assert load_recipe(run / "config.yaml").to_dict() == load_recipe("cpu_tiny32", argv[2:4] + argv[5:]
                                                                      ).to_dict()
-    # the teacher backbone is exported in vssl's format and loads as a model by itself
-    model = create_model(run / "teacher_backbone.safetensors")
+    # the encoder (DINOv2: the teacher backbone) is exported in vssl's format and loads alone
+    model = create_model(run / "backbone.safetensors")
     assert model.config.embed_dim == 32 and model.config.depth == 2
     feats = model.forward_features(torch.randn(2, 3, 32, 32))["x_norm_clstoken"]
     assert feats.shape == (2, 32) and torch.isfinite(feats).all()
@@ -139,7 +140,7 @@ def _pixels(root: Path):
 
 
 def test_quickstart_end_to_end_report(tmp_path, capsys):
-    from vssl.pretrain import run_quickstart
+    from vssl.quickstart import run_quickstart
 
     data = make_toy_dataset(tmp_path / "toy", n_train=5, n_test=2)  # 50 train / 20 test
     out = tmp_path / "qs"
@@ -175,7 +176,7 @@ def test_quickstart_end_to_end_report(tmp_path, capsys):
 
 
 def test_quickstart_without_labels_skips_knn(tmp_path, capsys):
-    from vssl.pretrain import run_quickstart
+    from vssl.quickstart import run_quickstart
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -192,7 +193,7 @@ def test_quickstart_without_labels_skips_knn(tmp_path, capsys):
 
 
 def test_quickstart_splits_class_folders_80_20(tmp_path):
-    from vssl.pretrain import _quickstart_data
+    from vssl.quickstart import _quickstart_data
 
     root = tmp_path / "classes"
     for c in ("a", "b"):

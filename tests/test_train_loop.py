@@ -54,10 +54,9 @@ def _data(images, **kw) -> TrainData:
 
 
 def _cfg(out, **kw) -> TrainConfig:
-    """6 steps: 3 epochs of 2 iterations; warm-ups and the prototype freeze last 1 epoch."""
+    """6 steps: 3 epochs of 2 iterations; warm-ups (and TinyDINO's freeze) last 1 epoch."""
     args = dict(epochs=3, iters_per_epoch=2, batch_size_per_rank=B, base_lr=2e-2,
-                warmup_epochs=1, warmup_teacher_temp_epochs=1, freeze_last_layer_epochs=1,
-                log_every=1, output_dir=str(out), seed=3)
+                warmup_epochs=1, log_every=1, output_dir=str(out), seed=3)
     args.update(kw)
     return TrainConfig(**args)
 
@@ -148,7 +147,7 @@ def test_schedules_freeze_and_step_budget(images, tmp_path):
     assert method.momenta == pytest.approx([_expected(i)["momentum"] for i in range(2)])
     # the optimizer's groups carry lr x multiplier; prototypes got lr 0 during the freeze
     for g in trainer.optimizer.param_groups:
-        want = 0.0 if g["is_last_layer"] else _expected(1)["lr"] * g["lr_multiplier"]
+        want = 0.0 if g["frozen_until"] > 1 else _expected(1)["lr"] * g["lr_multiplier"]
         assert g["lr"] == pytest.approx(want)
         assert g["weight_decay"] == pytest.approx(_expected(1)["wd"] * g["wd_multiplier"])
 
@@ -417,13 +416,15 @@ def test_trainer_runs_dinov2(images, tmp_path):
         vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                                 layerscale=1e-5, drop_path_rate=0.1)
         return DINOv2(vit, DINOv2Config(n_prototypes=64, bottleneck_dim=16, hidden_dim=32,
+                                        warmup_teacher_temp_epochs=1,
                                         ibot_n_prototypes=64, centering="sinkhorn_knopp"))
 
     method = build()
     init = _state(method)
     trainer = Trainer(method, _data(images), _cfg(tmp_path, max_steps=2), progress=False)
+    assert trainer.frozen[0][1] == 2  # DINOv2Config's freeze_last_layer_epochs=1 of 2 iterations
     assert {id(p) for p in method.prototype_parameters()} == {
-        id(p) for g in trainer.optimizer.param_groups if g["is_last_layer"] for p in g["params"]}
+        id(p) for g in trainer.optimizer.param_groups if g["frozen_until"] for p in g["params"]}
     summary = trainer.fit()
     assert summary["step"] == 2
     rows = _steps(tmp_path)

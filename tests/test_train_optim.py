@@ -49,23 +49,23 @@ _BLOCK_PARAMS = {  # suffix -> wd multiplier
     "norm2.bias": 0.0, "mlp.fc1.weight": 1.0, "mlp.fc1.bias": 0.0, "mlp.fc2.weight": 1.0,
     "mlp.fc2.bias": 0.0, "ls2.gamma": 0.0,
 }
-HAND_TABLE = {  # name -> (lr multiplier, wd multiplier, is_last_layer)
-    "backbone.cls_token": (0.125, 1.0, False),
-    "backbone.pos_embed": (0.125, 1.0, False),
-    "backbone.register_tokens": (0.125, 1.0, False),
-    "backbone.mask_token": (0.125, 1.0, False),
-    "backbone.patch_embed.proj.weight": (0.025, 1.0, False),
-    "backbone.patch_embed.proj.bias": (0.025, 0.0, False),
-    **{f"backbone.blocks.0.{k}": (0.25, wd, False) for k, wd in _BLOCK_PARAMS.items()},
-    **{f"backbone.blocks.1.{k}": (0.5, wd, False) for k, wd in _BLOCK_PARAMS.items()},
-    "backbone.norm.weight": (1.0, 0.0, False),
-    "dino_head.mlp.0.weight": (1.0, 1.0, False),
-    "dino_head.mlp.0.bias": (1.0, 0.0, False),
-    "dino_head.mlp.2.weight": (1.0, 1.0, False),
-    "dino_head.mlp.2.bias": (1.0, 0.0, False),
-    "dino_head.last_layer.weight": (1.0, 1.0, True),
-    "decoder.blocks.0.weight": (1.0, 1.0, False),
-    "decoder.blocks.0.bias": (1.0, 0.0, False),
+HAND_TABLE = {  # name -> (lr multiplier, wd multiplier, frozen_until)
+    "backbone.cls_token": (0.125, 1.0, 0),
+    "backbone.pos_embed": (0.125, 1.0, 0),
+    "backbone.register_tokens": (0.125, 1.0, 0),
+    "backbone.mask_token": (0.125, 1.0, 0),
+    "backbone.patch_embed.proj.weight": (0.025, 1.0, 0),
+    "backbone.patch_embed.proj.bias": (0.025, 0.0, 0),
+    **{f"backbone.blocks.0.{k}": (0.25, wd, 0) for k, wd in _BLOCK_PARAMS.items()},
+    **{f"backbone.blocks.1.{k}": (0.5, wd, 0) for k, wd in _BLOCK_PARAMS.items()},
+    "backbone.norm.weight": (1.0, 0.0, 0),
+    "dino_head.mlp.0.weight": (1.0, 1.0, 0),
+    "dino_head.mlp.0.bias": (1.0, 0.0, 0),
+    "dino_head.mlp.2.weight": (1.0, 1.0, 0),
+    "dino_head.mlp.2.bias": (1.0, 0.0, 0),
+    "dino_head.last_layer.weight": (1.0, 1.0, 7),
+    "decoder.blocks.0.weight": (1.0, 1.0, 0),
+    "decoder.blocks.0.bias": (1.0, 0.0, 0),
 }
 
 
@@ -75,19 +75,20 @@ def _table(groups) -> dict:
         assert len(g["params"]) == len(g["names"])
         for name in g["names"]:
             assert name not in out, f"{name} in two groups"
-            out[name] = (g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"])
+            out[name] = (g["lr_multiplier"], g["wd_multiplier"], g["frozen_until"])
     return out
 
 
 def test_param_groups_match_hand_table():
     student = _student()
-    groups = param_groups(student, layer_decay=0.5, patch_embed_lr_mult=0.2, num_layers=2)
+    groups = param_groups(student, layer_decay=0.5, patch_embed_lr_mult=0.2, num_layers=2,
+                          frozen=[([student["dino_head"].last_layer.weight], 7)])
     got = _table(groups)
     assert set(got) == set(HAND_TABLE)
     for name, (lr, wd, last) in HAND_TABLE.items():
         assert got[name][0] == pytest.approx(lr, rel=1e-12), name
         assert got[name][1:] == (wd, last), name
-    # fused: one group per distinct (lr, wd, last) combination, every trainable parameter once
+    # fused: one group per distinct (lr, wd, frozen_until) combination, every trainable parameter once
     assert len(groups) == len(set(HAND_TABLE.values()))
     params = [p for g in groups for p in g["params"]]
     trainable = [p for p in student.parameters() if p.requires_grad]
@@ -109,15 +110,18 @@ def test_param_groups_on_the_backbone_itself_and_wrapped_names():
         "blocks.0.ls1.gamma"
 
 
-def test_last_layer_params_explicit():
+def test_frozen_parameters_come_from_the_method_not_from_names():
+    from vssl.methods.base import Freeze
+
     student = _student()
     head = student["dino_head"]
-    groups = param_groups(student, num_layers=2, last_layer_params=[head.mlp[2].weight])
+    groups = param_groups(student, num_layers=2, frozen=[Freeze([head.mlp[2].weight], 5),
+                                                         ([head.mlp[0].weight], 3)])
     got = _table(groups)
-    assert got["dino_head.mlp.2.weight"][2] is True
-    assert got["dino_head.last_layer.weight"][2] is False  # the explicit list replaces the name rule
-    with pytest.raises(ValueError, match="last_layer_params"):
-        param_groups(student, num_layers=2, last_layer_params=[nn.Parameter(torch.zeros(1))])
+    assert got["dino_head.mlp.2.weight"][2] == 5 and got["dino_head.mlp.0.weight"][2] == 3
+    assert got["dino_head.last_layer.weight"][2] == 0  # no rule by name: the method says
+    with pytest.raises(ValueError, match="frozen parameters"):
+        param_groups(student, num_layers=2, frozen=[([nn.Parameter(torch.zeros(1))], 2)])
 
 
 def test_build_optimizer_adamw_foreach_on_cpu():
@@ -127,7 +131,7 @@ def test_build_optimizer_adamw_foreach_on_cpu():
     for g in opt.param_groups:
         assert g["foreach"] is True and not g["fused"]
         assert g["betas"] == (0.9, 0.95) and g["lr"] == 0.0
-        assert "lr_multiplier" in g and "wd_multiplier" in g and "is_last_layer" in g
+        assert "lr_multiplier" in g and "wd_multiplier" in g and "frozen_until" in g
     with pytest.raises(ValueError, match="no trainable"):
         build_optimizer([{"params": []}])
 

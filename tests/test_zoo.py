@@ -21,7 +21,7 @@ def upstream_native_shapes(name: str) -> dict[str, tuple]:
         "patch_embed.proj.weight": (d, 3, p, p), "patch_embed.proj.bias": (d,),
         "norm.weight": (d,), "norm.bias": (d,),
     }
-    if name.startswith("webssl-mae"):
+    if name.startswith(("webssl-mae", "mae-vit")):
         hidden = 4 * d  # timm Mlp, mlp_ratio 4, no LayerScale, no mask token
     else:
         shapes["mask_token"] = (1, d)
@@ -42,7 +42,7 @@ def upstream_native_shapes(name: str) -> dict[str, tuple]:
         else:
             shapes |= {b + "mlp.fc1.weight": (hidden, d), b + "mlp.fc1.bias": (hidden,),
                        b + "mlp.fc2.weight": (d, hidden), b + "mlp.fc2.bias": (d,)}
-        if not name.startswith("webssl-mae"):
+        if not name.startswith(("webssl-mae", "mae-vit")):
             shapes |= {b + "ls1.gamma": (d,), b + "ls2.gamma": (d,)}
     return shapes
 
@@ -85,7 +85,8 @@ PUBLISHED = {
     "webssl-dino1b-full2b-224": (1100, 1150), "webssl-dino2b-full2b-224": (2000, 2200),
     "webssl-dino3b-full2b-224": (2850, 3100), "webssl-dino5b-full2b-224": (4800, 5100),
     "webssl-dino7b-full8b-518": (6300, 7100), "webssl-mae700m-full2b-224": (600, 700),
-    "webssl-mae3b-full2b-224": (2850, 3100),
+    "webssl-mae3b-full2b-224": (2850, 3100), "mae-vit-b16": (85, 87), "mae-vit-l16": (300, 306),
+    "mae-vit-h14": (625, 640),
 }
 
 

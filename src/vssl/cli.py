@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate.cli import add_eval_parser
 
     add_eval_parser(sub)
-    from .pretrain import add_pretrain_parser, add_quickstart_parser
+    from .pretrain import add_pretrain_parser
+    from .quickstart import add_quickstart_parser
 
     add_pretrain_parser(sub)
     add_quickstart_parser(sub)

@@ -207,6 +207,7 @@ def random_masking(
     mask_ratio: float = 0.75,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MAE's per-sample random masking by argsort of uniform noise.
 
@@ -214,13 +215,15 @@ def random_masking(
     permutation: ``gather(cat(kept, masked), ids_restore)`` puts tokens back in place), and ``mask``
     float (n, num_patches), 0 keep / 1 remove. ``len_keep = round(num_patches * (1 - mask_ratio))``
     (MAE truncates with ``int()``, identical for its sizes and immune here to 48.9999 float error).
-    Noise is drawn on the generator's device (CPU by default) and moved to ``device``.
+    Noise is drawn on the generator's device (CPU by default) and moved to ``device``; ``noise``
+    (n, num_patches) gives it instead (what transformers' ``ViTMAEModel(noise=...)`` takes).
     """
     if not (0.0 <= mask_ratio < 1.0):
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     len_keep = int(round(num_patches * (1.0 - mask_ratio)))
-    gdev = generator.device if generator is not None else "cpu"
-    noise = torch.rand(n, num_patches, generator=generator, device=gdev)
+    if noise is None:
+        gdev = generator.device if generator is not None else "cpu"
+        noise = torch.rand(n, num_patches, generator=generator, device=gdev)
     if device is not None:
         noise = noise.to(device)
     ids_shuffle = torch.argsort(noise, dim=1)

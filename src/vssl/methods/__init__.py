@@ -1,16 +1,22 @@
-"""Methods: each builds its modules, computes its losses and updates its teacher (DESIGN §2).
+"""Methods: each builds its modules, declares its views, computes its losses and updates what it
+owns after a step; loops, devices, precision and checkpoints belong to :mod:`vssl.train`.
 
-A method's ``forward(batch, ...)`` returns a dict with the total ``"loss"`` (to backpropagate) and
-its detached terms; loops, devices, precision and checkpoints belong to :mod:`vssl.train`.
+The contract and the registry are in :mod:`vssl.methods.base` (docs/architecture.md):
+``list_methods()``, ``get_method(name)``, ``@register_method(name)``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .base import Freeze, Method, MethodBase, StepPlan, get_method, list_methods, register_method
 from .dinov2 import DINOv2, DINOv2Config
+from .mae import MAE, MAEConfig
 
-__all__ = ["DINOv2", "DINOv2Config", "nonfinite_terms"]
+__all__ = [
+    "DINOv2", "DINOv2Config", "Freeze", "MAE", "MAEConfig", "Method", "MethodBase", "StepPlan",
+    "get_method", "list_methods", "nonfinite_terms", "register_method",
+]
 
 
 def nonfinite_terms(losses: dict[str, torch.Tensor]) -> list[str]:

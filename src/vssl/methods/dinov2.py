@@ -15,6 +15,10 @@ What DINOv2's ``SSLMetaArch.forward_backward`` computes, without its loop, devic
 - KoLeo (weight 0.1) on the student's pre-head CLS tokens of each global crop separately;
 - shared DINO/iBOT head (one head call for CLS and patch tokens) or a separate iBOT head.
 
+The method owns DINOv2's step schedules (docs/architecture.md, "The method contract"): the teacher
+temperature (linear warm-up, then constant), the teacher's EMA momentum (cosine to 1) and the
+prototype freeze, each a function of the step from :meth:`DINOv2.plan`.
+
 ``forward`` returns ``{"loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss",
 "ibot_loss"}``. The terms are the values DINOv2 logs, so curves compare with its logs: the KoLeo
 and iBOT terms are logged halved (``koleo_loss = 0.1 * (k_A + k_B) / 2``, ``ibot_loss =
@@ -34,7 +38,10 @@ from torch import nn
 
 from ..models.checkpoints import Checkpoint, CheckpointError, check_state_dict, read_checkpoint
 from ..models.heads import DINOHead, describe_head
+from ..data.views import ViewSpec
 from ..models.vit import VisionTransformer
+from ..train.schedules import CosineSchedule
+from .base import Freeze, StepPlan, register_method
 from .losses import CENTERINGS, DINOLoss, iBOTPatchLoss, koleo_loss
 
 log = logging.getLogger("vssl")
@@ -48,10 +55,15 @@ class DINOv2Config:
 
     Defaults are DINOv2's defaults; the ViT-L/g recipes use ``n_prototypes=131072``,
     ``bottleneck_dim=384``, ``ibot_separate_head=True``, ``centering="sinkhorn_knopp"``.
-    Schedules (teacher temperature, teacher momentum, lr, ...) belong to the trainer.
-    ``mask_probability`` / ``mask_ratio`` are consumed by the data pipeline's iBOT masking; they
-    are kept here because DINOv2 configures them under ``ibot``.
+    The teacher schedules are DINOv2's ``teacher`` section (momentum cosine ``momentum_teacher ->
+    final_momentum_teacher``; temperature warm-up ``warmup_teacher_temp -> teacher_temp`` over
+    ``warmup_teacher_temp_epochs``, then constant) and ``optim.freeze_last_layer_epochs``; the lr
+    and weight-decay schedules belong to the trainer. ``mask_probability`` / ``mask_ratio`` size
+    the iBOT masks of the views (DINOv2 configures them under ``ibot``).
     """
+
+    choices = {"centering": tuple(CENTERINGS)}
+    aliases = {"centering": {"centering": "ema"}}  # DINOv2's yaml calls EMA centering "centering"
 
     n_prototypes: int = 65536
     bottleneck_dim: int = 256
@@ -73,6 +85,12 @@ class DINOv2Config:
     center_momentum: float = 0.9
     sinkhorn_iterations: int = 3
     koleo_eps: float = 1e-8
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 30
+    freeze_last_layer_epochs: float = 1
 
     def __post_init__(self):
         if self.centering == "centering":  # DINOv2's spelling of EMA centering
@@ -97,6 +115,15 @@ class DINOv2Config:
             raise ValueError(f"center_momentum must be in [0, 1), got {self.center_momentum!r}")
         if not 0.0 < self.mask_probability <= 1.0 and self.ibot_loss_weight > 0:
             raise ValueError(f"mask_probability must be in (0, 1] with iBOT on, got {self.mask_probability!r}")
+        for name in ("momentum_teacher", "final_momentum_teacher"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("teacher_temp", "warmup_teacher_temp"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("warmup_teacher_temp_epochs", "freeze_last_layer_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         lo, hi = self.mask_ratio
         if not 0.0 <= lo <= hi < 1.0:
             raise ValueError(f"mask_ratio must be (lo, hi) with 0 <= lo <= hi < 1, got {self.mask_ratio!r}")
@@ -132,6 +159,7 @@ def _param_key(name: str) -> str:
     return name
 
 
+@register_method("dinov2")
 class DINOv2(nn.Module):
     """DINOv2 method around a :class:`VisionTransformer` backbone (module docstring).
 
@@ -139,6 +167,8 @@ class DINOv2(nn.Module):
     updated only by :meth:`update_teacher`. Call the submodules through ``__call__`` only (as
     here), so DDP / FSDP2 wrappers put around them keep working.
     """
+
+    config_class = DINOv2Config
 
     def __init__(self, backbone: VisionTransformer, cfg: DINOv2Config | None = None):
         super().__init__()
@@ -168,6 +198,62 @@ class DINOv2(nn.Module):
         self.dino_loss = DINOLoss(cfg.n_prototypes, **common)
         ibot_dim = cfg.ibot_n_prototypes if cfg.ibot_separate_head else cfg.n_prototypes
         self.ibot_patch_loss = iBOTPatchLoss(ibot_dim, **common)
+        self._schedules = None
+
+    # -- the method contract (vssl.methods.base) ------------------------------------------------
+    def views(self) -> ViewSpec:
+        """Multi-crop, with iBOT block masks on the backbone's patch grid when iBOT is on."""
+        return ViewSpec("multicrop", mask="block" if self.do_ibot else None,
+                        mask_ratio=tuple(self.cfg.mask_ratio),
+                        mask_probability=self.cfg.mask_probability,
+                        patch_size=self.student["backbone"].config.patch_size)
+
+    def plan(self, plan: StepPlan) -> None:
+        """DINOv2's teacher schedules over the run's steps (``dinov2/train/train.py``)."""
+        c = self.cfg
+        tt = plan.epochs_to_steps(c.warmup_teacher_temp_epochs)
+        self._schedules = {
+            "momentum": CosineSchedule(c.momentum_teacher, c.final_momentum_teacher,
+                                       plan.total_steps),
+            "teacher_temp": CosineSchedule(c.teacher_temp, c.teacher_temp, tt, warmup_iters=tt,
+                                           start_warmup_value=c.warmup_teacher_temp),
+        }
+        self.freeze_steps = plan.epochs_to_steps(c.freeze_last_layer_epochs)
+        self._temp_warmup_steps = tt
+
+    def schedule_lines(self) -> list[str]:
+        """The teacher schedules in words (``vssl pretrain --dry-run``)."""
+        c = self.cfg
+        self._plan()
+        return [
+            f"  teacher EMA  {c.momentum_teacher:g} -> {c.final_momentum_teacher:g} (cosine)",
+            f"  teacher temp {c.warmup_teacher_temp:g} -> {c.teacher_temp:g} over "
+            f"{self._temp_warmup_steps:,} steps (linear), then constant",
+            f"  prototypes frozen for the first {self.freeze_steps:,} steps",
+        ]
+
+    def _plan(self) -> dict:
+        if self._schedules is None:
+            raise RuntimeError("DINOv2.plan(StepPlan) sets the teacher schedules: call it (the "
+                               "trainer does) or pass teacher_temp= explicitly")
+        return self._schedules
+
+    def scheduled(self, step: int) -> dict[str, float]:
+        s = self._plan()
+        return {"momentum": s["momentum"][step], "teacher_temp": s["teacher_temp"][step]}
+
+    def after_step(self, step: int) -> None:
+        """The teacher follows the student with the scheduled momentum."""
+        self.update_teacher(self._plan()["momentum"][step])
+
+    def frozen_parameters(self) -> list[Freeze]:
+        """The prototypes, for the first ``freeze_last_layer_epochs``."""
+        self._plan()
+        return [Freeze(self.prototype_parameters(), self.freeze_steps)]
+
+    def encoder(self) -> nn.Module:
+        """The teacher backbone: what DINOv2 evaluates and releases."""
+        return self.teacher["backbone"]
 
     def train(self, mode: bool = True) -> "DINOv2":
         """The teacher stays in eval mode (no drop-path), as in DINOv2; BatchNorms in its heads
@@ -206,7 +292,14 @@ class DINOv2(nn.Module):
                              f"{b} images in batch['global']")
         return glob, local, b, local.shape[0] // b
 
-    def forward(self, batch: dict, *, teacher_temp: float) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict, step: int | None = None, *,
+                teacher_temp: float | None = None) -> dict[str, torch.Tensor]:
+        """Losses of one batch at ``step`` (the teacher temperature is the scheduled one unless
+        ``teacher_temp`` is given)."""
+        if teacher_temp is None:
+            if step is None:
+                raise TypeError("DINOv2.forward needs the step (or teacher_temp=)")
+            teacher_temp = self._plan()["teacher_temp"][step]
         glob, local, b, n_local = self._batch_layout(batch)
         do_dino, do_ibot = self.do_dino, self.do_ibot
         separate = "ibot_head" in self.student

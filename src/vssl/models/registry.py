@@ -85,6 +85,12 @@ for _size, (_p, _d, _l, _h) in {
         f"webssl-mae{_size}-full2b-224", _webmae(_p, _d, _l, _h),
         f"Web-MAE ViT-{_size.upper()} encoder on MC-2B",
     )
+# MAE's own encoders (He et al. 2021, models_mae.py presets; the timm-style layout of Web-MAE).
+for _name, (_p, _d, _l, _h) in {
+    "b16": (16, 768, 12, 12), "l16": (16, 1024, 24, 16), "h14": (14, 1280, 32, 16),
+}.items():
+    register_model(f"mae-vit-{_name}", _webmae(_p, _d, _l, _h),
+                   f"MAE ViT-{_name[0].upper()}/{_name[1:]} encoder (ImageNet-1k)")
 for _arch, (_d, _l, _h, _ffn) in {
     "s": (384, 12, 6, "mlp"), "b": (768, 12, 12, "mlp"), "l": (1024, 24, 16, "mlp"),
     "g": (1536, 40, 24, "swiglu"),

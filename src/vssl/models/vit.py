@@ -5,7 +5,9 @@ Module and parameter names follow DINOv2's ``vision_transformer.py`` (``blocks.i
 DINOv2 finds the same attributes. Options cover the released variants: GELU MLP or SwiGLU FFN,
 LayerScale, register tokens, biases, a mask token, and the two position-embedding interpolation
 schemes (DINOv2's scale-factor with +0.1 offset, and transformers' resize-to-grid).
-Attention goes through ``F.scaled_dot_product_attention``: no xformers.
+Attention goes through ``F.scaled_dot_product_attention``: no xformers. ``forward(x,
+ids_keep=...)`` encodes only the kept patches (MAE's encoder sees no mask tokens), and
+:func:`sincos_pos_embed_2d` is MAE's fixed 2-D sin-cos position embedding.
 """
 
 from __future__ import annotations
@@ -17,6 +19,30 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos position embedding, (1, grid_size**2 [+1], dim), float32.
+
+    Half the channels encode the column, half the row (MAE's ``meshgrid(grid_w, grid_h)``: "w goes
+    first"); per axis ``[sin(pos * w_i), cos(pos * w_i)]`` with ``w_i = 1 / 10000**(2i / (dim/2))``,
+    computed in float64 as MAE's numpy code; the CLS row is zeros. Written by hand: MAE's own
+    ``util/pos_embed.py`` fails on NumPy >= 1.24 and timm is not usable here.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # position k = row * grid + col
+
+    def axis(pos: torch.Tensor) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
+        out = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat((out.sin(), out.cos()), dim=1)
+
+    emb = torch.cat((axis(cols), axis(rows)), dim=1)
+    if cls_token:
+        emb = torch.cat((emb.new_zeros(1, dim), emb), dim=0)
+    return emb.float().unsqueeze(0)
 
 
 @dataclass
@@ -285,14 +311,37 @@ class VisionTransformer(nn.Module):
             x = torch.cat((x[:, :1], reg, x[:, 1:]), dim=1)
         return x
 
+    def prepare_tokens_kept(self, x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Tokens of the kept patches only (MAE): position embeddings are added to every patch,
+        then the patches ``ids_keep`` (B, K) are gathered; CLS (+ its position) and registers
+        come first. No mask token enters the encoder."""
+        _, _, h, w = x.shape
+        x = self.patch_embed(x)
+        pos = self.interpolate_pos_encoding(x.shape[1], h, w, x.dtype)
+        x = x + pos[:, 1:]
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
+        parts = [cls, x]
+        if self.register_tokens is not None:
+            parts.insert(1, self.register_tokens.expand(x.shape[0], -1, -1).to(x.dtype))
+        return torch.cat(parts, dim=1)
+
     def _run_block(self, blk: Block, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training:
             return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
         return blk(x)
 
     # -- public API (DINOv2's) ------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict:
-        x = self.prepare_tokens_with_masks(x, masks)
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None,
+                         ids_keep: torch.Tensor | None = None) -> dict:
+        """DINOv2's output dict. ``masks``: replace patches by the mask token (iBOT);
+        ``ids_keep``: encode only these patches (MAE; ``x_norm_patchtokens`` are the kept ones)."""
+        if ids_keep is not None:
+            if masks is not None:
+                raise ValueError("give masks (mask tokens) or ids_keep (kept patches), not both")
+            x = self.prepare_tokens_kept(x, ids_keep)
+        else:
+            x = self.prepare_tokens_with_masks(x, masks)
         for blk in self.blocks:
             x = self._run_block(blk, x)
         x_norm = self.norm(x)
@@ -341,6 +390,7 @@ class VisionTransformer(nn.Module):
             return tuple(zip(outputs, class_tokens))
         return tuple(outputs)
 
-    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None, is_training: bool = False):
-        ret = self.forward_features(x, masks)
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None, is_training: bool = False,
+                ids_keep: torch.Tensor | None = None):
+        ret = self.forward_features(x, masks, ids_keep=ids_keep)
         return ret if is_training else ret["x_norm_clstoken"]

@@ -6,12 +6,14 @@ the close match and the allowed keys of its section; a bad value names the key, 
 expected type or choices. Sections:
 
 - ``model``: ``name`` (zoo name or checkpoint path), ``weights`` (continue from released weights:
-  student and teacher start from them, with the DINO/iBOT heads when the file has them),
-  ``checkpoint_key``, and any :class:`~vssl.models.vit.ViTConfig` field as an architecture
-  override (``drop_path_rate: 0.4``).
+  the method loads them, with its heads or decoder when the file has them), ``checkpoint_key``,
+  and any :class:`~vssl.models.vit.ViTConfig` field as an architecture override
+  (``drop_path_rate: 0.4``).
 - ``data``: ``train`` (image folder, ``.txt`` list, parquet manifest, or shards such as
-  ``shards/{000000..000099}.tar``) and the multi-crop settings (:class:`DataConfig`).
-- ``method``: ``name: dinov2`` plus :class:`~vssl.methods.dinov2.DINOv2Config` fields.
+  ``shards/{000000..000099}.tar``) and the crop settings (:class:`DataConfig`).
+- ``method``: ``name`` (a registered method: ``vssl.methods.list_methods()``) plus the fields of
+  that method's ``config_class``. Keys of the method's config found under ``train`` (recipes
+  written before schedules moved into the methods) are moved to ``method`` with a note.
 - ``train``: :class:`~vssl.train.loop.TrainConfig` fields (epochs, lr, schedules, budgets, ...).
 - ``eval``: the optional kNN monitor (:class:`EvalConfig`); on when ``train`` and ``test`` are set.
 
@@ -56,7 +58,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Training images and DINOv2's multi-crop geometry (photometric recipe: DINOv2's)."""
+    """Training images and the crops the method's views are made of (multi-crop: 2 global +
+    ``n_local`` local crops with DINOv2's photometric recipe; a single view: the global crop)."""
 
     train: str | list[str] | None = None  # folder / .txt list / parquet / shards pattern
     global_size: int = 224
@@ -74,7 +77,7 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    """kNN monitor during training (DINOv2's weighted kNN on the teacher's CLS features)."""
+    """kNN monitor during training (weighted kNN on the CLS features of ``method.encoder()``)."""
 
     train: str | None = None  # labelled images (class subfolders or 'path<TAB>label' lists)
     test: str | None = None
@@ -105,7 +108,7 @@ class Recipe:
 
     model: ModelConfig
     data: DataConfig
-    method: Any  # the method's config dataclass (DINOv2Config)
+    method: Any  # the method's config dataclass (its config_class)
     train: Any  # TrainConfig
     eval: EvalConfig
     method_name: str = "dinov2"
@@ -134,32 +137,32 @@ def _plain(d: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------ sections / types
-def _methods() -> dict[str, type]:
-    """Method name -> its config dataclass (imported lazily: torch-heavy)."""
-    from ..methods.dinov2 import DINOv2Config
+def _method_config(name: str) -> type:
+    """The config dataclass of the registered method ``name`` (imported lazily: torch-heavy)."""
+    from ..methods.base import UnknownMethodError, get_method
 
-    return {"dinov2": DINOv2Config}
-
-
-def _choices() -> dict[str, tuple]:
-    """Allowed values of string fields whose type does not say them (checked before building)."""
-    out: dict[str, tuple] = {}
     try:
-        from ..methods.losses import CENTERINGS
+        return get_method(name).config_class
+    except UnknownMethodError as e:
+        raise ConfigError(f"method.name: {e}") from None
 
-        out["method.centering"] = tuple(CENTERINGS)
-    except ImportError:  # pragma: no cover - the method module is part of vssl
-        pass
+
+def _choices(method_cfg: type) -> dict[str, tuple]:
+    """Allowed values of string fields whose type does not say them (checked before building):
+    the trainer's, and those a method config declares in its ``choices`` class attribute."""
     from . import loop
 
-    for name, attr in (("train.precision", "PRECISIONS"), ("train.strategy", "STRATEGIES")):
+    out = {f"method.{k}": tuple(v) for k, v in getattr(method_cfg, "choices", {}).items()}
+    for name, attr in (("train.precision", "PRECISIONS"), ("train.strategy", "STRATEGIES"),
+                       ("train.lr_scaling", "LR_SCALINGS")):
         if hasattr(loop, attr):
             out[name] = tuple(getattr(loop, attr))
     return out
 
 
-#: Other spellings users bring from upstream configs.
-_ALIASES = {"method.centering": {"centering": "ema"}}  # DINOv2's yaml calls EMA centering "centering"
+def _aliases(method_cfg: type) -> dict[str, dict]:
+    """Other spellings users bring from upstream configs (a method config's ``aliases``)."""
+    return {f"method.{k}": v for k, v in getattr(method_cfg, "aliases", {}).items()}
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -291,14 +294,15 @@ def _unknown_key(section: str, key: str, allowed: Sequence[str]) -> ConfigError:
 
 
 def _check_value(section: str, key: str, value: Any, tp: Any, raw: str | None,
-                 choices: dict[str, tuple]) -> Any:
+                 choices: dict[str, tuple], aliases: dict | None = None) -> Any:
     try:
         out = _coerce(value, tp, raw)
     except _Mismatch:
         shown = raw if raw is not None else value
         raise ConfigError(f"{section}.{key}={shown!r}: expected {_describe(tp)}") from None
     allowed = choices.get(f"{section}.{key}")
-    out = _ALIASES.get(f"{section}.{key}", {}).get(out, out) if isinstance(out, str) else out
+    out = (aliases or {}).get(f"{section}.{key}", {}).get(out, out) if isinstance(out, str) \
+        else out
     if allowed is not None and out is not None and out not in allowed:
         raise ConfigError(f"{section}.{key}={out!r} is not allowed; choices: "
                           f"{', '.join(map(str, allowed))}")
@@ -306,7 +310,7 @@ def _check_value(section: str, key: str, value: Any, tp: Any, raw: str | None,
 
 
 def _build(section: str, cls: type, values: dict, raws: dict, choices: dict,
-           extra: dict[str, Any] | None = None) -> Any:
+           extra: dict[str, Any] | None = None, aliases: dict | None = None) -> Any:
     """``cls(**values)`` after checking keys and types; the dataclass's own checks are
     reported with the section's name."""
     hints = _hints(cls)
@@ -315,7 +319,8 @@ def _build(section: str, cls: type, values: dict, raws: dict, choices: dict,
     for key, value in values.items():
         if key not in names:
             raise _unknown_key(section, key, names + sorted(extra or ()))
-        kwargs[key] = _check_value(section, key, value, hints[key], raws.get(key), choices)
+        kwargs[key] = _check_value(section, key, value, hints[key], raws.get(key), choices,
+                                   aliases)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
@@ -447,25 +452,53 @@ def load_recipe(source: str | os.PathLike | dict | None = None,
         values[section][key] = value
         raws[section][key] = raw
 
-    methods = _methods()
     method_values = dict(values["method"])
     method_name = method_values.pop("name", "dinov2")
-    if method_name not in methods:
-        raise ConfigError(f"method.name={method_name!r} is not allowed; choices: "
-                          f"{', '.join(methods)}")
-    choices = _choices()
+    method_cfg = _method_config(method_name)
+    _move_method_keys(values["train"], raws["train"], method_values, raws["method"], method_cfg,
+                      origin)
+    choices = _choices(method_cfg)
     from .loop import TrainConfig
 
+    try:
+        method = _build("method", method_cfg, method_values, raws["method"], choices,
+                        extra={"name": None}, aliases=_aliases(method_cfg))
+    except ConfigError as e:
+        if str(e).startswith("unknown key 'method."):
+            raise ConfigError(f"{e} (the keys of method {method_name!r}; a recipe written for "
+                              "another method needs its own method: section)") from None
+        raise
     return Recipe(
         model=_build_model(values["model"], raws["model"]),
         data=_build("data", DataConfig, values["data"], raws["data"], choices),
-        method=_build("method", methods[method_name], method_values, raws["method"], choices,
-                      extra={"name": None}),
+        method=method,
         train=_build("train", TrainConfig, values["train"], raws["train"], choices),
         eval=_build("eval", EvalConfig, values["eval"], raws["eval"], choices),
         method_name=method_name,
         source=origin,
     )
+
+
+def _move_method_keys(train: dict, train_raws: dict, method: dict, method_raws: dict,
+                      method_cfg: type, origin: str | None) -> None:
+    """Keys of the method's config given under ``train`` (where recipes and run folders kept the
+    teacher schedules before they moved into the method) move to ``method``, with a note."""
+    from .loop import TrainConfig
+
+    trainer_keys = {f.name for f in fields(TrainConfig)}
+    method_keys = {f.name for f in fields(method_cfg) if f.init}
+    moved = [k for k in list(train) if k not in trainer_keys and k in method_keys]
+    for k in moved:
+        value = train.pop(k)
+        method.setdefault(k, value)
+        if k in train_raws:
+            method_raws.setdefault(k, train_raws.pop(k))
+    if moved:
+        import sys
+
+        print(f"note: {', '.join('train.' + k for k in moved)} belong to the method now; read "
+              f"as method.{', method.'.join(moved)}{' (' + origin + ')' if origin else ''}",
+              file=sys.stderr, flush=True)
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

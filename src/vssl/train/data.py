@@ -34,9 +34,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from ..data.augment import MultiCropGeometry, MultiCropPhotometric
-from ..data.collate import collate_multicrop
-from ..data.masking import BlockMaskGenerator
+from ..data.views import MissingViewError, ViewSpec, build_views
 from ..data.sources import FileSource, is_shard_spec
 from ..data.stream import FileDataset, ShardStream, dist_info
 
@@ -56,36 +54,30 @@ def _py_rng(*parts: Any) -> random.Random:
 
 
 class _PassThrough:
-    """Declares how sources should decode for the geometry (draft size, arrays); changes nothing."""
+    """Declares how sources should decode for the views (draft size, arrays); changes nothing."""
 
-    def __init__(self, geometry: MultiCropGeometry):
-        self.draft_size = geometry.draft_size
-        self.accepts_array = geometry.accepts_array
+    def __init__(self, views: Any):
+        self.draft_size = views.draft_size
+        self.accepts_array = views.accepts_array
 
     def __call__(self, image):
         return image
 
 
 class _Collator:
-    """Crops + collation of one batch, seeded as the module docstring says (runs in workers)."""
+    """Views + collation of one batch, seeded as the module docstring says (runs in workers)."""
 
-    def __init__(self, geometry: MultiCropGeometry, mask_generator: BlockMaskGenerator | None,
-                 mask_probability: float, mask_ratio: tuple[float, float], seed: int, rank: int):
-        self.geometry = geometry
-        self.mask_generator = mask_generator
-        self.mask_probability, self.mask_ratio = mask_probability, mask_ratio
+    def __init__(self, views: Any, seed: int, rank: int):
+        self.views = views
         self.seed, self.rank = seed, rank
 
-    def __call__(self, epoch: int, step: int, images: Sequence[Any], labels: Sequence[Any],
+    def __call__(self, epoch: int, step: int, samples: Sequence[Any],
                  sample_ids: Sequence[Any]) -> dict:
-        samples = [
-            (self.geometry(img, generator=_py_rng(self.seed, epoch, "crop", sid)), lab)
-            for img, lab, sid in zip(images, labels, sample_ids)
-        ]
-        return collate_multicrop(
-            samples, mask_generator=self.mask_generator, mask_probability=self.mask_probability,
-            mask_ratio=self.mask_ratio,
-            generator=_py_rng(self.seed, epoch, step, self.rank, "masks"))
+        views = [self.views.sample(s.image, _py_rng(self.seed, epoch, "crop", sid))
+                 for s, sid in zip(samples, sample_ids)]
+        return self.views.collate(
+            views, [s.label for s in samples], [getattr(s, "caption", None) for s in samples],
+            _py_rng(self.seed, epoch, step, self.rank, "masks"))
 
 
 class _MapBatches(Dataset):
@@ -99,9 +91,7 @@ class _MapBatches(Dataset):
 
     def __getitem__(self, key: tuple[int, int, list[int]]):
         epoch, step, indices = key
-        samples = [self.dataset[i] for i in indices]
-        batch = self.collator(epoch, step, [s.image for s in samples], [s.label for s in samples],
-                              indices)
+        batch = self.collator(epoch, step, [self.dataset[i] for i in indices], indices)
         return step, batch
 
 
@@ -127,8 +117,7 @@ class _StreamBatches(IterableDataset):
             local += 1
             if step >= self.start_step:
                 ids = [(step, j) for j in range(len(pending))]
-                batch = self.collator(self.epoch, step, [s.image for s in pending],
-                                      [s.label for s in pending], ids)
+                batch = self.collator(self.epoch, step, pending, ids)
                 yield step, batch
             pending = []
 
@@ -138,13 +127,18 @@ def _identity(x):
 
 
 class TrainData:
-    """Multi-crop training batches (DINOv2 layout, iBOT masks, photometric applied, on ``device``).
+    """Training batches of the views a method declares, ready on ``device``.
+
+    ``views``: the method's :class:`~vssl.data.views.ViewSpec` (``method.views()``); None: DINOv2's
+    multi-crop, with block masks on the ``patch_size`` grid when ``patch_size`` is given. The
+    crop settings (``global_*``, ``local_*``, ``n_local``) size the views (a single view uses the
+    global ones); ``photometric`` is the multi-crop colour recipe (default DINOv2's, None: normalize
+    only). Image–text views (``captions=True``) are refused here when the data has no captions.
 
     ``source``: an image folder, ``.txt`` list or parquet manifest (map-style), or shards (a
     ``.tar`` path, brace pattern or folder of tars; a :class:`FileSource` or
     :class:`ShardStream` also works). ``batch_size``: per rank. ``patch_size``: the backbone's, to
-    size iBOT masks on the ``global_size // patch_size`` grid (None: no masks). ``photometric``:
-    a :class:`MultiCropPhotometric` (default: DINOv2's recipe) or None (normalize only).
+    size masks on the ``global_size // patch_size`` grid.
     ``batches_per_epoch``: required for resampled shard streams without an epoch length.
     ``rank``/``world_size``: default to the process group or torchrun's environment.
     """
@@ -172,6 +166,7 @@ class TrainData:
         epoch_len: int | None = None,
         shuffle_buffer: int = 1000,
         resampled: bool = False,
+        views: ViewSpec | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -182,26 +177,21 @@ class TrainData:
         self.num_workers = int(num_workers)
         self.device = torch.device(device)
         self.rank, self.world_size = dist_info(rank, world_size)
-        self.geometry = MultiCropGeometry(global_size=global_size, local_size=local_size,
-                                          n_local=n_local, global_scale=global_scale,
-                                          local_scale=local_scale)
-        self.photometric = MultiCropPhotometric() if photometric is _DEFAULT else photometric
-        if self.photometric is None:
-            self.photometric = MultiCropPhotometric(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0,
-                                                    solarize_p=0.0)
-        mask_generator = None
-        if patch_size is not None:
-            if global_size % patch_size:
-                raise ValueError(f"global_size {global_size} is not a multiple of patch_size "
-                                 f"{patch_size}: the iBOT mask grid would not match the tokens")
-            grid = global_size // patch_size
-            mask_generator = BlockMaskGenerator((grid, grid), max_num_patches=0.5 * grid * grid)
-        self.collator = _Collator(self.geometry, mask_generator, mask_probability,
-                                  tuple(mask_ratio), self.seed, self.rank)
+        if views is None:  # DINOv2's multi-crop, iBOT masks when patch_size is given
+            views = ViewSpec("multicrop", mask="block" if patch_size is not None else None,
+                             mask_ratio=tuple(mask_ratio), mask_probability=mask_probability,
+                             patch_size=patch_size)
+        self.spec = views
+        if photometric is _DEFAULT:
+            photometric = True
+        self.views = build_views(views, global_size=global_size, local_size=local_size,
+                                 n_local=n_local, global_scale=global_scale,
+                                 local_scale=local_scale, photometric=photometric)
+        self.collator = _Collator(self.views, self.seed, self.rank)
 
         self.stream: ShardStream | None = None
         self.dataset: FileDataset | None = None
-        decode = _PassThrough(self.geometry)
+        decode = _PassThrough(self.views)
         if isinstance(source, ShardStream):
             self.stream = source
         elif isinstance(source, FileSource):
@@ -212,8 +202,8 @@ class TrainData:
                                       shuffle_buffer=shuffle_buffer, resampled=resampled,
                                       rank=self.rank, world_size=self.world_size)
         else:
-            src = FileSource(source, draft_size=self.geometry.draft_size,
-                             as_array=self.geometry.accepts_array)
+            src = FileSource(source, draft_size=self.views.draft_size,
+                             as_array=self.views.accepts_array)
             self.dataset = FileDataset(src, output="sample")
         if self.stream is not None:
             if self.stream.batch_size != self.batch_size:
@@ -237,6 +227,27 @@ class TrainData:
                 raise ValueError(f"batches_per_epoch must be in [1, {full}] for {n} images, got "
                                  f"{batches_per_epoch}")
             self._batches_per_epoch = batches_per_epoch or full
+
+        if self.spec.captions:
+            self._check_captions()
+
+    def _check_captions(self) -> None:
+        """Refuse data without captions for an image–text method, before the first step."""
+        if self.dataset is not None:
+            n = len(self.dataset)
+            probe = [self.dataset[i] for i in range(min(n, 8))]
+        else:
+            probe = []
+            for sample in self.stream.iter_worker(0, 1):
+                probe.append(sample)
+                if len(probe) >= 8:
+                    break
+        missing = [s.key for s in probe if not getattr(s, "caption", None)]
+        if missing:
+            raise MissingViewError(
+                f"the method needs image + caption pairs, but {len(missing)} of the first "
+                f"{len(probe)} training samples have no caption (e.g. {missing[0]}): give a parquet "
+                "manifest with a 'text' column or shards with key.txt members")
 
     # -- sizes
     @property
@@ -303,11 +314,10 @@ class TrainData:
                      for k, v in batch.items()}
             g = torch.Generator().manual_seed(
                 derive_seed(self.seed, epoch, step, self.rank, "photometric"))
-            yield self.photometric(batch, generator=g)
+            yield self.views.finish(batch, generator=g)
 
     def __repr__(self) -> str:
         kind = "shards" if self.stream is not None else f"{len(self.dataset)} images"
         return (f"TrainData({kind}, batch_size={self.batch_size}, rank={self.rank}/"
                 f"{self.world_size}, batches_per_epoch={self._batches_per_epoch}, "
-                f"geometry={self.geometry.global_size}/{self.geometry.local_size}x"
-                f"{self.geometry.n_local}, workers={self.num_workers})")
+                f"views={self.spec.kind} {self.views!r}, workers={self.num_workers})")

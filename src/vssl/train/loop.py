@@ -1,30 +1,31 @@
 """The training loop every method shares: schedules, precision, devices, clipping, checkpoints, logs.
 
-A method (DESIGN.md section 2) is an ``nn.Module`` with:
+The trainer knows no method: it drives anything that keeps the contract of
+:mod:`vssl.methods.base` (docs/architecture.md, "The method contract"):
 
-- ``student``: the modules the optimizer trains (a ``ModuleDict`` such as ``{"backbone",
-  "dino_head"}``; the child named ``backbone`` gets layer-wise lr decay);
-- ``forward(batch, teacher_temp=...) -> {"loss": scalar, <term>: detached scalar, ...}``
-  (``teacher_temp`` is passed only when ``forward`` accepts it);
-- optionally ``update_teacher(momentum)`` (called after every optimizer step),
-  ``prototype_parameters()`` (frozen for ``freeze_last_layer_epochs``) and ``teacher`` (whose
-  ``backbone`` the monitors evaluate).
+- ``method.student``: the modules the optimizer trains (a ``ModuleDict``; the child named
+  ``backbone`` gets layer-wise lr decay);
+- ``method.plan(StepPlan)`` once before training; ``method(batch, step) -> {"loss": scalar,
+  <term>: detached scalar, ...}`` every step; ``method.after_step(step)`` after every optimizer
+  step; ``method.scheduled(step)`` (the method's own scheduled values, logged);
+  ``method.frozen_parameters()`` (held still until a step); ``method.encoder()`` (what the
+  monitors evaluate).
 
-The trainer never computes a loss. Per step ``i`` (0-based) it sets, as DINOv2's ``train.py``:
-lr ``lr_schedule[i] * lr_multiplier`` (cosine with linear warm-up from 0, peak ``base_lr *
-sqrt(total_batch / 1024)``), weight decay ``wd_schedule[i] * wd_multiplier`` (cosine
-``weight_decay -> weight_decay_end``), teacher momentum (cosine ``momentum_teacher -> 1``) and
-teacher temperature (linear warm-up, then constant); the prototypes get lr 0 and zeroed gradients
-during the freeze; gradients are clipped per student sub-module (DINOv2 clips each of backbone,
-DINO head, iBOT head to ``clip_grad``). The global torch RNG is re-seeded from ``(seed, step, rank)``
-at every step (drop-path masks), and the data are a function of ``(seed, epoch, step, rank)``
-(:mod:`vssl.train.data`), so a resumed run continues exactly as an uninterrupted one.
+The trainer never computes a loss. Per step ``i`` (0-based) it sets lr ``lr_schedule[i] *
+lr_multiplier`` (cosine with linear warm-up from 0 to the peak ``base_lr`` scaled by the total
+batch: ``sqrt(B / lr_base_batch)`` as DINOv2, ``B / lr_base_batch`` as MAE, or unscaled) and
+weight decay ``wd_schedule[i] * wd_multiplier`` (cosine ``weight_decay -> weight_decay_end``);
+frozen parameters get lr 0 and zeroed gradients; gradients are clipped per student sub-module (as
+DINOv2 clips each of its backbone and heads to ``clip_grad``). The global torch RNG is re-seeded
+from ``(seed, step, rank)`` at every step (drop-path masks), and the data are a function of
+``(seed, epoch, step, rank)`` (:mod:`vssl.train.data`), so a resumed run continues exactly as an
+uninterrupted one.
 
 Outputs in ``output_dir``: ``metrics.jsonl`` (one JSON line per logged step: step, epoch, every loss
-term, lr, wd, momentum, teacher_temp, grad_norm, images_per_s, seconds, and monitor results) and
-``ckpt/step_<N>/`` checkpoints (:mod:`vssl.train.checkpoint`), written every ``checkpoint_every``
-steps, at the end, and when the time budget or the step budget stops the run. A run started on an
-``output_dir`` that holds a checkpoint resumes from the newest one.
+term, lr, wd, the method's scheduled values, grad_norm, images_per_s, seconds, and monitor
+results) and ``ckpt/step_<N>/`` checkpoints (:mod:`vssl.train.checkpoint`), written every
+``checkpoint_every`` steps, at the end, and when the time budget or the step budget stops the run.
+A run started on an ``output_dir`` that holds a checkpoint resumes from the newest one.
 
 A non-finite loss term (or gradient norm) stops the run with :class:`NonFiniteLossError` naming the
 step and the terms, before the optimizer step and without writing a checkpoint: the last good one
@@ -34,7 +35,6 @@ stays the newest.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import sys
@@ -48,6 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .._io import atomic_write
+from ..methods.base import StepPlan
 from . import distributed as tdist
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import derive_seed
@@ -57,6 +58,7 @@ from .schedules import CosineSchedule
 __all__ = ["NonFiniteLossError", "TrainConfig", "Trainer"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
+LR_SCALINGS = ("sqrt", "linear", "none")
 STRATEGIES = ("auto",) + tdist.STRATEGIES
 
 
@@ -71,30 +73,28 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """Trainer settings; recipe defaults are DINOv2's ViT-S/B ones (DESIGN.md section 4).
+    """Trainer settings; defaults are DINOv2's ViT-S/B ones (docs/architecture.md, "Recipes").
 
     Epochs are ``iters_per_epoch`` optimizer steps (DINOv2's ``OFFICIAL_EPOCH_LENGTH``; None: one
     pass of the data, ``len(data)``). Epoch counts for warm-ups and the freeze may be fractional.
     ``max_steps``: stop (and checkpoint) once this many steps are done in total, the schedules
     still spanning ``epochs`` (a budget, resumable). ``time_budget_s``: stop (and checkpoint) before
     this many seconds of this invocation are exceeded. ``checkpoint_every``: steps (None: only at
-    the end / on a budget stop).
+    the end / on a budget stop). ``lr_scaling``: how the peak lr follows the total batch B:
+    ``sqrt`` (``base_lr * sqrt(B / lr_base_batch)``, DINOv2 with 1024), ``linear`` (``base_lr * B
+    / lr_base_batch``, MAE with 256) or ``none`` (``base_lr`` as is).
     """
 
     epochs: int = 100
     iters_per_epoch: int | None = 1250
     batch_size_per_rank: int = 64
     base_lr: float = 4e-3
+    lr_scaling: str = "sqrt"
+    lr_base_batch: int = 1024
     min_lr: float = 1e-6
     warmup_epochs: float = 10
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
-    momentum_teacher: float = 0.992
-    final_momentum_teacher: float = 1.0
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: float = 30
-    freeze_last_layer_epochs: float = 1
     clip_grad: float | None = 3.0
     layer_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
@@ -117,15 +117,14 @@ class TrainConfig:
         def bad(name, why):
             raise ValueError(f"train config {name}={getattr(self, name)!r}: {why}")
 
-        for name in ("epochs", "batch_size_per_rank", "log_every"):
+        for name in ("epochs", "batch_size_per_rank", "log_every", "lr_base_batch"):
             if int(getattr(self, name)) < 1:
                 bad(name, "must be >= 1")
         for name in ("iters_per_epoch", "checkpoint_every", "max_steps", "keep_checkpoints"):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 bad(name, "must be >= 1 or null")
-        for name in ("warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer_epochs",
-                     "min_lr", "weight_decay", "weight_decay_end"):
+        for name in ("warmup_epochs", "min_lr", "weight_decay", "weight_decay_end"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         if not self.base_lr > 0:
@@ -136,9 +135,8 @@ class TrainConfig:
             bad("clip_grad", "must be > 0 or null (no clipping)")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             bad("time_budget_s", "must be > 0 or null")
-        for name in ("momentum_teacher", "final_momentum_teacher"):
-            if not 0 <= getattr(self, name) <= 1:
-                bad(name, "must be in [0, 1]")
+        if self.lr_scaling not in LR_SCALINGS:
+            bad("lr_scaling", f"allowed: {list(LR_SCALINGS)}")
         if self.precision not in PRECISIONS:
             bad("precision", f"allowed: {list(PRECISIONS)}")
         if self.strategy not in STRATEGIES:
@@ -161,13 +159,30 @@ class TrainConfig:
 class _Schedules:
     lr: CosineSchedule
     wd: CosineSchedule
-    momentum: CosineSchedule
-    teacher_temp: CosineSchedule
-    freeze_iters: int
 
 
 def _epochs_to_iters(epochs: float, iters_per_epoch: int) -> int:
     return int(round(epochs * iters_per_epoch))
+
+
+def peak_lr(cfg: TrainConfig, world_size: int) -> float:
+    """The peak learning rate for ``cfg`` on ``world_size`` ranks (``cfg.lr_scaling``)."""
+    ratio = cfg.batch_size_per_rank * world_size / float(cfg.lr_base_batch)
+    if cfg.lr_scaling == "sqrt":
+        return cfg.base_lr * math.sqrt(ratio)
+    if cfg.lr_scaling == "linear":
+        return cfg.base_lr * ratio
+    return cfg.base_lr
+
+
+def train_schedules(cfg: TrainConfig, iters_per_epoch: int, world_size: int) -> _Schedules:
+    """The trainer's per-step lr and weight-decay schedules for ``cfg``."""
+    total = cfg.epochs * iters_per_epoch
+    return _Schedules(
+        lr=CosineSchedule(peak_lr(cfg, world_size), cfg.min_lr, total,
+                          warmup_iters=_epochs_to_iters(cfg.warmup_epochs, iters_per_epoch)),
+        wd=CosineSchedule(cfg.weight_decay, cfg.weight_decay_end, total),
+    )
 
 
 class Trainer:
@@ -175,19 +190,22 @@ class Trainer:
     ``batch_size``, ``batches_per_epoch`` and ``batches(epoch, start_step)``) with ``cfg``.
 
     ``monitors``: objects with ``maybe_run(step, model) -> dict | None`` (e.g.
-    :class:`vssl.evaluate.monitor.KNNMonitor`), called with the teacher backbone (the student's
-    when there is no teacher) at step 0 of a fresh run and after every step; their results go
-    into ``metrics.jsonl``. They run on rank 0 only (on every rank under FSDP2, whose weights are
-    sharded; FSDP2 skips the step-0 evaluation because its root forward must come first), while
-    the other ranks wait in the next collective: keep an evaluation well inside the process
-    group's timeout. ``progress``: a tqdm bar on rank 0.
+    :class:`vssl.evaluate.monitor.KNNMonitor`), called with ``method.encoder()`` at step 0 of a
+    fresh run and after every step; their results go into ``metrics.jsonl``. They run on rank 0
+    only (on every rank under FSDP2, whose weights are sharded; FSDP2 skips the step-0 evaluation
+    because its root forward must come first), while the other ranks wait in the next collective:
+    keep an evaluation well inside the process group's timeout. ``progress``: a tqdm bar on rank 0.
     """
 
     def __init__(self, method: nn.Module, data: Any, cfg: TrainConfig, *,
                  monitors: Sequence[Any] = (), progress: bool = True):
         if not isinstance(getattr(method, "student", None), nn.Module):
             raise TypeError(f"{type(method).__name__} has no `student` module: a method exposes "
-                            "what the optimizer trains as `method.student`")
+                            "what the optimizer trains as `method.student` (vssl.methods.base)")
+        missing = [h for h in _HOOKS if not callable(getattr(method, h, None))]
+        if missing:
+            raise TypeError(f"{type(method).__name__} lacks {', '.join(missing)} of the method "
+                            "contract (vssl.methods.base.Method; MethodBase gives the defaults)")
         self.cfg = cfg
         self.data = data
         self.monitors = list(monitors)
@@ -205,6 +223,8 @@ class Trainer:
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.precision = precision
+        method.plan(StepPlan(self.total_steps, self.iters_per_epoch,
+                             cfg.batch_size_per_rank * self.world_size))
 
         if cfg.grad_checkpointing:
             for m in method.student.modules():
@@ -218,21 +238,14 @@ class Trainer:
         self.model = tdist.wrap(method, self.strategy, self.info,
                                 find_unused_parameters=cfg.find_unused_parameters)
         # parameters exist in their final (possibly sharded) form only after wrapping
-        protos = list(method.prototype_parameters()) if hasattr(method, "prototype_parameters") \
-            else None
+        self.frozen = [(list(f.params), int(f.until)) for f in method.frozen_parameters()]
         self.groups = param_groups(
             method.student, layer_decay=cfg.layer_decay,
             patch_embed_lr_mult=cfg.patch_embed_lr_mult, num_layers=_num_layers(method.student),
-            last_layer_params=protos)
-        self.prototypes = protos or []
+            frozen=self.frozen)
         self.optimizer = build_optimizer(self.groups, betas=(cfg.adamw_beta1, cfg.adamw_beta2))
         self._clip_sets = _clip_sets(method.student)
-        try:
-            params = inspect.signature(method.forward).parameters
-            self._pass_temp = "teacher_temp" in params or any(
-                p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        except (TypeError, ValueError):
-            self._pass_temp = True
+        self._reserved = _RESERVED | set(method.scheduled(0))
 
     # -- sizes and schedules
     @property
@@ -249,23 +262,11 @@ class Trainer:
 
     @property
     def lr_peak(self) -> float:
-        """``base_lr * sqrt(total batch / 1024)`` (DINOv2's ``sqrt_wrt_1024`` rule)."""
-        return self.cfg.base_lr * math.sqrt(self.cfg.batch_size_per_rank * self.world_size / 1024.0)
+        """``base_lr`` scaled by the total batch (``cfg.lr_scaling``)."""
+        return peak_lr(self.cfg, self.world_size)
 
     def schedules(self) -> _Schedules:
-        c, e = self.cfg, self.iters_per_epoch
-        total = self.total_steps
-        tt_iters = _epochs_to_iters(c.warmup_teacher_temp_epochs, e)
-        return _Schedules(
-            lr=CosineSchedule(self.lr_peak, c.min_lr, total,
-                              warmup_iters=_epochs_to_iters(c.warmup_epochs, e)),
-            wd=CosineSchedule(c.weight_decay, c.weight_decay_end, total),
-            momentum=CosineSchedule(c.momentum_teacher, c.final_momentum_teacher, total),
-            teacher_temp=CosineSchedule(c.teacher_temp, c.teacher_temp, tt_iters,
-                                        warmup_iters=tt_iters,
-                                        start_warmup_value=c.warmup_teacher_temp),
-            freeze_iters=_epochs_to_iters(c.freeze_last_layer_epochs, e),
-        )
+        return train_schedules(self.cfg, self.iters_per_epoch, self.world_size)
 
     # -- pieces of a step
     def _autocast(self):
@@ -275,9 +276,8 @@ class Trainer:
 
     def _apply_schedules(self, sched: _Schedules, step: int) -> tuple[float, float]:
         lr, wd = sched.lr[step], sched.wd[step]
-        frozen = step < sched.freeze_iters
         for g in self.optimizer.param_groups:
-            g["lr"] = 0.0 if (frozen and g["is_last_layer"]) else lr * g["lr_multiplier"]
+            g["lr"] = 0.0 if step < g["frozen_until"] else lr * g["lr_multiplier"]
             g["weight_decay"] = wd * g["wd_multiplier"]
         return lr, wd
 
@@ -298,13 +298,6 @@ class Trainer:
             return torch.zeros((), device=self.device)
         return torch.stack(squares).sum().sqrt()
 
-    def _teacher_backbone(self) -> nn.Module:
-        teacher = getattr(self.method, "teacher", None)
-        for container in (teacher, self.method.student):
-            if isinstance(container, nn.ModuleDict) and "backbone" in container:
-                return container["backbone"]
-        return self.method.student
-
     def _run_monitors(self, step: int) -> dict:
         if not self.monitors:
             return {}
@@ -312,14 +305,14 @@ class Trainer:
         if self.strategy != "fsdp2" and not self.info.is_main:
             return {}
         out: dict = {}
-        model = self._teacher_backbone()
+        model = self.method.encoder()
         for mon in self.monitors:
             result = mon.maybe_run(step, model)
             if not result:
                 continue
             tag = getattr(mon, "name", None) or type(mon).__name__.lower().removesuffix("monitor")
             for k, v in result.items():
-                out[k if k not in out and k not in _RESERVED else f"{tag}_{k}"] = v
+                out[k if k not in out and k not in self._reserved else f"{tag}_{k}"] = v
         return out if self.info.is_main else {}
 
     # -- the loop
@@ -460,10 +453,9 @@ class Trainer:
             "metrics": str(metrics_path),
         }
 
-    @staticmethod
-    def _term_names(record: dict) -> list[str]:
-        """The loss and the method's terms in a step record (what is not a trainer value)."""
-        return [k for k in record if k not in _RESERVED or k == "loss"]
+    def _term_names(self, record: dict) -> list[str]:
+        """The loss and the method's terms in a step record (what is not a scheduled value)."""
+        return [k for k in record if k not in self._reserved or k == "loss"]
 
     def _over_budget(self, projected: float) -> bool:
         """True on every rank when any rank projects past the time budget after its next step."""
@@ -477,22 +469,21 @@ class Trainer:
         """One optimizer step at schedule index ``step``; returns the logged values."""
         torch.manual_seed(derive_seed(self.cfg.seed, "step", step, self.info.rank))
         lr, wd = self._apply_schedules(sched, step)
-        temp = sched.teacher_temp[step]
-        kwargs = {"teacher_temp": temp} if self._pass_temp else {}
         batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
                  for k, v in batch.items()}  # a no-op when the data already live there
         with self._autocast():
-            out = self.model(batch, **kwargs)
+            out = self.model(batch, step)
         if not isinstance(out, dict) or "loss" not in out:
             raise TypeError(f"{type(self.method).__name__}.forward must return a dict with 'loss' "
                             f"(and named loss terms), got {type(out).__name__}")
         loss = out["loss"]
         names = ["loss"] + [k for k in out if k != "loss"]
         loss.backward()
-        if step < sched.freeze_iters:
-            for p in self.prototypes:
-                if p.grad is not None:
-                    p.grad.zero_()
+        for params, until in self.frozen:
+            if step < until:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.zero_()
         grad_norm = self._grad_norm_and_clip()
         stats = torch.stack([torch.as_tensor(out[k], device=self.device).detach().float().reshape(())
                              for k in names])
@@ -516,11 +507,11 @@ class Trainer:
                 f"step.", step=step + 1, terms=bad or {"grad_norm": gnorm})
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        momentum = sched.momentum[step]
-        if hasattr(self.method, "update_teacher"):
-            self.method.update_teacher(momentum)
+        self.method.after_step(step)
         record = dict(terms)
-        record.update(lr=lr, wd=wd, momentum=momentum, teacher_temp=temp, grad_norm=gnorm)
+        record.update(lr=lr, wd=wd)
+        record.update(self.method.scheduled(step))
+        record["grad_norm"] = gnorm
         return record
 
     def _save(self, out_dir: Path, step: int, seconds: float) -> Path:
@@ -540,8 +531,9 @@ class Trainer:
                                keep_last=self.cfg.keep_checkpoints)
 
 
-_RESERVED = {"step", "epoch", "loss", "lr", "wd", "momentum", "teacher_temp", "grad_norm",
-             "images_per_s", "seconds"}
+#: What a step record holds besides the method's loss terms (plus its scheduled values).
+_RESERVED = {"step", "epoch", "loss", "lr", "wd", "grad_norm", "images_per_s", "seconds"}
+_HOOKS = ("plan", "after_step", "scheduled", "frozen_parameters", "encoder")
 
 
 def _num_layers(student: nn.Module) -> int:
@@ -552,7 +544,7 @@ def _num_layers(student: nn.Module) -> int:
 
 
 def _clip_sets(student: nn.Module) -> list[list[nn.Parameter]]:
-    """Parameter sets clipped separately: each child of the student (DINOv2), plus its own."""
+    """Parameter sets clipped separately: each child of the student (as DINOv2), plus its own."""
     sets = [[p for p in child.parameters() if p.requires_grad] for child in student.children()]
     own = [p for p in student.parameters(recurse=False) if p.requires_grad]
     return [s for s in sets + [own] if s]

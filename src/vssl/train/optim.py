@@ -1,5 +1,5 @@
-"""AdamW with DINOv2's parameter groups: layer-wise lr decay, patch-embed lr multiplier, no weight
-decay on biases, norms and LayerScale.
+"""AdamW with DINOv2's parameter groups (the convention MAE and timm share): layer-wise lr decay,
+patch-embed lr multiplier, no weight decay on biases, norms and LayerScale.
 
 The rules are ``dinov2/utils/param_groups.py``'s, applied by parameter name:
 
@@ -11,10 +11,11 @@ The rules are ``dinov2/utils/param_groups.py``'s, applied by parameter name:
 - lr multiplier ``layer_decay ** (num_layers + 1 - layer_id)``, times ``patch_embed_lr_mult`` for
   ``patch_embed`` parameters.
 - wd multiplier 0 when the name ends in ``.bias`` or contains ``norm`` or ``gamma`` (LayerScale).
-- ``is_last_layer``: the prototypes (``last_layer`` in the name, or the parameters passed as
-  ``last_layer_params``); the trainer gives them lr 0 while they are frozen.
+- ``frozen_until``: the step before which the parameter is held still (0: never), from the
+  method's ``frozen_parameters()``; the trainer gives such groups lr 0 and zeroed gradients until
+  then (DINOv2 does this to its head's last layer for the first epoch).
 
-Parameters with identical (lr multiplier, wd multiplier, is_last_layer) are fused into one group,
+Parameters with identical (lr multiplier, wd multiplier, frozen_until) are fused into one group,
 as DINOv2's ``fuse_params_groups`` does, so the optimizer runs few big foreach/fused kernels.
 """
 
@@ -60,14 +61,15 @@ def param_groups(
     patch_embed_lr_mult: float = 1.0,
     num_layers: int,
     backbone: str = "backbone",
-    last_layer_params: Iterable[nn.Parameter] | None = None,
+    frozen: Iterable[tuple[Iterable[nn.Parameter], int]] = (),
 ) -> list[dict]:
     """Fused AdamW parameter groups for ``module``'s trainable parameters (rules: module docstring).
 
     ``module`` is either the backbone itself (it has ``blocks``) or a container (a method's
-    ``student``) whose child ``backbone`` holds it. Each group is a dict with ``params``,
-    ``names``, ``lr_multiplier``, ``wd_multiplier`` and ``is_last_layer``; set ``lr`` and
-    ``weight_decay`` per step as ``schedule value * multiplier``.
+    ``student``) whose child ``backbone`` holds it. ``frozen``: ``(parameters, until_step)``
+    pairs (a method's :class:`~vssl.methods.base.Freeze` list). Each group is a dict with
+    ``params``, ``names``, ``lr_multiplier``, ``wd_multiplier`` and ``frozen_until``; set ``lr``
+    and ``weight_decay`` per step as ``schedule value * multiplier``.
     """
     if num_layers < 0:
         raise ValueError(f"num_layers must be >= 0, got {num_layers}")
@@ -76,8 +78,11 @@ def param_groups(
     whole_is_backbone = isinstance(getattr(module, "blocks", None), nn.ModuleList)
     prefix = "" if whole_is_backbone else backbone + "."
     # frozen ones (a fixed weight-norm gain, say) are simply not optimized
-    last_ids = ({id(p) for p in last_layer_params if p.requires_grad}
-                if last_layer_params is not None else None)
+    until: dict[int, int] = {}
+    for params, step in (tuple(f) if isinstance(f, tuple) else (f.params, f.until) for f in frozen):
+        for p in params:
+            if p.requires_grad:
+                until[id(p)] = max(int(step), until.get(id(p), 0))
 
     fused: dict[tuple, dict] = {}
     for raw, p in module.named_parameters():
@@ -90,18 +95,18 @@ def param_groups(
         if "patch_embed" in name:
             lr_mult *= patch_embed_lr_mult
         wd_mult = 0.0 if (name.endswith(".bias") or "norm" in name or "gamma" in name) else 1.0
-        is_last = (id(p) in last_ids) if last_ids is not None else ("last_layer" in name)
-        key = (lr_mult, wd_mult, is_last)
+        frozen_until = until.get(id(p), 0)
+        key = (lr_mult, wd_mult, frozen_until)
         g = fused.setdefault(key, {"params": [], "names": [], "lr_multiplier": lr_mult,
-                                   "wd_multiplier": wd_mult, "is_last_layer": is_last})
+                                   "wd_multiplier": wd_mult, "frozen_until": frozen_until})
         g["params"].append(p)
         g["names"].append(name)
-    if last_ids is not None:
-        found = {id(p) for g in fused.values() if g["is_last_layer"] for p in g["params"]}
-        if found != last_ids:
-            raise ValueError(
-                f"{len(last_ids - found)} of the last_layer_params are not trainable parameters of "
-                f"the module: pass parameters of this module (with requires_grad=True)")
+    found = {id(p) for g in fused.values() if g["frozen_until"] for p in g["params"]}
+    missing = {i for i, s in until.items() if s > 0} - found
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of the frozen parameters are not trainable parameters of the module: "
+            "pass parameters of this module (with requires_grad=True)")
     return list(fused.values())
 
 
