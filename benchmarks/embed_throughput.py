@@ -7,7 +7,7 @@ One run, same random weights everywhere, measures:
     same weights, exported with ``vssl.export_hf`` and loaded with ``attn_implementation="sdpa"``;
     their outputs are checked to agree within 1e-4 before any timing), fp32, for ViT-S/14 and
     ViT-B/14 at 224 and ViT-B/14 at 518. Every number is also given as achieved FLOP/s over the
-    machine's measured matmul FLOP/s (DESIGN.md section 7): model FLOPs per image come from
+    machine's measured matmul FLOP/s (docs/architecture.md, Performance): model FLOPs per image come from
     ``vit_forward_flops`` (analytic, cross-checked against ``torch.utils.flop_counter``).
 (b) the same under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (both implementations), plus
     vssl with its weights cast to bf16 (``model.to(torch.bfloat16)``); the bf16 matmul FLOP/s is

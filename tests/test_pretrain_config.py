@@ -46,7 +46,7 @@ def test_every_shipped_config_loads_and_validates(path, tmp_path):
 @pytest.mark.parametrize("name", ["webdino_vitl14", "webdino_1b", "webdino_2b", "webdino_3b",
                                   "webdino_5b", "webdino_7b", "dinov2_vitl14"])
 def test_large_recipes_use_dinov2_large_model_settings(name):
-    # DESIGN.md section 4 / DINOv2 vitl14.yaml, vitg14.yaml: the L/g recipe
+    # DINOv2's vitl14.yaml / vitg14.yaml: the L/g recipe
     r = load_recipe(name)
     t, m = r.train, r.method
     assert (t.base_lr, t.layer_decay, m.momentum_teacher) == (2e-4, 1.0, 0.994)

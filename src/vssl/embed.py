@@ -15,7 +15,7 @@ Outputs in ``--output`` (row ``i`` of every array is row ``i`` of the manifest):
 - ``errors.jsonl``     one ``{"path": ..., "error": ...}`` line per skipped input (always written).
 
 Decoding and the eval transform run in DataLoader workers so they overlap the model; a bad file is
-counted and skipped, never fatal (DESIGN.md section 8).
+counted and skipped, never fatal (docs/architecture.md, Robustness).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Data: sources -> decode -> views / masks -> collate, one way (DESIGN.md §2).
+"""Data: sources -> decode -> views / masks -> collate, one way (docs/architecture.md, Data flow).
 
 - sources: image folders, path lists, COYO-style parquet manifests, WebDataset tar shards
 - stream:  rank/worker-split shard streaming with equal batches per rank; map-style files

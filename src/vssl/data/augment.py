@@ -2,7 +2,7 @@
 
 DINOv2's multi-crop pipeline (``dinov2/data/augmentations.py``) does everything per crop in PIL
 inside the DataLoader worker: 10 crops x (crop, resize, flip, colour jitter, grayscale, blur,
-solarize, to-tensor, normalize). Here it is split in two (DESIGN.md section 7):
+solarize, to-tensor, normalize). Here it is split in two (docs/architecture.md, Performance):
 
 - :class:`MultiCropGeometry` (DataLoader worker, per image): random resized crop + flip of the
   decoded PIL image, one crop+resize call per crop (torch's uint8 antialiased kernels by default,

@@ -3,7 +3,7 @@
 Web and user data hold truncated downloads, zero-byte files, HTML saved as ``.jpg``, CMYK and
 16-bit files, palette images with transparency, phone photos stored sideways with an EXIF
 orientation tag, and the occasional decompression bomb. A feature-extraction or training run must
-count and skip those with a message naming the file, never crash (DESIGN.md section 8). Decisions:
+count and skip those with a message naming the file, never crash (docs/architecture.md, Robustness). Decisions:
 
 - EXIF orientation is applied (``ImageOps.exif_transpose``), so a phone photo is seen upright.
 - Transparency is composited onto **white** (not dropped): dropping alpha exposes whatever colour

@@ -1,7 +1,7 @@
 """Data sources: image folders, path lists, parquet manifests and WebDataset tar shards.
 
 Every source yields the same :class:`Sample` (image, key, label, caption, metadata), so training,
-packing and inspection do not care where images come from (DESIGN.md section 6):
+packing and inspection do not care where images come from (docs/architecture.md, Data):
 
 - :class:`FileSource` - a folder (class subfolders = labels), a ``.txt``/``.lst`` list of paths
   (optional label after a TAB), or a parquet manifest in the COYO schema (``path`` or ``url``
@@ -10,7 +10,7 @@ packing and inspection do not care where images come from (DESIGN.md section 6):
 - :class:`ShardSource` - WebDataset tars (``key.jpg/png/webp``, ``key.cls``, ``key.txt``,
   ``key.json``), given as paths, a list or a brace pattern ``train-{000000..000099}.tar``.
 
-Robustness (DESIGN.md section 8): decoding goes through :func:`vssl.data.decode.open_image`; a bad
+Robustness (docs/architecture.md, Robustness): decoding goes through :func:`vssl.data.decode.open_image`; a bad
 image, an unreadable file or a refused tar member is counted, logged with its key and reason, and
 skipped - never a crash. Each source keeps the run's skips in ``source.skipped`` (a
 :class:`SkipLog`; inside DataLoader workers each worker has its own copy). Tar members are

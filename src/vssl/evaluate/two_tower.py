@@ -194,7 +194,7 @@ def load_two_tower(path: str | os.PathLike, *, device: str | torch.device = "cpu
 def encode_image_files(model: TwoTowerModel, paths: Sequence[str | os.PathLike], *,
                        batch_size: int = 64, num_threads: int | None = None,
                        progress: bool = False) -> tuple[torch.Tensor, list[int], list[dict]]:
-    """Decode and embed image files, skipping unreadable ones (DESIGN.md section 8).
+    """Decode and embed image files, skipping unreadable ones (docs/architecture.md, Robustness).
 
     Returns ``(embeddings (M, D) float32, kept row indices into paths (M), errors)``, where each
     error is ``{"path", "error"}``. Files are decoded ``batch_size`` at a time in threads (PIL

@@ -1,7 +1,7 @@
 """DINOv2 / Web-DINO as a method: student and EMA teacher, DINO + iBOT + KoLeo losses.
 
 What DINOv2's ``SSLMetaArch.forward_backward`` computes, without its loop, devices or precision
-(the trainer owns those, DESIGN §2):
+(the trainer owns those, docs/architecture.md):
 
 - the teacher (an EMA copy, no gradients, eval mode) sees the 2 global crops; its CLS logits are
   swapped crop-wise so that student crop A is matched to teacher crop B and vice versa;

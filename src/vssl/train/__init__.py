@@ -1,9 +1,9 @@
-"""The trainer shared by every method (DESIGN.md section 2): a method computes losses; this package
-owns loops, devices, schedules, checkpoints and logs.
+"""The trainer shared by every method (docs/architecture.md): a method computes losses; this
+package owns loops, devices, schedules, checkpoints and logs, and knows no method.
 
 - loop:        ``TrainConfig``, ``Trainer.fit()``
-- data:        ``TrainData`` (deterministic multi-crop batches, exact resume)
-- optim:       DINOv2 parameter groups, AdamW
+- data:        ``TrainData`` (deterministic batches of a method's views, exact resume)
+- optim:       parameter groups (layer decay, no wd on norms/biases, frozen sets), AdamW
 - schedules:   ``CosineSchedule`` (DINOv2's CosineScheduler)
 - checkpoint:  atomic torch.distributed.checkpoint saves, ``latest_checkpoint``
 - distributed: torchrun setup, DDP / FSDP2 wrapping, safe teardown

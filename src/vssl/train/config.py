@@ -482,7 +482,7 @@ def load_recipe(source: str | os.PathLike | dict | None = None,
 def _move_method_keys(train: dict, train_raws: dict, method: dict, method_raws: dict,
                       method_cfg: type, origin: str | None) -> None:
     """Keys of the method's config given under ``train`` (where recipes and run folders kept the
-    teacher schedules before they moved into the method) move to ``method``, with a note."""
+    method's own schedules before the method contract) move to ``method``, with a note."""
     from .loop import TrainConfig
 
     trainer_keys = {f.name for f in fields(TrainConfig)}

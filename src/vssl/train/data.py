@@ -15,13 +15,13 @@ step, rank)`` and the dataset:
   needs the same ``num_workers`` (the split of shards over workers fixes the order).
 
 Random crops use a per-sample generator seeded from ``(seed, epoch, index)`` (the dataset index; for
-shards, the sample's position in the rank's epoch stream), iBOT masks a per-batch generator seeded
+shards, the sample's position in the rank's epoch stream), masks a per-batch generator seeded
 from ``(seed, epoch, step, rank)``, photometric augmentation another per-batch generator. None of it
 touches the global RNGs, so DataLoader worker seeding and the number of workers do not change what
 a map-style batch contains.
 
 Geometry (crops, uint8) runs in the DataLoader workers, one whole batch per worker task; the
-photometric half runs batched on the training device in the main process (DESIGN.md section 7).
+photometric half runs batched on the training device in the main process (docs/architecture.md, Performance).
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ class TrainData:
         self.num_workers = int(num_workers)
         self.device = torch.device(device)
         self.rank, self.world_size = dist_info(rank, world_size)
-        if views is None:  # DINOv2's multi-crop, iBOT masks when patch_size is given
+        if views is None:  # DINOv2's multi-crop, block masks when patch_size is given
             views = ViewSpec("multicrop", mask="block" if patch_size is not None else None,
                              mask_ratio=tuple(mask_ratio), mask_probability=mask_probability,
                              patch_size=patch_size)

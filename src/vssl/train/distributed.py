@@ -113,7 +113,7 @@ def wrap(
 
     ``"none"``: the module itself (one process). ``"ddp"``: ``DistributedDataParallel`` (the
     forward must go through the returned wrapper). ``"fsdp2"``: ``fully_shard`` applied in place on
-    every block of every module with a ``blocks`` list (the ViTs: student and teacher), then on
+    every block of every module with a ``blocks`` list (the ViTs, a method's copies included), then on
     those modules, then on ``module`` (the root, whose forward must be the one called); rank 0's
     weights are broadcast first so the shards agree.
     """
@@ -130,7 +130,7 @@ def wrap(
         raise RuntimeError(f"strategy {strategy!r} needs a process group: launch with torchrun "
                            "(and call vssl.train.distributed.setup())")
     if info.device.type == "cuda":
-        # BatchNorm (e.g. a DINO head's use_bn) normalizes over the global batch, as DINO does;
+        # BatchNorm (e.g. in a projection head) normalizes over the global batch;
         # SyncBatchNorm is CUDA-only, so on CPU ranks each normalizes over its own batch
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if strategy == "ddp":

@@ -1,7 +1,7 @@
 """Per-step schedules with DINOv2's ``CosineScheduler`` semantics.
 
-DINOv2 drives the learning rate, weight decay, teacher momentum and teacher temperature from one
-schedule shape indexed by the iteration: ``freeze_iters`` zeros, then a linear warm-up of
+DINOv2 drives every scheduled value (the trainer's learning rate and weight decay, and its
+method's own schedules) from one schedule shape indexed by the iteration: ``freeze_iters`` zeros, then a linear warm-up of
 ``warmup_iters`` values (``numpy.linspace(start_warmup_value, base_value, warmup_iters)``: the last
 warm-up value is ``base_value`` itself), then a half cosine from ``base_value`` to ``final_value``
 over the remaining iterations; any step at or past ``total_iters`` gives ``final_value``.
