@@ -356,3 +356,34 @@ def test_cpu_mae32_trains_resumes_exactly_and_exports_the_encoder(listing, tmp_p
         theirs = hf(pixel_values=x).last_hidden_state
     torch.testing.assert_close(theirs[:, 0], ours["x_norm_clstoken"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(theirs[:, 1:], ours["x_norm_patchtokens"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_cpu_mae32_under_torchrun(listing, tmp_path, strategy):
+    """2 processes (gloo): the MAE recipe trains, exits 0 and exports the whole encoder."""
+    import subprocess
+    import sys
+
+    from vssl.models.zoo import create_model
+
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(
+        "import argparse, sys\nfrom vssl.pretrain import add_pretrain_parser\n"
+        "p = argparse.ArgumentParser(prog='vssl')\nadd_pretrain_parser(p.add_subparsers())\n"
+        "a = p.parse_args(sys.argv[1:])\nsys.exit(a.func(a))\n")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(launcher),
+           "pretrain", "cpu_mae32", f"data.train={listing}", "train.max_steps=2",
+           "train.batch_size_per_rank=8", f"train.output_dir={run}", f"train.strategy={strategy}",
+           "train.warmup_epochs=1", "train.log_every=1", "model.embed_dim=48", "model.depth=2",
+           "model.num_heads=3",
+           "method.decoder_embed_dim=32", "method.decoder_depth=1", "data.num_workers=0",
+           "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("stopped: max_steps at step 2") == 1
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    model = create_model(run / "backbone.safetensors")
+    assert model.config.embed_dim == 48 and model.config.depth == 2
+    assert not any(torch.isnan(p).any() for p in model.parameters())
