@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO_ROOT.parent / "shared" / "data" / "imagenet-samples"
 
+from vssl.data import decode as _decode  # noqa: E402
 from vssl.data.augment import (  # noqa: E402
     DINO_GLOBAL1,
     DINO_GLOBAL2,
@@ -52,13 +53,11 @@ from vssl.data.augment import (  # noqa: E402
     MultiCropGeometry,
     MultiCropPhotometric,
 )
-from vssl.data import decode as _decode  # noqa: E402
 from vssl.data.collate import collate_multicrop  # noqa: E402
 from vssl.data.decode import open_image  # noqa: E402
 from vssl.data.pack import pack  # noqa: E402
 from vssl.data.stream import FileDataset, ShardStream  # noqa: E402
 from vssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-
 
 # ------------------------------------------------------------------------------------- datasets
 
@@ -109,7 +108,8 @@ class NaiveDataset(Dataset):
                 jitter(p),
                 KA.RandomGrayscale(p=p.grayscale_p),
                 KA.RandomGaussianBlur((p.blur_kernel, p.blur_kernel), p.blur_sigma, p=p.blur_p)
-                if p.blur_p > 0 else None,
+                if p.blur_p > 0
+                else None,
                 p.solarize_p,
             )
             for p in self.recipes
@@ -133,10 +133,18 @@ class NaiveDataset(Dataset):
         crops = []
         for size, scale, (cj, gray, blur, sol_p) in zip(self.sizes, self.scales, self._aug):
             top, left, h, w = sample_resized_crop(img.width, img.height, scale, (3 / 4, 4 / 3))
-            c = img.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BICUBIC)
+            c = img.crop((left, top, left + w, top + h)).resize(
+                (size, size), Image.Resampling.BICUBIC
+            )
             if random.random() < 0.5:
                 c = c.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            x = torch.from_numpy(np.asarray(c).copy()).permute(2, 0, 1).float().div(255).unsqueeze(0)
+            x = (
+                torch.from_numpy(np.asarray(c).copy())
+                .permute(2, 0, 1)
+                .float()
+                .div(255)
+                .unsqueeze(0)
+            )
             x = gray(cj(x))
             if blur is not None:
                 x = blur(x)
@@ -170,8 +178,13 @@ def _worker_init(_):
 
 def make_loader(ds, workers, batch_size, collate_fn=collate_multicrop):
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_fn,
-        drop_last=True, worker_init_fn=_worker_init if workers else None,
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        drop_last=True,
+        worker_init_fn=_worker_init if workers else None,
         prefetch_factor=4 if workers else None,
     )
 
@@ -194,25 +207,45 @@ def machine_info() -> dict:
     import PIL
 
     return {
-        "cpu": cpu, "cores": cores, "torch": torch.__version__, "kornia": kornia.__version__,
-        "pillow": PIL.__version__, "python": platform.python_version(),
+        "cpu": cpu,
+        "cores": cores,
+        "torch": torch.__version__,
+        "kornia": kornia.__version__,
+        "pillow": PIL.__version__,
+        "python": platform.python_version(),
     }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images-dir", type=Path, default=DEFAULT_IMAGES)
-    ap.add_argument("--images", type=int, default=2048, help="images per measurement (files repeated)")
+    ap.add_argument(
+        "--images", type=int, default=2048, help="images per measurement (files repeated)"
+    )
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", default="1,2", help="comma-separated DataLoader worker counts for (a)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads for (b) (also 1 is measured); (c)'s main process gets threads - workers"
-                         " (default: the cores this process may use)")
-    ap.add_argument("--interpolation", default="bicubic", help="crop interpolation (DINOv2: bicubic)")
-    ap.add_argument("--naive-images", type=int, default=None, help="images for the slow baseline in (c)")
+    ap.add_argument(
+        "--workers", default="1,2", help="comma-separated DataLoader worker counts for (a)"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for (b) (also 1 is measured); (c)'s main process gets threads - workers"
+        " (default: the cores this process may use)",
+    )
+    ap.add_argument(
+        "--interpolation", default="bicubic", help="crop interpolation (DINOv2: bicubic)"
+    )
+    ap.add_argument(
+        "--naive-images", type=int, default=None, help="images for the slow baseline in (c)"
+    )
     ap.add_argument("--parts", default="a,b,c", help="which measurements to run (a, b, c)")
-    ap.add_argument("--backend", default="torch", choices=["torch", "pil"],
-                    help="crop/resize backend of MultiCropGeometry")
+    ap.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "pil"],
+        help="crop/resize backend of MultiCropGeometry",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: few images, small batches")
     args = ap.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
@@ -223,7 +256,9 @@ def main(argv=None) -> int:
     info = machine_info()
     threads = args.threads or info["cores"]
     torch.set_num_threads(threads)
-    files = sorted(p for p in args.images_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    files = sorted(
+        p for p in args.images_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+    )
     if not files:
         print(f"no images in {args.images_dir}", file=sys.stderr)
         return 2
@@ -278,14 +313,30 @@ def _part_a(args, all_files, geo, workers, rows):
         shards = str(Path(tmp) / "shards")
         readers = [
             ("folder", lambda w: folder),
-            ("shards", lambda w: ShardStream(shards, transform=geo, output="tuple", shuffle=False,
-                                             batch_size=args.batch_size, rank=0, world_size=1)),
+            (
+                "shards",
+                lambda w: ShardStream(
+                    shards,
+                    transform=geo,
+                    output="tuple",
+                    shuffle=False,
+                    batch_size=args.batch_size,
+                    rank=0,
+                    world_size=1,
+                ),
+            ),
         ]
         for name, make in readers:
             for w in workers:
                 ips = time_loader(make_loader(make(w), w, args.batch_size), args.images)
-                rows.append(("a", f"{name}: decode + 10 crops uint8 + collate, {w} worker(s)", ips,
-                             "target >= 250 on 2 cores" if w == 2 else ""))
+                rows.append(
+                    (
+                        "a",
+                        f"{name}: decode + 10 crops uint8 + collate, {w} worker(s)",
+                        ips,
+                        "target >= 250 on 2 cores" if w == 2 else "",
+                    )
+                )
                 print(f"(a) {name}, {w} workers: {ips:.1f} images/s", file=sys.stderr)
         # the same folder run with Pillow decoding JPEGs (simplejpeg switched off in the workers)
         w = max(workers)
@@ -295,30 +346,59 @@ def _part_a(args, all_files, geo, workers, rows):
             ips = time_loader(make_loader(folder, w, args.batch_size), args.images)
         finally:
             _decode._simplejpeg = saved
-        rows.append(("a", f"folder, Pillow JPEG decoder instead of libjpeg-turbo, {w} worker(s)",
-                     ips, "for comparison"))
+        rows.append(
+            (
+                "a",
+                f"folder, Pillow JPEG decoder instead of libjpeg-turbo, {w} worker(s)",
+                ips,
+                "for comparison",
+            )
+        )
         print(f"(a) folder with Pillow decoding, {w} workers: {ips:.1f} images/s", file=sys.stderr)
 
 
 def _part_c(args, all_files, geo, photo, max_workers, main_threads, naive_images, rows):
     B = args.batch_size
-    ours_main = time_loader(make_loader(folder_dataset(all_files, geo), max_workers, B), args.images,
-                            on_batch=photo)
+    ours_main = time_loader(
+        make_loader(folder_dataset(all_files, geo), max_workers, B), args.images, on_batch=photo
+    )
     ours_worker = time_loader(
-        make_loader(folder_dataset(all_files, geo), max_workers, B, collate_fn=PhotometricCollate(photo)),
-        args.images)
+        make_loader(
+            folder_dataset(all_files, geo), max_workers, B, collate_fn=PhotometricCollate(photo)
+        ),
+        args.images,
+    )
     naive_files = all_files[: naive_images + B]
-    naive = time_loader(make_loader(NaiveDataset(naive_files), max_workers, B,
-                                    collate_fn=collate_multicrop), naive_images)
+    naive = time_loader(
+        make_loader(NaiveDataset(naive_files), max_workers, B, collate_fn=collate_multicrop),
+        naive_images,
+    )
     best = max(ours_main, ours_worker)
-    rows.append(("c", f"full: {max_workers} workers geometry + photometric in main process "
-                      f"({main_threads} thread(s))", ours_main,
-                 f"{ours_main / naive:.2f}x naive"))
-    rows.append(("c", f"full: {max_workers} workers geometry + photometric in worker collate", ours_worker,
-                 f"{ours_worker / naive:.2f}x naive"))
-    rows.append(("c", f"naive per-image PIL + per-crop kornia, {max_workers} workers", naive, "1.00x"))
-    print(f"(c) ours {ours_main:.1f} / {ours_worker:.1f}, naive {naive:.1f}: "
-          f"{best / naive:.2f}x (target >= 2x)", file=sys.stderr)
+    rows.append(
+        (
+            "c",
+            f"full: {max_workers} workers geometry + photometric in main process "
+            f"({main_threads} thread(s))",
+            ours_main,
+            f"{ours_main / naive:.2f}x naive",
+        )
+    )
+    rows.append(
+        (
+            "c",
+            f"full: {max_workers} workers geometry + photometric in worker collate",
+            ours_worker,
+            f"{ours_worker / naive:.2f}x naive",
+        )
+    )
+    rows.append(
+        ("c", f"naive per-image PIL + per-crop kornia, {max_workers} workers", naive, "1.00x")
+    )
+    print(
+        f"(c) ours {ours_main:.1f} / {ours_worker:.1f}, naive {naive:.1f}: "
+        f"{best / naive:.2f}x (target >= 2x)",
+        file=sys.stderr,
+    )
     return naive
 
 
@@ -328,13 +408,16 @@ def _print_table(args, info, files, naive_images, rows):
     cmd = "python " + " ".join([os.path.relpath(__file__, Path.cwd())] + cli)
     print()
     print(f"Command: `{cmd}`  ")
-    print(f"Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, kornia {info['kornia']}, "
-          f"Pillow {info['pillow']}, Python {info['python']}  ")
+    print(
+        f"Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, kornia {info['kornia']}, "
+        f"Pillow {info['pillow']}, Python {info['python']}  "
+    )
     print(f"Date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}  ")
-    print(f"Data: {len(files)} JPEGs from {args.images_dir.name} repeated to {args.images} images "
-          f"(baseline: {naive_images}); batch {args.batch_size}; interpolation {args.interpolation}, "
-          f"backend {args.backend}"
-          + (" (--quick: smoke numbers only)" if args.quick else ""))
+    print(
+        f"Data: {len(files)} JPEGs from {args.images_dir.name} repeated to {args.images} images "
+        f"(baseline: {naive_images}); batch {args.batch_size}; interpolation {args.interpolation}, "
+        f"backend {args.backend}" + (" (--quick: smoke numbers only)" if args.quick else "")
+    )
     print()
     print("| part | what | images/s | note |")
     print("|---|---|---:|---|")

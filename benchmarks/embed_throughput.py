@@ -142,8 +142,12 @@ def cpu_info() -> dict:
     except AttributeError:
         usable = os.cpu_count() or 1
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
-    return {"cpu": model or platform.processor() or "unknown", "logical_cpus": os.cpu_count(),
-            "usable_cpus": usable, "isa": isa}
+    return {
+        "cpu": model or platform.processor() or "unknown",
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "isa": isa,
+    }
 
 
 def matmul_flops(dtype: torch.dtype, sizes: list[int], budget_s: float, min_reps: int) -> dict:
@@ -201,6 +205,7 @@ def parse_models(spec: str) -> list[tuple[str, str, int]]:
 def build_hf(model, tmpdir: str):
     """The same weights as a transformers model (SDPA attention), via ``vssl.export_hf``."""
     import transformers
+
     from vssl import export_hf
 
     transformers.utils.logging.set_verbosity_error()
@@ -210,8 +215,11 @@ def build_hf(model, tmpdir: str):
     if cfg.family != "dinov2":
         raise ValueError(f"transformers comparison needs a DINOv2-family model, got {cfg.family}")
     export_hf(model, tmpdir)
-    cls = (transformers.Dinov2WithRegistersModel if cfg.num_register_tokens
-           else transformers.Dinov2Model)
+    cls = (
+        transformers.Dinov2WithRegistersModel
+        if cfg.num_register_tokens
+        else transformers.Dinov2Model
+    )
     hf = cls.from_pretrained(tmpdir, attn_implementation="sdpa")
     return hf.eval()
 
@@ -234,15 +242,20 @@ def check_agreement(model, hf, img_size: int, bf16: bool) -> dict:
     with torch.inference_mode():
         a = vssl_sequence(model, x).float()
         b = hf(pixel_values=x).last_hidden_state.float()
-        out["fp32"] = {"max_abs_diff": float((a - b).abs().max()), "shape": list(a.shape),
-                       "max_abs_value": float(a.abs().max())}
+        out["fp32"] = {
+            "max_abs_diff": float((a - b).abs().max()),
+            "shape": list(a.shape),
+            "max_abs_value": float(a.abs().max()),
+        }
         if bf16:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 a16 = vssl_sequence(model, x).float()
                 b16 = hf(pixel_values=x).last_hidden_state.float()
-            out["bf16"] = {"max_abs_diff": float((a16 - b16).abs().max()),
-                           "vssl_bf16_vs_fp32_max_abs_diff": float((a16 - a).abs().max()),
-                           "hf_bf16_vs_fp32_max_abs_diff": float((b16 - b).abs().max())}
+            out["bf16"] = {
+                "max_abs_diff": float((a16 - b16).abs().max()),
+                "vssl_bf16_vs_fp32_max_abs_diff": float((a16 - a).abs().max()),
+                "hf_bf16_vs_fp32_max_abs_diff": float((b16 - b).abs().max()),
+            }
     return out
 
 
@@ -251,8 +264,11 @@ def make_runner(kind: str, module, x: torch.Tensor, autocast_bf16: bool):
     """A callable running ``n`` forwards (inside one inference_mode/autocast region)."""
 
     def run(n: int) -> list[float]:
-        ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16
-               else contextlib.nullcontext())
+        ctx = (
+            torch.autocast("cpu", dtype=torch.bfloat16)
+            if autocast_bf16
+            else contextlib.nullcontext()
+        )
         times = []
         with torch.inference_mode(), ctx:
             for _ in range(n):
@@ -267,8 +283,16 @@ def make_runner(kind: str, module, x: torch.Tensor, autocast_bf16: bool):
     return run
 
 
-def measure_interleaved(runners: dict, batch: int, *, warmup: int, warmup_s: float,
-                        rounds: int, round_s: float, max_iters: int) -> dict:
+def measure_interleaved(
+    runners: dict,
+    batch: int,
+    *,
+    warmup: int,
+    warmup_s: float,
+    rounds: int,
+    round_s: float,
+    max_iters: int,
+) -> dict:
     """Warm every runner up, then ``rounds`` rounds alternating their order (A B, B A, ...).
 
     Every runner gets the same number of iterations per round, chosen from the slowest warm-up
@@ -293,8 +317,10 @@ def measure_interleaved(runners: dict, batch: int, *, warmup: int, warmup_s: flo
             runners[name](iters)
             dt = time.perf_counter() - t
             samples[name].append(batch * iters / dt)
-        log(f"    round {r + 1}/{rounds} ({iters} it each): "
-            + ", ".join(f"{k} {samples[k][-1]:.2f} img/s" for k in order))
+        log(
+            f"    round {r + 1}/{rounds} ({iters} it each): "
+            + ", ".join(f"{k} {samples[k][-1]:.2f} img/s" for k in order)
+        )
     return {
         k: {"best": max(v), "median": statistics.median(v), "samples": v, "iters_per_round": iters}
         for k, v in samples.items()
@@ -302,8 +328,15 @@ def measure_interleaved(runners: dict, batch: int, *, warmup: int, warmup_s: flo
 
 
 # ------------------------------------------------------------------------------------ embed
-def run_embed(model, images: Path, batch: int, repeat: int, max_images: int | None,
-              num_workers: int | None, runs: int = 3) -> dict:
+def run_embed(
+    model,
+    images: Path,
+    batch: int,
+    repeat: int,
+    max_images: int | None,
+    num_workers: int | None,
+    runs: int = 3,
+) -> dict:
     """Best of ``runs`` end-to-end runs: the same statistic as the model-only rows (best of
     rounds), so machine noise does not favour either side of the e2e / model-only ratio."""
     from vssl.embed import embed_images, list_inputs
@@ -317,12 +350,27 @@ def run_embed(model, images: Path, batch: int, repeat: int, max_images: int | No
     results = []
     for _ in range(max(1, runs)):
         with tempfile.TemporaryDirectory(prefix="vssl-bench-embed-") as tmp:
-            results.append(embed_images(model, items, tmp, batch_size=batch,
-                                        num_workers=num_workers, device="cpu", progress=False))
+            results.append(
+                embed_images(
+                    model,
+                    items,
+                    tmp,
+                    batch_size=batch,
+                    num_workers=num_workers,
+                    device="cpu",
+                    progress=False,
+                )
+            )
     res = max(results, key=lambda r: r.images_per_s)
-    return {"images_per_s": res.images_per_s, "seconds": res.seconds, "num_inputs": res.num_inputs,
-            "num_embedded": res.num_embedded, "num_skipped": res.num_skipped,
-            "num_workers": num_workers, "all_images_per_s": [r.images_per_s for r in results]}
+    return {
+        "images_per_s": res.images_per_s,
+        "seconds": res.seconds,
+        "num_inputs": res.num_inputs,
+        "num_embedded": res.num_embedded,
+        "num_skipped": res.num_skipped,
+        "num_workers": num_workers,
+        "all_images_per_s": [r.images_per_s for r in results],
+    }
 
 
 # ------------------------------------------------------------------------------------ report
@@ -344,27 +392,35 @@ def render(report: dict) -> str:
     for key in ("fp32", "bf16"):
         if key in mm:
             sizes = ", ".join(f"{n}: {v['flops'] / 1e9:.1f}" for n, v in mm[key]["sizes"].items())
-            lines.append(f"- {key} matmul peak: {mm[key]['best'] / 1e9:.1f} GFLOP/s "
-                         f"(best-of per size n, GFLOP/s: {sizes})")
+            lines.append(
+                f"- {key} matmul peak: {mm[key]['best'] / 1e9:.1f} GFLOP/s "
+                f"(best-of per size n, GFLOP/s: {sizes})"
+            )
     lines.append("")
     for c in report["checks"]:
         line = f"- {c['model']}: GFLOP/img formula {c['flops_formula'] / 1e9:.3f}"
         fc = c.get("flop_counter")
         if fc:
             rel = fc["math_sdpa"] / c["flops_formula"] - 1
-            line += (f", FlopCounterMode {fc['math_sdpa'] / 1e9:.3f} with MATH sdpa "
-                     f"({rel:+.2e} rel.), {fc['default_sdpa'] / 1e9:.3f} with the default CPU "
-                     "flash kernel (attention not counted)")
+            line += (
+                f", FlopCounterMode {fc['math_sdpa'] / 1e9:.3f} with MATH sdpa "
+                f"({rel:+.2e} rel.), {fc['default_sdpa'] / 1e9:.3f} with the default CPU "
+                "flash kernel (attention not counted)"
+            )
         ag = c.get("agree_fp32")
         if ag:
             ok = "OK" if ag["max_abs_diff"] <= AGREE_TOL else "MISMATCH"
-            line += (f"; vssl vs transformers fp32 max|diff| {ag['max_abs_diff']:.2e} "
-                     f"({ok}, tol {AGREE_TOL:g})")
+            line += (
+                f"; vssl vs transformers fp32 max|diff| {ag['max_abs_diff']:.2e} "
+                f"({ok}, tol {AGREE_TOL:g})"
+            )
         ab = c.get("agree_bf16")
         if ab:
-            line += (f"; bf16 autocast vssl vs transformers max|diff| {ab['max_abs_diff']:.2e} "
-                     f"(bf16 vs fp32: vssl {ab['vssl_bf16_vs_fp32_max_abs_diff']:.2e}, "
-                     f"transformers {ab['hf_bf16_vs_fp32_max_abs_diff']:.2e})")
+            line += (
+                f"; bf16 autocast vssl vs transformers max|diff| {ab['max_abs_diff']:.2e} "
+                f"(bf16 vs fp32: vssl {ab['vssl_bf16_vs_fp32_max_abs_diff']:.2e}, "
+                f"transformers {ab['hf_bf16_vs_fp32_max_abs_diff']:.2e})"
+            )
         lines.append(line)
     lines += [
         "",
@@ -413,60 +469,128 @@ iteration per round, small matmuls, 8 embed images, ViT-S only unless --models i
 only shows the script works.""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--models", default=None,
-                   help=f"comma-separated subset (default {DEFAULT_MODELS}; vits14-224 alone "
-                   "with --quick)")
-    p.add_argument("--precisions", default="fp32,bf16,bf16w",
-                   help="comma-separated subset of fp32,bf16,bf16w,fp32c (default fp32,bf16,bf16w; "
-                        "fp32c = torch.compile of both implementations)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: tiny batches and iteration counts (numbers are not meaningful)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (default: the number of usable cores)")
-    p.add_argument("--batch-size-224", type=int, default=None,
-                   help="batch for models below 518 px (default 8; 2 with --quick). Throughput on "
-                   "CPU is flat beyond ~8 images of 257 tokens")
-    p.add_argument("--batch-size-518", type=int, default=None,
-                   help="batch for models at 518 px and above (default 1: 1370 tokens already "
-                   "make large GEMMs, and a bf16 iteration is slow on CPUs without native bf16)")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="alternating timing rounds per precision (default 2: vssl hf, hf vssl)")
-    p.add_argument("--round-seconds", type=float, default=None,
-                   help="target seconds per implementation per round (default 4; at least one "
-                   "iteration)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="minimum warm-up iterations per implementation (default 1)")
-    p.add_argument("--warmup-seconds", type=float, default=None,
-                   help="keep warming up until this many seconds (default 2)")
-    p.add_argument("--matmul-sizes", default=None,
-                   help="square matmul sizes for the FLOP/s peak (default 1024,2048,4096)")
+    p.add_argument(
+        "--models",
+        default=None,
+        help=f"comma-separated subset (default {DEFAULT_MODELS}; vits14-224 alone with --quick)",
+    )
+    p.add_argument(
+        "--precisions",
+        default="fp32,bf16,bf16w",
+        help="comma-separated subset of fp32,bf16,bf16w,fp32c (default fp32,bf16,bf16w; "
+        "fp32c = torch.compile of both implementations)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny batches and iteration counts (numbers are not meaningful)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: the number of usable cores)",
+    )
+    p.add_argument(
+        "--batch-size-224",
+        type=int,
+        default=None,
+        help="batch for models below 518 px (default 8; 2 with --quick). Throughput on "
+        "CPU is flat beyond ~8 images of 257 tokens",
+    )
+    p.add_argument(
+        "--batch-size-518",
+        type=int,
+        default=None,
+        help="batch for models at 518 px and above (default 1: 1370 tokens already "
+        "make large GEMMs, and a bf16 iteration is slow on CPUs without native bf16)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="alternating timing rounds per precision (default 2: vssl hf, hf vssl)",
+    )
+    p.add_argument(
+        "--round-seconds",
+        type=float,
+        default=None,
+        help="target seconds per implementation per round (default 4; at least one iteration)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="minimum warm-up iterations per implementation (default 1)",
+    )
+    p.add_argument(
+        "--warmup-seconds",
+        type=float,
+        default=None,
+        help="keep warming up until this many seconds (default 2)",
+    )
+    p.add_argument(
+        "--matmul-sizes",
+        default=None,
+        help="square matmul sizes for the FLOP/s peak (default 1024,2048,4096)",
+    )
     p.add_argument("--skip-hf", action="store_true", help="no transformers comparison")
-    p.add_argument("--flop-check", choices=("first", "all", "none"), default="first",
-                   help="cross-check the FLOP formula with FlopCounterMode (two batch-1 forwards) "
-                   "for the first model (default), every model, or none")
+    p.add_argument(
+        "--flop-check",
+        choices=("first", "all", "none"),
+        default="first",
+        help="cross-check the FLOP formula with FlopCounterMode (two batch-1 forwards) "
+        "for the first model (default), every model, or none",
+    )
     p.add_argument("--skip-embed", action="store_true", help="no end-to-end embed_images timing")
-    p.add_argument("--embed-models", default=DEFAULT_EMBED_MODELS,
-                   help=f"which of --models also get the end-to-end embed timing (default "
-                   f"{DEFAULT_EMBED_MODELS}; 'all' for every model)")
-    p.add_argument("--images", type=Path, default=DEFAULT_IMAGES,
-                   help="folder / .txt list of images for the embed timing (default "
-                   f"{DEFAULT_IMAGES})")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="embed the image list this many times over (longer, steadier timing)")
-    p.add_argument("--max-images", type=int, default=None,
-                   help="use only the first N images (default all; 8 with --quick)")
-    p.add_argument("--embed-runs", type=int, default=3,
-                   help="end-to-end embed runs; the best is reported, like the model-only rounds")
-    p.add_argument("--embed-workers", type=int, default=None,
-                   help="embed_images num_workers (default: embed_images' own default)")
+    p.add_argument(
+        "--embed-models",
+        default=DEFAULT_EMBED_MODELS,
+        help=f"which of --models also get the end-to-end embed timing (default "
+        f"{DEFAULT_EMBED_MODELS}; 'all' for every model)",
+    )
+    p.add_argument(
+        "--images",
+        type=Path,
+        default=DEFAULT_IMAGES,
+        help=f"folder / .txt list of images for the embed timing (default {DEFAULT_IMAGES})",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="embed the image list this many times over (longer, steadier timing)",
+    )
+    p.add_argument(
+        "--max-images",
+        type=int,
+        default=None,
+        help="use only the first N images (default all; 8 with --quick)",
+    )
+    p.add_argument(
+        "--embed-runs",
+        type=int,
+        default=3,
+        help="end-to-end embed runs; the best is reported, like the model-only rounds",
+    )
+    p.add_argument(
+        "--embed-workers",
+        type=int,
+        default=None,
+        help="embed_images num_workers (default: embed_images' own default)",
+    )
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="dump raw numbers here")
     args = p.parse_args(argv)
 
     q = args.quick
     defaults = {
-        "batch_size_224": 2 if q else 8, "batch_size_518": 1,
-        "rounds": 2, "round_seconds": 0.0 if q else 4.0, "warmup": 1,
-        "warmup_seconds": 0.0 if q else 2.0, "max_images": 8 if q else None,
+        "batch_size_224": 2 if q else 8,
+        "batch_size_518": 1,
+        "rounds": 2,
+        "round_seconds": 0.0 if q else 4.0,
+        "warmup": 1,
+        "warmup_seconds": 0.0 if q else 2.0,
+        "max_images": 8 if q else None,
     }
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -496,14 +620,22 @@ def main(argv=None) -> int:
 
     import vssl
 
-    machine = {**info, "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "transformers": transformers.__version__, "vssl": vssl.__version__,
-               "python": platform.python_version(),
-               "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    machine = {
+        **info,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "vssl": vssl.__version__,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
     log(f"machine: {machine}")
     models = parse_models(args.models)
-    embed_keys = {k for k, _, _ in models} if args.embed_models.strip() == "all" else {
-        s.strip() for s in args.embed_models.split(",")}
+    embed_keys = (
+        {k for k, _, _ in models}
+        if args.embed_models.strip() == "all"
+        else {s.strip() for s in args.embed_models.split(",")}
+    )
     want_bf16 = any(pr in args.precisions for pr in ("bf16", "bf16w"))
 
     # -- matmul peak ---------------------------------------------------------------------------
@@ -517,8 +649,13 @@ def main(argv=None) -> int:
         log(f"  bf16 peak {matmul['bf16']['best'] / 1e9:.1f} GFLOP/s")
 
     rows, checks, measurements, embeds, summary = [], [], [], [], []
-    timing = dict(warmup=args.warmup, warmup_s=args.warmup_seconds, rounds=args.rounds,
-                  round_s=args.round_seconds, max_iters=100)
+    timing = dict(
+        warmup=args.warmup,
+        warmup_s=args.warmup_seconds,
+        rounds=args.rounds,
+        round_s=args.round_seconds,
+        max_iters=100,
+    )
 
     for key, name, res in models:
         batch = args.batch_size_518 if res >= 518 else args.batch_size_224
@@ -528,15 +665,22 @@ def main(argv=None) -> int:
         cfg = model.config
         flops = vit_forward_flops(cfg, res)
         gflop = flops["total"] / 1e9
-        check = {"model": key, "zoo_name": name, "res": res, "flops_formula": flops["total"],
-                 "flops_breakdown": flops}
+        check = {
+            "model": key,
+            "zoo_name": name,
+            "res": res,
+            "flops_formula": flops["total"],
+            "flops_breakdown": flops,
+        }
         log(f"  formula: {gflop:.3f} GFLOP/img ({flops['tokens']} tokens)")
         if args.flop_check == "all" or (args.flop_check == "first" and key == models[0][0]):
             fc = flop_counter_check(model, res)
             check["flop_counter"] = fc
-            log(f"  FlopCounterMode: {fc['math_sdpa'] / 1e9:.3f} GFLOP (MATH sdpa), "
+            log(
+                f"  FlopCounterMode: {fc['math_sdpa'] / 1e9:.3f} GFLOP (MATH sdpa), "
                 f"{fc['default_sdpa'] / 1e9:.3f} GFLOP (default CPU sdpa kernel, attention "
-                f"uncounted); formula - counter = {flops['total'] - fc['math_sdpa']}")
+                f"uncounted); formula - counter = {flops['total'] - fc['math_sdpa']}"
+            )
 
         hf = None
         tmp_ctx = tempfile.TemporaryDirectory(prefix="vssl-bench-hf-")
@@ -547,14 +691,18 @@ def main(argv=None) -> int:
             agree = check_agreement(model, hf, res, bf16="bf16" in args.precisions)
             ag = check["agree_fp32"] = agree["fp32"]
             status = "OK" if ag["max_abs_diff"] <= AGREE_TOL else "MISMATCH"
-            log(f"  vssl vs transformers fp32: max|diff| {ag['max_abs_diff']:.3e} over "
-                f"{ag['shape']} ({status}, tol {AGREE_TOL:g})")
+            log(
+                f"  vssl vs transformers fp32: max|diff| {ag['max_abs_diff']:.3e} over "
+                f"{ag['shape']} ({status}, tol {AGREE_TOL:g})"
+            )
             if status != "OK":
                 log("  WARNING: outputs disagree; the timings below compare different computations")
             if "bf16" in agree:
                 ab = check["agree_bf16"] = agree["bf16"]
-                log(f"  bf16 autocast: vssl vs transformers max|diff| {ab['max_abs_diff']:.3e}, "
-                    f"vssl bf16 vs fp32 {ab['vssl_bf16_vs_fp32_max_abs_diff']:.3e}")
+                log(
+                    f"  bf16 autocast: vssl vs transformers max|diff| {ab['max_abs_diff']:.3e}, "
+                    f"vssl bf16 vs fp32 {ab['vssl_bf16_vs_fp32_max_abs_diff']:.3e}"
+                )
         checks.append(check)
 
         x = torch.randn(batch, cfg.in_chans, res, res, generator=torch.Generator().manual_seed(2))
@@ -577,8 +725,17 @@ def main(argv=None) -> int:
             res_t = measure_interleaved(runners, batch, **timing)
             for impl, r in res_t.items():
                 best[(prec, impl)] = r["best"]
-                measurements.append({"model": key, "zoo_name": name, "res": res, "batch": batch,
-                                     "precision": prec, "impl": impl, **r})
+                measurements.append(
+                    {
+                        "model": key,
+                        "zoo_name": name,
+                        "res": res,
+                        "batch": batch,
+                        "precision": prec,
+                        "impl": impl,
+                        **r,
+                    }
+                )
             if prec == "bf16w":
                 del m16, runners
 
@@ -596,61 +753,103 @@ def main(argv=None) -> int:
                     notes.append(f"x{ips / best[('fp32', impl)]:.2f} of fp32")
                 if prec == "bf16w" and ("bf16", "vssl") in best:
                     notes.append(f"x{ips / best[('bf16', 'vssl')]:.2f} of bf16 autocast")
-                rows.append({
-                    "model": key, "res": res, "precision": prec, "impl": impl, "batch": batch,
-                    "images_per_s": ips, "gflop_per_img": gflop, "tflops": achieved / 1e12,
-                    "pct_peak": 100 * achieved / peak, "pct_fp32_peak": 100 * achieved / fp32_peak,
-                    "ratio_vs_hf": ips / hf_ips if hf_ips else None, "notes": "; ".join(notes),
-                })
+                rows.append(
+                    {
+                        "model": key,
+                        "res": res,
+                        "precision": prec,
+                        "impl": impl,
+                        "batch": batch,
+                        "images_per_s": ips,
+                        "gflop_per_img": gflop,
+                        "tflops": achieved / 1e12,
+                        "pct_peak": 100 * achieved / peak,
+                        "pct_fp32_peak": 100 * achieved / fp32_peak,
+                        "ratio_vs_hf": ips / hf_ips if hf_ips else None,
+                        "notes": "; ".join(notes),
+                    }
+                )
         for impl in ("vssl", "transformers"):
             if ("fp32", impl) in best and ("bf16", impl) in best:
-                summary.append(f"{key} {impl}: bf16 autocast / fp32 = "
-                               f"{best[('bf16', impl)] / best[('fp32', impl)]:.2f}")
+                summary.append(
+                    f"{key} {impl}: bf16 autocast / fp32 = "
+                    f"{best[('bf16', impl)] / best[('fp32', impl)]:.2f}"
+                )
         for prec in args.precisions:
             if (prec, "transformers") in best:
-                summary.append(f"{key} {prec}: vssl / transformers = "
-                               f"{best[(prec, 'vssl')] / best[(prec, 'transformers')]:.2f}")
+                summary.append(
+                    f"{key} {prec}: vssl / transformers = "
+                    f"{best[(prec, 'vssl')] / best[(prec, 'transformers')]:.2f}"
+                )
 
         del hf
         tmp_ctx.cleanup()
 
         if not args.skip_embed and key in embed_keys:
             log(f"  embed_images over {args.images} (x{args.repeat}), batch {batch} ...")
-            e = run_embed(model, args.images, batch, args.repeat, args.max_images,
-                          args.embed_workers, args.embed_runs)
+            e = run_embed(
+                model,
+                args.images,
+                batch,
+                args.repeat,
+                args.max_images,
+                args.embed_workers,
+                args.embed_runs,
+            )
             model_only = best.get(("fp32", "vssl"))
-            e.update({"model": key, "res": res, "batch": batch,
-                      "model_only_images_per_s": model_only})
+            e.update(
+                {"model": key, "res": res, "batch": batch, "model_only_images_per_s": model_only}
+            )
             embeds.append(e)
             ratio = e["images_per_s"] / model_only if model_only else None
-            log(f"  e2e {e['images_per_s']:.2f} img/s over {e['num_embedded']} images "
+            log(
+                f"  e2e {e['images_per_s']:.2f} img/s over {e['num_embedded']} images "
                 f"({e['seconds']:.1f} s, {e['num_skipped']} skipped)"
-                + (f", x{ratio:.2f} of model-only" if ratio else ""))
+                + (f", x{ratio:.2f} of model-only" if ratio else "")
+            )
             achieved = e["images_per_s"] * flops["total"]
             workers = "default" if args.embed_workers is None else args.embed_workers
-            rows.append({
-                "model": key, "res": res, "precision": "fp32",
-                "impl": f"vssl embed e2e ({e['num_embedded']} imgs, workers {workers})",
-                "batch": batch, "images_per_s": e["images_per_s"], "gflop_per_img": gflop,
-                "tflops": achieved / 1e12, "pct_peak": 100 * achieved / fp32_peak,
-                "pct_fp32_peak": 100 * achieved / fp32_peak, "ratio_vs_hf": None,
-                "notes": f"x{ratio:.2f} of model-only" if ratio else "",
-            })
+            rows.append(
+                {
+                    "model": key,
+                    "res": res,
+                    "precision": "fp32",
+                    "impl": f"vssl embed e2e ({e['num_embedded']} imgs, workers {workers})",
+                    "batch": batch,
+                    "images_per_s": e["images_per_s"],
+                    "gflop_per_img": gflop,
+                    "tflops": achieved / 1e12,
+                    "pct_peak": 100 * achieved / fp32_peak,
+                    "pct_fp32_peak": 100 * achieved / fp32_peak,
+                    "ratio_vs_hf": None,
+                    "notes": f"x{ratio:.2f} of model-only" if ratio else "",
+                }
+            )
             if ratio:
                 summary.append(f"{key}: embed e2e / model-only (fp32, batch {batch}) = {ratio:.2f}")
         del model
 
-    report = {"machine": machine, "args": {k: (str(v) if isinstance(v, Path) else v)
-                                          for k, v in vars(args).items()},
-              "matmul": matmul, "checks": checks, "measurements": measurements, "embed": embeds,
-              "rows": rows, "summary": summary, "elapsed_s": time.perf_counter() - t_start}
+    report = {
+        "machine": machine,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "matmul": matmul,
+        "checks": checks,
+        "measurements": measurements,
+        "embed": embeds,
+        "rows": rows,
+        "summary": summary,
+        "elapsed_s": time.perf_counter() - t_start,
+    }
     print(render(report), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
         log(f"raw numbers -> {args.json}")
-    bad = [c["model"] for c in checks
-           if c.get("agree_fp32") and c["agree_fp32"]["max_abs_diff"] > AGREE_TOL]
+    bad = [
+        c["model"]
+        for c in checks
+        if c.get("agree_fp32") and c["agree_fp32"]["max_abs_diff"] > AGREE_TOL
+    ]
     return 1 if bad else 0
 
 

@@ -70,7 +70,6 @@ def _knn_faiss(train, ytrain, test, ytest, ks, temperature, classes):
 
 
 def child_knn(args) -> dict:
-    import numpy as np
     import torch
 
     from vssl.evaluate.knn import knn_classify
@@ -89,14 +88,19 @@ def child_knn(args) -> dict:
         acc = _knn_faiss(train, ytrain, test, ytest, ks, 0.07, args.classes)
     dt = time.perf_counter() - t0
     flops = 2.0 * args.knn_train * args.knn_test * args.dim
-    return {"seconds": dt, "gflops": flops / dt / 1e9, "top1@20": acc[20], "peak_bytes": _hwm(),
-            "peak_over_start": _hwm() - base, "feature_bytes": feat_bytes}
+    return {
+        "seconds": dt,
+        "gflops": flops / dt / 1e9,
+        "top1@20": acc[20],
+        "peak_bytes": _hwm(),
+        "peak_over_start": _hwm() - base,
+        "feature_bytes": feat_bytes,
+    }
 
 
 def child_linear(args) -> dict:
     from types import SimpleNamespace
 
-    import numpy as np
     import torch
 
     from vssl.evaluate.linear import DINOV2_LRS, train_linear_grid
@@ -105,12 +109,17 @@ def child_linear(args) -> dict:
 
     def split(n, seed):
         x, y = _clusters(n, args.dim * 5, args.classes, seed, noise=6.0)
-        return SimpleNamespace(layers=x[:, : 4 * args.dim].reshape(n, 4, args.dim).copy(),
-                               avgpool=x[:, 4 * args.dim:].copy(), cls=x[:, 3 * args.dim: 4 * args.dim],
-                               labels=y)
+        return SimpleNamespace(
+            layers=x[:, : 4 * args.dim].reshape(n, 4, args.dim).copy(),
+            avgpool=x[:, 4 * args.dim :].copy(),
+            cls=x[:, 3 * args.dim : 4 * args.dim],
+            labels=y,
+        )
 
     train, test = split(args.linear_n, 0), split(max(1000, args.linear_n // 5), 1)
-    feat_bytes = train.layers.nbytes + train.avgpool.nbytes + test.layers.nbytes + test.avgpool.nbytes
+    feat_bytes = (
+        train.layers.nbytes + train.avgpool.nbytes + test.layers.nbytes + test.avgpool.nbytes
+    )
     base = _hwm()
     t0 = time.perf_counter()
     if args.way == "vssl":
@@ -118,27 +127,54 @@ def child_linear(args) -> dict:
         heads, acc = len(r.heads), r.test_top1
     else:  # one head at a time: the first --peer-heads of the grid, scaled to the whole grid
         grid = [(n, a, lr) for n in (1, 4) for a in (False, True) for lr in DINOV2_LRS]
-        for n, a, lr in grid[-args.peer_heads:]:
-            r = train_linear_grid(train, test, n_blocks=(n,), avgpool=(a,), lrs=(lr,),
-                                  epochs=args.epochs, num_classes=args.classes)
+        for n, a, lr in grid[-args.peer_heads :]:
+            r = train_linear_grid(
+                train,
+                test,
+                n_blocks=(n,),
+                avgpool=(a,),
+                lrs=(lr,),
+                epochs=args.epochs,
+                num_classes=args.classes,
+            )
         heads, acc = args.peer_heads, r.test_top1
     dt = time.perf_counter() - t0
     total = dt * (52 / heads) if args.way != "vssl" else dt
-    return {"seconds": total, "measured_seconds": dt, "heads_timed": heads, "test_top1": acc,
-            "peak_bytes": _hwm(), "peak_over_start": _hwm() - base, "feature_bytes": feat_bytes}
+    return {
+        "seconds": total,
+        "measured_seconds": dt,
+        "heads_timed": heads,
+        "test_top1": acc,
+        "peak_bytes": _hwm(),
+        "peak_over_start": _hwm() - base,
+        "feature_bytes": feat_bytes,
+    }
 
 
 def _run_child(part: str, way: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", part, "--way", way] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-        if k in ("knn_train", "knn_test", "dim", "classes", "linear_n", "epochs", "peer_heads", "threads")]
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in vars(args).items()
+        if k
+        in (
+            "knn_train",
+            "knn_test",
+            "dim",
+            "classes",
+            "linear_n",
+            "epochs",
+            "peer_heads",
+            "threads",
+        )
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--parts", default="knn,linear")
     ap.add_argument("--knn-train", type=int, default=100_000)
     ap.add_argument("--knn-test", type=int, default=100_000)
@@ -157,17 +193,29 @@ def main(argv=None) -> int:
         print(json.dumps(res))
         return 0
     if args.quick:
-        args.knn_train, args.knn_test, args.linear_n, args.epochs, args.peer_heads = 5000, 2000, 3000, 2, 2
+        args.knn_train, args.knn_test, args.linear_n, args.epochs, args.peer_heads = (
+            5000,
+            2000,
+            3000,
+            2,
+            2,
+        )
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     rows = []
-    gib = 1024 ** 3
+    gib = 1024**3
     if "knn" in parts:
         for way in ("vssl", "faiss"):
             r = _run_child("knn", way, args)
-            rows.append((f"knn {args.knn_train}x{args.knn_test}x{args.dim}, 4 k's",
-                         "vssl knn_classify" if way == "vssl" else "faiss IndexFlatIP + vote (peer)",
-                         r["seconds"], r["peak_bytes"] / gib, r["feature_bytes"] / gib,
-                         f"{r['gflops']:.0f} GFLOP/s, top1@20 {r['top1@20']:.3f}"))
+            rows.append(
+                (
+                    f"knn {args.knn_train}x{args.knn_test}x{args.dim}, 4 k's",
+                    "vssl knn_classify" if way == "vssl" else "faiss IndexFlatIP + vote (peer)",
+                    r["seconds"],
+                    r["peak_bytes"] / gib,
+                    r["feature_bytes"] / gib,
+                    f"{r['gflops']:.0f} GFLOP/s, top1@20 {r['top1@20']:.3f}",
+                )
+            )
             print(rows[-1], file=sys.stderr)
     if "linear" in parts:
         for way in ("vssl", "one-at-a-time"):
@@ -175,12 +223,21 @@ def main(argv=None) -> int:
             note = f"test top1 {r['test_top1']:.3f}"
             if way != "vssl":
                 note += f"; {r['heads_timed']} heads timed ({r['measured_seconds']:.1f} s), x{52 / r['heads_timed']:.0f}"
-            rows.append((f"linear grid 52 heads, {args.linear_n}x(4+1)x{args.dim}, {args.classes} classes, "
-                         f"{args.epochs} epochs", "vssl train_linear_grid" if way == "vssl"
-                         else "heads one at a time (peer)", r["seconds"], r["peak_bytes"] / gib,
-                         r["feature_bytes"] / gib, note))
+            rows.append(
+                (
+                    f"linear grid 52 heads, {args.linear_n}x(4+1)x{args.dim}, {args.classes} classes, "
+                    f"{args.epochs} epochs",
+                    "vssl train_linear_grid" if way == "vssl" else "heads one at a time (peer)",
+                    r["seconds"],
+                    r["peak_bytes"] / gib,
+                    r["feature_bytes"] / gib,
+                    note,
+                )
+            )
             print(rows[-1], file=sys.stderr)
-    cmd = "python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv)))
+    cmd = "python " + " ".join(
+        [os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))
+    )
     cpu = platform.processor() or "cpu"
     try:
         with open("/proc/cpuinfo") as f:
@@ -189,9 +246,13 @@ def main(argv=None) -> int:
         pass
     import torch
 
-    print(f"\nCommand: `{cmd}`  \nMachine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{args.threads} threads  \nDate: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC}\n")
-    print("| task | way | seconds | peak RSS GiB | features GiB | note |\n|---|---|---:|---:|---:|---|")
+    print(
+        f"\nCommand: `{cmd}`  \nMachine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{args.threads} threads  \nDate: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC}\n"
+    )
+    print(
+        "| task | way | seconds | peak RSS GiB | features GiB | note |\n|---|---|---:|---:|---:|---|"
+    )
     for task, way, s, peak, feat, note in rows:
         print(f"| {task} | {way} | {s:.1f} | {peak:.2f} | {feat:.2f} | {note} |")
     return 0

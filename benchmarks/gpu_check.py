@@ -81,10 +81,23 @@ from mae_speed import command_line, count_flops, machine_info, matmul_rate, sync
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets. Matched as
 # substrings of torch.cuda.get_device_name(), first match wins (specific names before general).
 BF16_PEAK_TFLOPS = [
-    ("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0),
-    ("H100", 989.0), ("H800", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0),
-    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
-    ("RTX 4090", 165.0), ("RTX 6000 Ada", 364.0), ("A6000", 155.0),
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.0),
+    ("RTX 6000 Ada", 364.0),
+    ("A6000", 155.0),
 ]
 AGREE_TOL = 2e-3  # max |vssl - transformers| over LayerNormed tokens, fp32 (GPU kernels differ)
 # Each section's share of the time left when it starts. MAE runs before DINOv2: DINOv2's compile
@@ -166,8 +179,11 @@ class DynamoWatch(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage()
         if "recompile_limit" in msg or "cache_size_limit" in msg:
-            self.hits.append(msg.splitlines()[0] + " | " + " ".join(
-                line.strip() for line in msg.splitlines()[1:3]))
+            self.hits.append(
+                msg.splitlines()[0]
+                + " | "
+                + " ".join(line.strip() for line in msg.splitlines()[1:3])
+            )
 
     def start(self) -> None:
         """A fresh dynamo (caches of earlier sections' models dropped) and no hits yet."""
@@ -181,10 +197,13 @@ class DynamoWatch(logging.Handler):
         from torch import _dynamo
 
         c = _dynamo.utils.counters
-        return {"unique_graphs": int(c["stats"]["unique_graphs"]),
-                "frames_total": int(c["frames"]["total"]), "frames_ok": int(c["frames"]["ok"]),
-                "recompile_limit": int(_dynamo.config.recompile_limit),
-                "limit_hits": list(self.hits)}
+        return {
+            "unique_graphs": int(c["stats"]["unique_graphs"]),
+            "frames_total": int(c["frames"]["total"]),
+            "frames_ok": int(c["frames"]["ok"]),
+            "recompile_limit": int(_dynamo.config.recompile_limit),
+            "limit_hits": list(self.hits),
+        }
 
 
 DYNAMO: DynamoWatch | None = None
@@ -198,14 +217,22 @@ def compiled_note(what: str, report: dict) -> dict:
             f"{what}: dynamo hit its recompile limit ({info['recompile_limit']}; "
             f"{info['unique_graphs']} graphs): frames past it ran eagerly, so this compiled row is "
             f"only partly compiled (first warning: {info['limit_hits'][0]}). "
-            "--recompile-limit raises the limit.")
+            "--recompile-limit raises the limit."
+        )
         log("  " + report["notes"][-1])
     return info
 
 
 # ------------------------------------------------------------------------------ (a) embedding
-def measure_embed(runners: dict, batch: int, device: torch.device, deadline: float,
-                  round_s: float, rounds: int, warmup: int) -> dict:
+def measure_embed(
+    runners: dict,
+    batch: int,
+    device: torch.device,
+    deadline: float,
+    round_s: float,
+    rounds: int,
+    warmup: int,
+) -> dict:
     """Warm every runner up (compilation happens here), then alternating rounds (A B, B A, ...)
     of the same number of forwards each, until ``rounds`` rounds or the deadline."""
     first, mem, last = {}, {}, {}
@@ -223,25 +250,40 @@ def measure_embed(runners: dict, batch: int, device: torch.device, deadline: flo
         sync(device)
         last[name] = time.perf_counter() - t
         mem[name] = peak_mem_gib(device)
-        log(f"    warm-up {name}: first call {first[name]:.2f} s, then {last[name] * 1e3:.1f} "
-            "ms/batch")
+        log(
+            f"    warm-up {name}: first call {first[name]:.2f} s, then {last[name] * 1e3:.1f} "
+            "ms/batch"
+        )
     iters = max(1, int(round_s / max(max(last.values()), 1e-6)))
     samples: dict[str, list[float]] = {k: [] for k in runners}
     order = list(runners)
     for r in range(rounds):
         if r >= 1 and time.perf_counter() + 2 * len(order) * iters * max(last.values()) > deadline:
             break
-        for name in (order if r % 2 == 0 else order[::-1]):
+        for name in order if r % 2 == 0 else order[::-1]:
             sync(device)
             t = time.perf_counter()
             runners[name](iters)
             sync(device)
             samples[name].append(batch * iters / (time.perf_counter() - t))
-    log("    " + ", ".join(f"{k} best {max(v):.1f} img/s over {len(v)} rounds of {iters}"
-                          for k, v in samples.items()))
-    return {k: {"images_per_s": max(v), "median_images_per_s": statistics.median(v),
-                "rounds": v, "iters_per_round": iters, "first_call_s": first[k],
-                "peak_mem_gib": mem[k]} for k, v in samples.items()}
+    log(
+        "    "
+        + ", ".join(
+            f"{k} best {max(v):.1f} img/s over {len(v)} rounds of {iters}"
+            for k, v in samples.items()
+        )
+    )
+    return {
+        k: {
+            "images_per_s": max(v),
+            "median_images_per_s": statistics.median(v),
+            "rounds": v,
+            "iters_per_round": iters,
+            "first_call_s": first[k],
+            "peak_mem_gib": mem[k],
+        }
+        for k, v in samples.items()
+    }
 
 
 def make_embed_runner(kind: str, module, x: torch.Tensor, device: torch.device):
@@ -283,38 +325,56 @@ def embed_one(res: int, args, device, deadline: float, peak: float, report: dict
     with tempfile.TemporaryDirectory(prefix="vssl-gpu-check-hf-") as tmp:
         hf = build_hf(model, tmp).to(device).eval()
     model.to(device)
-    log(f"  {name} @{res}: vssl and transformers built "
-        f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)")
+    log(
+        f"  {name} @{res}: vssl and transformers built "
+        f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)"
+    )
     g = torch.Generator().manual_seed(res)
     x = torch.randn(1 if res >= 448 else 2, cfg.in_chans, res, res, generator=g).to(device)
     with torch.inference_mode():
         a = vssl_sequence(model, x).float()
         b = hf(pixel_values=x).last_hidden_state.float()
         with autocast(device):
-            d16 = float((vssl_sequence(model, x).float()
-                         - hf(pixel_values=x).last_hidden_state.float()).abs().max())
+            d16 = float(
+                (vssl_sequence(model, x).float() - hf(pixel_values=x).last_hidden_state.float())
+                .abs()
+                .max()
+            )
     diff = float((a - b).abs().max())
     ok = diff <= AGREE_TOL
-    report["checks"].append({
-        "what": f"{name}@{res} vssl vs transformers, fp32", "max_abs_diff": diff,
-        "tol": AGREE_TOL, "ok": ok, "max_abs_value": float(a.abs().max()),
-        "bf16_autocast_max_abs_diff": d16})
-    log(f"  vssl vs transformers fp32 max|diff| {diff:.2e} ({'OK' if ok else 'MISMATCH'}, "
-        f"tol {AGREE_TOL:g}); bf16 autocast {d16:.2e}")
+    report["checks"].append(
+        {
+            "what": f"{name}@{res} vssl vs transformers, fp32",
+            "max_abs_diff": diff,
+            "tol": AGREE_TOL,
+            "ok": ok,
+            "max_abs_value": float(a.abs().max()),
+            "bf16_autocast_max_abs_diff": d16,
+        }
+    )
+    log(
+        f"  vssl vs transformers fp32 max|diff| {diff:.2e} ({'OK' if ok else 'MISMATCH'}, "
+        f"tol {AGREE_TOL:g}); bf16 autocast {d16:.2e}"
+    )
     if not ok:
-        notes.append(f"{name}@{res}: vssl and transformers disagree (max |diff| {diff:.2e} > "
-                     f"{AGREE_TOL:g}): their timings compare different computations")
+        notes.append(
+            f"{name}@{res}: vssl and transformers disagree (max |diff| {diff:.2e} > "
+            f"{AGREE_TOL:g}): their timings compare different computations"
+        )
     del a, b
-    x = torch.randn(batch, cfg.in_chans, res, res,
-                    generator=torch.Generator().manual_seed(res + 1)).to(device)
+    x = torch.randn(
+        batch, cfg.in_chans, res, res, generator=torch.Generator().manual_seed(res + 1)
+    ).to(device)
     flops = vit_forward_flops(cfg, res)["total"]
     ref_cls = None
     for mode in ["eager"] + (["compiled"] if args.compile else []):
         left = deadline - time.perf_counter()
         need = args.est_compile_embed if mode == "compiled" else args.est_embed_part
         if left < need:
-            notes.append(f"(a) {mode} @{res}: skipped, {left:.0f} s left for this resolution "
-                         f"(needs ~{need:.0f} s)")
+            notes.append(
+                f"(a) {mode} @{res}: skipped, {left:.0f} s left for this resolution "
+                f"(needs ~{need:.0f} s)"
+            )
             log("  " + notes[-1])
             continue
         if mode == "compiled":
@@ -322,28 +382,42 @@ def embed_one(res: int, args, device, deadline: float, peak: float, report: dict
             compile_blocks(model.blocks, args)
             compile_blocks(hf.encoder.layer, args)
         log(f"  [{mode}] @{res}, batch {batch} ...")
-        runners = {"vssl": make_embed_runner("vssl", model, x, device),
-                   "transformers": make_embed_runner("transformers", hf, x, device)}
-        res_t = measure_embed(runners, batch, device, deadline, args.embed_round_s,
-                              args.embed_rounds, args.warmup)
+        runners = {
+            "vssl": make_embed_runner("vssl", model, x, device),
+            "transformers": make_embed_runner("transformers", hf, x, device),
+        }
+        res_t = measure_embed(
+            runners, batch, device, deadline, args.embed_round_s, args.embed_rounds, args.warmup
+        )
         with torch.inference_mode(), autocast(device):
             cls = model(x[:2]).float()
         if ref_cls is None:
             ref_cls = cls
         else:
             d = float((cls - ref_cls).abs().max())
-            report["checks"].append({"what": f"{name}@{res} compiled vs eager vssl, bf16 CLS",
-                                     "max_abs_diff": d})
+            report["checks"].append(
+                {"what": f"{name}@{res} compiled vs eager vssl, bf16 CLS", "max_abs_diff": d}
+            )
             log(f"    compiled vs eager vssl CLS (bf16): max|diff| {d:.2e}")
         dynamo = compiled_note(f"(a) compiled @{res}", report) if mode == "compiled" else None
         hf_ips = res_t["transformers"]["images_per_s"]
         for impl, r in res_t.items():
             achieved = r["images_per_s"] * flops
-            report["embed"].append({
-                "model": name, "res": res, "batch": batch, "impl": impl, "mode": mode,
-                "gflop_per_img": flops / 1e9, "tflops": achieved / 1e12,
-                "mfu_pct": 100 * achieved / peak,
-                "vs_transformers": r["images_per_s"] / hf_ips, "dynamo": dynamo, **r})
+            report["embed"].append(
+                {
+                    "model": name,
+                    "res": res,
+                    "batch": batch,
+                    "impl": impl,
+                    "mode": mode,
+                    "gflop_per_img": flops / 1e9,
+                    "tflops": achieved / 1e12,
+                    "mfu_pct": 100 * achieved / peak,
+                    "vs_transformers": r["images_per_s"] / hf_ips,
+                    "dynamo": dynamo,
+                    **r,
+                }
+            )
     del model, hf, x
 
 
@@ -356,16 +430,24 @@ def dinov2_batch(recipe, method, batch_size: int) -> dict:
 
     d, spec = recipe.data, method.views()
     g = torch.Generator().manual_seed(0)
-    samples = [{"global": torch.randn(2, 3, d.global_size, d.global_size, generator=g),
-                "local": torch.randn(d.n_local, 3, d.local_size, d.local_size, generator=g)}
-               for _ in range(batch_size)]
+    samples = [
+        {
+            "global": torch.randn(2, 3, d.global_size, d.global_size, generator=g),
+            "local": torch.randn(d.n_local, 3, d.local_size, d.local_size, generator=g),
+        }
+        for _ in range(batch_size)
+    ]
     mask_gen = None
     if spec.mask == "block":
         grid = d.global_size // spec.patch_size
         mask_gen = BlockMaskGenerator((grid, grid), max_num_patches=0.5 * grid * grid)
-    return collate_multicrop(samples, mask_generator=mask_gen,
-                             mask_probability=spec.mask_probability,
-                             mask_ratio=tuple(spec.mask_ratio), generator=random.Random(0))
+    return collate_multicrop(
+        samples,
+        mask_generator=mask_gen,
+        mask_probability=spec.mask_probability,
+        mask_ratio=tuple(spec.mask_ratio),
+        generator=random.Random(0),
+    )
 
 
 def mae_batch(method, batch_size: int) -> dict:
@@ -375,8 +457,9 @@ def mae_batch(method, batch_size: int) -> dict:
     bcfg = method.student["backbone"].config
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, bcfg.in_chans, bcfg.img_size, bcfg.img_size, generator=g)
-    ids_keep, ids_restore, mask = random_masking(batch_size, bcfg.num_patches,
-                                                 method.cfg.mask_ratio, generator=g)
+    ids_keep, ids_restore, mask = random_masking(
+        batch_size, bcfg.num_patches, method.cfg.mask_ratio, generator=g
+    )
     return {"image": images, "ids_keep": ids_keep, "ids_restore": ids_restore, "mask": mask}
 
 
@@ -390,19 +473,25 @@ class TrainerStep:
         from vssl.train.optim import build_optimizer, param_groups
 
         self.method, self.cfg, self.device, self.step_index = method, train_cfg, device, step
-        self.batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
-                      for k, v in batch.items()}
+        self.batch = {
+            k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+            for k, v in batch.items()
+        }
         self.frozen = [(list(f.params), int(f.until)) for f in method.frozen_parameters()]
-        groups = param_groups(method.student, layer_decay=train_cfg.layer_decay,
-                              patch_embed_lr_mult=train_cfg.patch_embed_lr_mult,
-                              num_layers=len(method.student["backbone"].blocks),
-                              frozen=self.frozen)
+        groups = param_groups(
+            method.student,
+            layer_decay=train_cfg.layer_decay,
+            patch_embed_lr_mult=train_cfg.patch_embed_lr_mult,
+            num_layers=len(method.student["backbone"].blocks),
+            frozen=self.frozen,
+        )
         self.opt = build_optimizer(groups, betas=(train_cfg.adamw_beta1, train_cfg.adamw_beta2))
         for g in self.opt.param_groups:
             g["lr"] = 0.0 if step < g["frozen_until"] else train_cfg.base_lr * g["lr_multiplier"]
             g["weight_decay"] = train_cfg.weight_decay * g["wd_multiplier"]
-        self.clip_sets = [[p for p in c.parameters() if p.requires_grad]
-                          for c in method.student.children()]
+        self.clip_sets = [
+            [p for p in c.parameters() if p.requires_grad] for c in method.student.children()
+        ]
         self.clip_sets = [s for s in self.clip_sets if s]
 
     def forward_backward(self) -> torch.Tensor:
@@ -438,8 +527,16 @@ def compile_like_trainer(method, args) -> int:
     return n
 
 
-def time_steps(step: TrainerStep, device: torch.device, *, warmup: int, seconds: float,
-               min_steps: int, max_steps: int, deadline: float) -> dict:
+def time_steps(
+    step: TrainerStep,
+    device: torch.device,
+    *,
+    warmup: int,
+    seconds: float,
+    min_steps: int,
+    max_steps: int,
+    deadline: float,
+) -> dict:
     first = time.perf_counter()
     step()
     sync(device)
@@ -454,9 +551,15 @@ def time_steps(step: TrainerStep, device: torch.device, *, warmup: int, seconds:
         loss = step()
         sync(device)
         times.append(time.perf_counter() - t)
-    return {"first_step_s": first, "steps": len(times), "best_s": min(times),
-            "median_s": statistics.median(times), "mean_s": sum(times) / len(times),
-            "peak_mem_gib": peak_mem_gib(device), "loss": float(loss.detach())}
+    return {
+        "first_step_s": first,
+        "steps": len(times),
+        "best_s": min(times),
+        "median_s": statistics.median(times),
+        "mean_s": sum(times) / len(times),
+        "peak_mem_gib": peak_mem_gib(device),
+        "loss": float(loss.detach()),
+    }
 
 
 def section_train(kind: str, args, device, deadline: float, peak: float, report: dict) -> None:
@@ -474,14 +577,19 @@ def section_train(kind: str, args, device, deadline: float, peak: float, report:
     method, _ = build_method(recipe)
     method.to(device).train()
     method.plan(StepPlan(total_steps=1000, iters_per_epoch=100, global_batch_size=batch_size))
-    batch = (dinov2_batch(recipe, method, batch_size) if kind == "dinov2"
-             else mae_batch(method, batch_size))
+    batch = (
+        dinov2_batch(recipe, method, batch_size)
+        if kind == "dinov2"
+        else mae_batch(method, batch_size)
+    )
     step_index = 500  # past the prototype freeze (100 steps): every parameter trains
     step = TrainerStep(method, recipe.train, batch, device, step_index)
-    label = (f"{recipe_name} ({recipe.model.name}, batch {batch_size}"
-             + (f": {2 * batch_size} x {recipe.data.global_size} px + {recipe.data.n_local * batch_size}"
-                f" x {recipe.data.local_size} px crops)" if kind == "dinov2" else
-                f" x {recipe.data.global_size} px, mask {method.cfg.mask_ratio:g})"))
+    label = f"{recipe_name} ({recipe.model.name}, batch {batch_size}" + (
+        f": {2 * batch_size} x {recipe.data.global_size} px + {recipe.data.n_local * batch_size}"
+        f" x {recipe.data.local_size} px crops)"
+        if kind == "dinov2"
+        else f" x {recipe.data.global_size} px, mask {method.cfg.mask_ratio:g})"
+    )
     log(f"  {label}")
     flops = count_flops(step.forward_backward)
     step.opt.zero_grad(set_to_none=True)
@@ -491,27 +599,46 @@ def section_train(kind: str, args, device, deadline: float, peak: float, report:
         left = deadline - time.perf_counter()
         need = args.est_compile_train if mode == "compiled" else args.est_train_part
         if left < need:
-            notes.append(f"({kind}) {mode}: skipped, {left:.0f} s left in the section "
-                         f"(needs ~{need:.0f} s)")
+            notes.append(
+                f"({kind}) {mode}: skipped, {left:.0f} s left in the section (needs ~{need:.0f} s)"
+            )
             log("  " + notes[-1])
             continue
         if mode == "compiled":
             DYNAMO.start()
             n = compile_like_trainer(method, args)
             log(f"  compiling {n} blocks (first steps compile) ...")
-        r = time_steps(step, device, warmup=args.warmup, seconds=args.train_part_s,
-                       min_steps=args.min_steps, max_steps=args.max_steps, deadline=deadline)
+        r = time_steps(
+            step,
+            device,
+            warmup=args.warmup,
+            seconds=args.train_part_s,
+            min_steps=args.min_steps,
+            max_steps=args.max_steps,
+            deadline=deadline,
+        )
         if mode == "compiled":
             r["dynamo"] = compiled_note(f"({kind}) compiled", report)
         achieved = flops / r["best_s"]
-        row = {"method": kind, "recipe": recipe_name, "label": label, "model": recipe.model.name,
-               "batch": batch_size, "mode": mode, "images_per_s": batch_size / r["best_s"],
-               "tflop_per_step": flops / 1e12, "tflops": achieved / 1e12,
-               "mfu_pct": 100 * achieved / peak, **r}
+        row = {
+            "method": kind,
+            "recipe": recipe_name,
+            "label": label,
+            "model": recipe.model.name,
+            "batch": batch_size,
+            "mode": mode,
+            "images_per_s": batch_size / r["best_s"],
+            "tflop_per_step": flops / 1e12,
+            "tflops": achieved / 1e12,
+            "mfu_pct": 100 * achieved / peak,
+            **r,
+        }
         report["train"].append(row)
-        log(f"  [{mode}] {r['best_s'] * 1e3:.1f} ms/step best (median {r['median_s'] * 1e3:.1f}, "
+        log(
+            f"  [{mode}] {r['best_s'] * 1e3:.1f} ms/step best (median {r['median_s'] * 1e3:.1f}, "
             f"{r['steps']} steps; first {r['first_step_s']:.1f} s), {row['images_per_s']:.1f} img/s, "
-            f"MFU {row['mfu_pct']:.1f}%, peak mem {r['peak_mem_gib'] or 0:.2f} GiB")
+            f"MFU {row['mfu_pct']:.1f}%, peak mem {r['peak_mem_gib'] or 0:.2f} GiB"
+        )
     del step, method, batch
     free(device)
 
@@ -523,17 +650,24 @@ def fmt(v, spec: str = ".1f") -> str:
 
 def render(report: dict) -> str:
     m, pk = report["machine"], report["peak"]
-    gpu = (f"{m['gpu']} ({m.get('gpu_memory_gib')} GiB, {m.get('sms')} SMs), CUDA {m.get('cuda')}"
-           if "gpu" in m else "no GPU (CPU run)")
+    gpu = (
+        f"{m['gpu']} ({m.get('gpu_memory_gib')} GiB, {m.get('sms')} SMs), CUDA {m.get('cuda')}"
+        if "gpu" in m
+        else "no GPU (CPU run)"
+    )
     lines = [
         "## GPU check: embedding throughput and training steps (bf16 autocast, SDPA)",
         "",
         f"Command: `{report['command']}`  ",
-        (f"Machine: {gpu}; host {m['cpu']}, {m['usable_cpus']} cores; torch {m['torch']}, "
-         f"transformers {m.get('transformers')}, Python {m['python']}; {m['date']}  "),
-        (f"MFU peak: {pk['bf16_peak_tflops']:.4g} TFLOP/s, {pk['source']}; measured bf16 matmul "
-         f"{pk['matmul_bf16_tflops']:.4g} TFLOP/s ({pk['matmul_n']}^3, "
-         f"{100 * pk['matmul_bf16_tflops'] / pk['bf16_peak_tflops']:.0f}% of that peak).  "),
+        (
+            f"Machine: {gpu}; host {m['cpu']}, {m['usable_cpus']} cores; torch {m['torch']}, "
+            f"transformers {m.get('transformers')}, Python {m['python']}; {m['date']}  "
+        ),
+        (
+            f"MFU peak: {pk['bf16_peak_tflops']:.4g} TFLOP/s, {pk['source']}; measured bf16 matmul "
+            f"{pk['matmul_bf16_tflops']:.4g} TFLOP/s ({pk['matmul_n']}^3, "
+            f"{100 * pk['matmul_bf16_tflops'] / pk['bf16_peak_tflops']:.0f}% of that peak).  "
+        ),
         f"Run time {report['elapsed_s']:.0f} s of a {report['budget_s']:.0f} s budget.",
     ]
     if report["embed"]:
@@ -541,35 +675,47 @@ def render(report: dict) -> str:
             "",
             "### (a) Embedding throughput: vssl vs `transformers.Dinov2Model` (same weights)",
             "",
-            ("| model | res | batch | impl | compile | images/s | GFLOP/img | TFLOP/s | MFU % | "
-             "vs transformers | peak mem GiB |"),
+            (
+                "| model | res | batch | impl | compile | images/s | GFLOP/img | TFLOP/s | MFU % | "
+                "vs transformers | peak mem GiB |"
+            ),
             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in report["embed"]:
             lines.append(
                 f"| {r['model']} | {r['res']} | {r['batch']} | {r['impl']} | {r['mode']} | "
                 f"{r['images_per_s']:.1f} | {r['gflop_per_img']:.4g} | {r['tflops']:.4g} | "
-                f"{r['mfu_pct']:.1f} | {r['vs_transformers']:.2f} | {fmt(r['peak_mem_gib'], '.2f')} |")
+                f"{r['mfu_pct']:.1f} | {r['vs_transformers']:.2f} | {fmt(r['peak_mem_gib'], '.2f')} |"
+            )
     if report["train"]:
         lines += [
             "",
             "### (b) Training steps (forward + backward + clipping + AdamW + EMA, as the trainer)",
             "",
-            ("| recipe | batch (images) | compile | step ms (best / median) | images/s | "
-             "TFLOP/step | TFLOP/s | MFU % | peak mem GiB |"),
+            (
+                "| recipe | batch (images) | compile | step ms (best / median) | images/s | "
+                "TFLOP/step | TFLOP/s | MFU % | peak mem GiB |"
+            ),
             "|---|---:|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in report["train"]:
             lines.append(
                 f"| {r['label']} | {r['batch']} | {r['mode']} | {r['best_s'] * 1e3:.1f} / "
                 f"{r['median_s'] * 1e3:.1f} | {r['images_per_s']:.1f} | {r['tflop_per_step']:.4g} | "
-                f"{r['tflops']:.4g} | {r['mfu_pct']:.1f} | {fmt(r['peak_mem_gib'], '.2f')} |")
+                f"{r['tflops']:.4g} | {r['mfu_pct']:.1f} | {fmt(r['peak_mem_gib'], '.2f')} |"
+            )
     checks = [c for c in report["checks"]]
     if checks:
-        lines += ["", "Checks: " + "; ".join(
-            f"{c['what']}: max |diff| {c['max_abs_diff']:.2e}"
-            + (f" ({'OK' if c['ok'] else 'MISMATCH'}, tol {c['tol']:g})" if "ok" in c else "")
-            for c in checks) + "."]
+        lines += [
+            "",
+            "Checks: "
+            + "; ".join(
+                f"{c['what']}: max |diff| {c['max_abs_diff']:.2e}"
+                + (f" ({'OK' if c['ok'] else 'MISMATCH'}, tol {c['tol']:g})" if "ok" in c else "")
+                for c in checks
+            )
+            + ".",
+        ]
     if report["notes"]:
         lines += ["", "Notes:", *[f"- {n}" for n in report["notes"]]]
     return "\n".join(lines)
@@ -589,40 +735,84 @@ def write_outputs(report: dict, args) -> str:
 
 # ------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --quick)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny sizes for every path (vit-test-p14, tiny recipes and batches)")
-    p.add_argument("--budget-s", type=float, default=450.0,
-                   help="total time budget in seconds (default 450; a watchdog stops the run "
-                   f"{WATCHDOG_GRACE_S} s after it)")
-    p.add_argument("--sections", default="embed,mae,dinov2",
-                   help="comma-separated subset of embed,mae,dinov2, run in this order")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="also time torch.compile'd blocks (auto: on for CUDA, off for CPU)")
-    p.add_argument("--compile-backend", default="inductor",
-                   help="torch.compile backend (default inductor; 'eager' walks the code path "
-                   "through dynamo only)")
-    p.add_argument("--recompile-limit", type=int, default=None,
-                   help="torch._dynamo.config.recompile_limit for the run (default: torch's, "
-                   "as the trainer runs)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes for every path (vit-test-p14, tiny recipes and batches)",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=450.0,
+        help="total time budget in seconds (default 450; a watchdog stops the run "
+        f"{WATCHDOG_GRACE_S} s after it)",
+    )
+    p.add_argument(
+        "--sections",
+        default="embed,mae,dinov2",
+        help="comma-separated subset of embed,mae,dinov2, run in this order",
+    )
+    p.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also time torch.compile'd blocks (auto: on for CUDA, off for CPU)",
+    )
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend (default inductor; 'eager' walks the code path "
+        "through dynamo only)",
+    )
+    p.add_argument(
+        "--recompile-limit",
+        type=int,
+        default=None,
+        help="torch._dynamo.config.recompile_limit for the run (default: torch's, "
+        "as the trainer runs)",
+    )
     p.add_argument("--embed-model", default=None, help="zoo name (default dinov2-vitl14)")
     p.add_argument("--embed-res", default=None, help="resolutions (default 224,518)")
-    p.add_argument("--embed-batch", default=None,
-                   help="batch per resolution, e.g. 224:128,518:32 (the default)")
-    p.add_argument("--dino-batch", type=int, default=None,
-                   help="images per step (default: the recipe's batch_size_per_rank, 64)")
-    p.add_argument("--mae-batch", type=int, default=None,
-                   help="images per step (default: the recipe's batch_size_per_rank, 64)")
-    p.add_argument("--json", type=Path, default=Path("gpu_check.json"), metavar="PATH",
-                   help="every number (default gpu_check.json; rewritten after each section)")
-    p.add_argument("--markdown", type=Path, default=None, metavar="PATH",
-                   help="also write the markdown report here (it always goes to stdout)")
+    p.add_argument(
+        "--embed-batch",
+        default=None,
+        help="batch per resolution, e.g. 224:128,518:32 (the default)",
+    )
+    p.add_argument(
+        "--dino-batch",
+        type=int,
+        default=None,
+        help="images per step (default: the recipe's batch_size_per_rank, 64)",
+    )
+    p.add_argument(
+        "--mae-batch",
+        type=int,
+        default=None,
+        help="images per step (default: the recipe's batch_size_per_rank, 64)",
+    )
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=Path("gpu_check.json"),
+        metavar="PATH",
+        help="every number (default gpu_check.json; rewritten after each section)",
+    )
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write the markdown report here (it always goes to stdout)",
+    )
     args = p.parse_args(argv)
     q = args.quick
-    args.compile = {"on": True, "off": False}.get(args.compile,
-                                                  torch.device(args.device).type == "cuda")
+    args.compile = {"on": True, "off": False}.get(
+        args.compile, torch.device(args.device).type == "cuda"
+    )
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = sorted(set(args.sections) - set(SHARES))
     if bad:
@@ -639,12 +829,24 @@ def parse_args(argv=None):
         args.dino_batch = args.dino_batch or 2
         args.mae_batch = args.mae_batch or 2
     args.quick_overrides = {
-        "dinov2": ["model.name=vit-test-p14", "model.img_size=56", "data.global_size=56",
-                   "data.local_size=28", "data.n_local=2", "method.n_prototypes=64",
-                   "method.hidden_dim=32", "method.bottleneck_dim=16",
-                   "method.ibot_n_prototypes=64"],
-        "mae": ["model.name=vit-test-p14", "data.global_size=56", "method.decoder_embed_dim=32",
-                "method.decoder_depth=1", "method.decoder_num_heads=2"],
+        "dinov2": [
+            "model.name=vit-test-p14",
+            "model.img_size=56",
+            "data.global_size=56",
+            "data.local_size=28",
+            "data.n_local=2",
+            "method.n_prototypes=64",
+            "method.hidden_dim=32",
+            "method.bottleneck_dim=16",
+            "method.ibot_n_prototypes=64",
+        ],
+        "mae": [
+            "model.name=vit-test-p14",
+            "data.global_size=56",
+            "method.decoder_embed_dim=32",
+            "method.decoder_depth=1",
+            "method.decoder_num_heads=2",
+        ],
     }
     # time allowances (seconds): what a part needs before it may start, and how long it times
     args.warmup = 2 if q else 3
@@ -667,8 +869,10 @@ def main(argv=None) -> int:
     clock = Clock(args.budget_s)
 
     def on_alarm(signum, frame):
-        raise TimeUp(f"watchdog at {time.perf_counter() - START:.0f} s (budget "
-                     f"{args.budget_s:.0f} s + {WATCHDOG_GRACE_S} s grace)")
+        raise TimeUp(
+            f"watchdog at {time.perf_counter() - START:.0f} s (budget "
+            f"{args.budget_s:.0f} s + {WATCHDOG_GRACE_S} s grace)"
+        )
 
     if hasattr(signal, "SIGALRM"):
         signal.signal(signal.SIGALRM, on_alarm)
@@ -685,21 +889,38 @@ def main(argv=None) -> int:
 
     machine = machine_info(device)
     machine["transformers"] = transformers.__version__
-    report = {"command": command_line(), "machine": machine, "budget_s": args.budget_s,
-              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "embed": [], "train": [], "checks": [], "notes": [], "sections_s": {},
-              "errors": []}
+    report = {
+        "command": command_line(),
+        "machine": machine,
+        "budget_s": args.budget_s,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "embed": [],
+        "train": [],
+        "checks": [],
+        "notes": [],
+        "sections_s": {},
+        "errors": [],
+    }
     log(f"machine: {machine}")
     n = 512 if args.quick else 8192
     mm = matmul_rate(device, torch.bfloat16, n, 3 if args.quick else 10)
     peak, source = bf16_peak(device, mm["flops"])
-    report["peak"] = {"bf16_peak_tflops": peak / 1e12, "source": source,
-                      "matmul_bf16_tflops": mm["flops"] / 1e12, "matmul_n": n, "matmul": mm}
-    log(f"bf16 matmul {mm['flops'] / 1e12:.1f} TFLOP/s; MFU peak {peak / 1e12:.1f} TFLOP/s ({source})")
+    report["peak"] = {
+        "bf16_peak_tflops": peak / 1e12,
+        "source": source,
+        "matmul_bf16_tflops": mm["flops"] / 1e12,
+        "matmul_n": n,
+        "matmul": mm,
+    }
+    log(
+        f"bf16 matmul {mm['flops'] / 1e12:.1f} TFLOP/s; MFU peak {peak / 1e12:.1f} TFLOP/s ({source})"
+    )
 
-    fns = {"embed": lambda dl: section_embed(args, device, dl, peak, report),
-           "dinov2": lambda dl: section_train("dinov2", args, device, dl, peak, report),
-           "mae": lambda dl: section_train("mae", args, device, dl, peak, report)}
+    fns = {
+        "embed": lambda dl: section_embed(args, device, dl, peak, report),
+        "dinov2": lambda dl: section_train("dinov2", args, device, dl, peak, report),
+        "mae": lambda dl: section_train("mae", args, device, dl, peak, report),
+    }
     timed_out, name = False, "setup"
     try:
         for i, name in enumerate(args.sections):
@@ -730,8 +951,10 @@ def main(argv=None) -> int:
         signal.alarm(0)
     text = write_outputs(report, args)
     print(text, flush=True)
-    log(f"done in {report['elapsed_s']:.0f} s; JSON -> {args.json}"
-        + (f", markdown -> {args.markdown}" if args.markdown else ""))
+    log(
+        f"done in {report['elapsed_s']:.0f} s; JSON -> {args.json}"
+        + (f", markdown -> {args.markdown}" if args.markdown else "")
+    )
     bad = report["errors"] or [c for c in report["checks"] if c.get("ok") is False]
     if timed_out:
         sys.stdout.flush()

@@ -66,13 +66,24 @@ def _child(way: str, model: str, ckpt: str) -> None:
     # touch every weight so lazily mapped data counts
     total = sum(float(p.float().abs().sum()) for p in m.parameters())
     n_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
-    print(json.dumps({"way": way, "seconds": seconds, "model_bytes": n_bytes,
-                      "peak_anon": peak["RssAnon"] - base, "peak_file": peak["RssFile"],
-                      "checksum_finite": total == total}))
+    print(
+        json.dumps(
+            {
+                "way": way,
+                "seconds": seconds,
+                "model_bytes": n_bytes,
+                "peak_anon": peak["RssAnon"] - base,
+                "peak_file": peak["RssFile"],
+                "checksum_finite": total == total,
+            }
+        )
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="webssl-dino1b-full2b-224")
     ap.add_argument("--workdir", default="/tmp/vssl-loadmem")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -95,16 +106,22 @@ def main() -> None:
     size = ckpt.stat().st_size
     rows = []
     for way in ("vssl", "naive"):
-        out = subprocess.run([sys.executable, __file__, "--child", way, args.model, str(ckpt)],
-                             check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", way, args.model, str(ckpt)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     gib = 2**30
     print(f"checkpoint: {args.model}, fp32 file {size / gib:.2f} GiB; torch {torch.__version__}")
     print("| loader | seconds | bf16 weights GiB | peak private (RssAnon) GiB | peak / weights |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['way']} | {r['seconds']:.1f} | {r['model_bytes'] / gib:.2f} | "
-              f"{r['peak_anon'] / gib:.2f} | {r['peak_anon'] / r['model_bytes']:.2f}x |")
+        print(
+            f"| {r['way']} | {r['seconds']:.1f} | {r['model_bytes'] / gib:.2f} | "
+            f"{r['peak_anon'] / gib:.2f} | {r['peak_anon'] / r['model_bytes']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

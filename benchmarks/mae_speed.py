@@ -29,8 +29,8 @@ FLOPs of one step (forward + backward; AdamW's elementwise update is not counted
 ``torch.utils.flop_counter.FlopCounterMode`` with SDPA's MATH backend forced during the count (the
 CPU flash-attention kernel has no FLOP formula, so attention would count as 0); the achieved
 FLOP/s is given as a share of this machine's measured matmul rate (``2 n^3`` over the best time of
-a square ``torch.matmul``, fp32; bf16 too with ``--precision bf16``), DESIGN note "FLOP rate
-against the measured matmul FLOP/s".
+a square ``torch.matmul``, fp32; bf16 too with ``--precision bf16``), as docs/architecture.md,
+Performance asks.
 
 The last line is machine-readable: ``speedup X.XX`` = ViT-B/16-224 step time all-tokens / MAE
 (best rounds).
@@ -75,8 +75,9 @@ def log(msg: str) -> None:
 def cpu_model() -> str:
     """``lscpu``'s model name (else /proc/cpuinfo's, else ``platform.processor()``)."""
     with contextlib.suppress(Exception):
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10,
-                             check=False).stdout
+        out = subprocess.run(
+            ["lscpu"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
         for line in out.splitlines():
             if line.strip().startswith("Model name:"):
                 return line.split(":", 1)[1].strip()
@@ -93,16 +94,23 @@ def machine_info(device: torch.device) -> dict:
     except AttributeError:
         usable = os.cpu_count() or 1
     info = {
-        "cpu": cpu_model(), "logical_cpus": os.cpu_count(), "usable_cpus": usable,
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
         "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": str(device),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda, sms=props.multi_processor_count)
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            sms=props.multi_processor_count,
+        )
     return info
 
 
@@ -119,8 +127,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
-                reps: int = 5) -> dict:
+def matmul_rate(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5
+) -> dict:
     """FLOP/s of a square ``n x n`` matmul (``2 n^3`` FLOPs over the best of ``reps`` timings).
     On CUDA, fp32 follows torch's TF32 setting (off by default: plain fp32)."""
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -136,8 +145,13 @@ def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, n: int
             sync(device)
             best = min(best, time.perf_counter() - t)
     del a, b
-    return {"flops": 2 * n**3 / best, "n": n, "reps": reps, "best_s": best,
-            "dtype": str(dtype).replace("torch.", "")}
+    return {
+        "flops": 2 * n**3 / best,
+        "n": n,
+        "reps": reps,
+        "best_s": best,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
 
 
 def autocast_ctx(device: torch.device, precision: str):
@@ -186,8 +200,9 @@ def all_tokens_loss(method, batch: dict) -> torch.Tensor:
     for blk in decoder.decoder_blocks:
         x = blk(x)
     pred = decoder.decoder_pred(decoder.decoder_norm(x))[:, 1:]
-    return mae_loss(images, pred, batch["mask"], backbone.config.patch_size,
-                    method.cfg.norm_pix_loss)
+    return mae_loss(
+        images, pred, batch["mask"], backbone.config.patch_size, method.cfg.norm_pix_loss
+    )
 
 
 def build_pair(key: str):
@@ -198,8 +213,9 @@ def build_pair(key: str):
     if key == "vitb16-224":
         from vssl.models.zoo import create_model
 
-        cfg = MAEConfig(mask_ratio=0.75, decoder_embed_dim=512, decoder_depth=8,
-                        decoder_num_heads=16)
+        cfg = MAEConfig(
+            mask_ratio=0.75, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16
+        )
         torch.manual_seed(0)
         mae = MAE(create_model("mae-vit-b16", random_init=True), cfg)
         alltok = MAE(create_model("mae-vit-b16", random_init=True, mask_token=True), cfg)
@@ -214,8 +230,10 @@ def build_pair(key: str):
         alltok, _ = build_method(load_recipe("cpu_mae32", ["model.mask_token=true"]))
         c = recipe.method
         cfg = c
-        desc = (f"cpu_mae32 ({recipe.model.name} @ {recipe.data.global_size}), decoder "
-                f"{c.decoder_embed_dim}-d x {c.decoder_depth}")
+        desc = (
+            f"cpu_mae32 ({recipe.model.name} @ {recipe.data.global_size}), decoder "
+            f"{c.decoder_embed_dim}-d x {c.decoder_depth}"
+        )
     else:
         raise SystemExit(f"unknown model {key!r}: choose from {', '.join(MODELS)}")
     # same weights in both (the all-tokens encoder's mask token is its only extra parameter)
@@ -234,10 +252,16 @@ def make_batch(method, batch_size: int, mask_ratio: float, device: torch.device)
     bcfg = method.student["backbone"].config
     g = torch.Generator().manual_seed(1)
     images = torch.randn(batch_size, bcfg.in_chans, bcfg.img_size, bcfg.img_size, generator=g)
-    ids_keep, ids_restore, mask = random_masking(batch_size, bcfg.num_patches, mask_ratio,
-                                                 generator=g)
-    batch = {"image": images, "ids_keep": ids_keep, "ids_restore": ids_restore, "mask": mask,
-             "mask_bool": mask.bool()}
+    ids_keep, ids_restore, mask = random_masking(
+        batch_size, bcfg.num_patches, mask_ratio, generator=g
+    )
+    batch = {
+        "image": images,
+        "ids_keep": ids_keep,
+        "ids_restore": ids_restore,
+        "mask": mask,
+        "mask_bool": mask.bool(),
+    }
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -265,8 +289,9 @@ class TrainStep:
         return loss
 
 
-def time_alternating(steps: dict, device: torch.device, *, warmup: int, rounds: int,
-                     iters: int) -> dict:
+def time_alternating(
+    steps: dict, device: torch.device, *, warmup: int, rounds: int, iters: int
+) -> dict:
     """Warm each step up, then ``rounds`` rounds of ``iters`` steps each, alternating the order
     (A B, B A, ...); seconds per step of every round, per variant."""
     mem = {}
@@ -284,18 +309,27 @@ def time_alternating(steps: dict, device: torch.device, *, warmup: int, rounds: 
     samples: dict[str, list[float]] = {k: [] for k in steps}
     order = list(steps)
     for r in range(rounds):
-        for name in (order if r % 2 == 0 else order[::-1]):
+        for name in order if r % 2 == 0 else order[::-1]:
             sync(device)
             t = time.perf_counter()
             for _ in range(iters):
                 steps[name]()
             sync(device)
             samples[name].append((time.perf_counter() - t) / iters)
-        log(f"    round {r + 1}/{rounds} ({iters} step(s) each): "
-            + ", ".join(f"{k} {samples[k][-1] * 1e3:.1f} ms/step" for k in order))
-    return {k: {"best_s": min(v), "median_s": statistics.median(v), "rounds_s": v,
-                "iters_per_round": iters, "peak_step_mem_gib": mem.get(k)}
-            for k, v in samples.items()}
+        log(
+            f"    round {r + 1}/{rounds} ({iters} step(s) each): "
+            + ", ".join(f"{k} {samples[k][-1] * 1e3:.1f} ms/step" for k in order)
+        )
+    return {
+        k: {
+            "best_s": min(v),
+            "median_s": statistics.median(v),
+            "rounds_s": v,
+            "iters_per_round": iters,
+            "peak_step_mem_gib": mem.get(k),
+        }
+        for k, v in samples.items()
+    }
 
 
 def run_model(key: str, batch_size: int, args, device: torch.device, peak: float) -> dict:
@@ -308,34 +342,52 @@ def run_model(key: str, batch_size: int, args, device: torch.device, peak: float
     batch = make_batch(mae, batch_size, mask_ratio, device)
     n_keep = batch["ids_keep"].shape[1]
     log(f"\n== {key}: {desc}, batch {batch_size}, {bcfg.num_patches} patches, {n_keep} visible")
-    steps = {"mae": TrainStep(mae, lambda m, b: MAE.forward(m, b)["loss"], batch, device,
-                              args.precision),
-             "all_tokens": TrainStep(alltok, all_tokens_loss, batch, device, args.precision)}
+    steps = {
+        "mae": TrainStep(
+            mae, lambda m, b: MAE.forward(m, b)["loss"], batch, device, args.precision
+        ),
+        "all_tokens": TrainStep(alltok, all_tokens_loss, batch, device, args.precision),
+    }
     flops = {}
     for name, step in steps.items():
         flops[name] = count_flops(step.forward_backward)
         step.opt.zero_grad(set_to_none=True)
         log(f"  {name}: {flops[name] / 1e9:.2f} GFLOP per step (forward + backward)")
-    timing = time_alternating(steps, device, warmup=args.warmup, rounds=args.rounds,
-                              iters=args.iters)
+    timing = time_alternating(
+        steps, device, warmup=args.warmup, rounds=args.rounds, iters=args.iters
+    )
     rows = []
     for name in ("mae", "all_tokens"):
         t = timing[name]
         rate = flops[name] / t["best_s"]
-        rows.append({
-            "model": key, "desc": desc, "variant": name, "batch": batch_size,
-            "img_size": bcfg.img_size, "patches": bcfg.num_patches,
-            "encoder_tokens": 1 + (n_keep if name == "mae" else bcfg.num_patches),
-            "step_s_best": t["best_s"], "step_s_median": t["median_s"],
-            "images_per_s": batch_size / t["best_s"], "gflop_per_step": flops[name] / 1e9,
-            "gflops": rate / 1e9, "pct_matmul": 100 * rate / peak,
-            "peak_step_mem_gib": t["peak_step_mem_gib"], "rounds_s": t["rounds_s"],
-        })
-    speed = {"best": timing["all_tokens"]["best_s"] / timing["mae"]["best_s"],
-             "median": timing["all_tokens"]["median_s"] / timing["mae"]["median_s"],
-             "flops": flops["all_tokens"] / flops["mae"]}
-    log(f"  all tokens / MAE step time: {speed['best']:.2f} (best rounds), {speed['median']:.2f} "
-        f"(medians); FLOP ratio {speed['flops']:.2f}")
+        rows.append(
+            {
+                "model": key,
+                "desc": desc,
+                "variant": name,
+                "batch": batch_size,
+                "img_size": bcfg.img_size,
+                "patches": bcfg.num_patches,
+                "encoder_tokens": 1 + (n_keep if name == "mae" else bcfg.num_patches),
+                "step_s_best": t["best_s"],
+                "step_s_median": t["median_s"],
+                "images_per_s": batch_size / t["best_s"],
+                "gflop_per_step": flops[name] / 1e9,
+                "gflops": rate / 1e9,
+                "pct_matmul": 100 * rate / peak,
+                "peak_step_mem_gib": t["peak_step_mem_gib"],
+                "rounds_s": t["rounds_s"],
+            }
+        )
+    speed = {
+        "best": timing["all_tokens"]["best_s"] / timing["mae"]["best_s"],
+        "median": timing["all_tokens"]["median_s"] / timing["mae"]["median_s"],
+        "flops": flops["all_tokens"] / flops["mae"],
+    }
+    log(
+        f"  all tokens / MAE step time: {speed['best']:.2f} (best rounds), {speed['median']:.2f} "
+        f"(medians); FLOP ratio {speed['flops']:.2f}"
+    )
     del steps, mae, alltok, batch
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -346,64 +398,108 @@ def run_model(key: str, batch_size: int, args, device: torch.device, peak: float
 def render(report: dict) -> str:
     m, mm = report["machine"], report["matmul"]
     peak_name = "bf16" if report["args"]["precision"] == "bf16" else "fp32"
-    where = (f"{m['gpu']} ({m.get('gpu_memory_gib')} GiB), CUDA {m.get('cuda')}; host "
-             if "gpu" in m else "")
+    where = (
+        f"{m['gpu']} ({m.get('gpu_memory_gib')} GiB), CUDA {m.get('cuda')}; host "
+        if "gpu" in m
+        else ""
+    )
     lines = [
         "## MAE training step: encoder on visible tokens vs all tokens with mask tokens",
         "",
         f"Command: `{report['command']}`  ",
-        (f"Machine: {where}{m['cpu']}, {m['usable_cpus']} usable cores ({m['logical_cpus']} "
-         f"logical), {m['threads']} torch threads; torch {m['torch']}, Python {m['python']}; "
-         f"{m['date']}  "),
-        "Matmul rate: " + ", ".join(
+        (
+            f"Machine: {where}{m['cpu']}, {m['usable_cpus']} usable cores ({m['logical_cpus']} "
+            f"logical), {m['threads']} torch threads; torch {m['torch']}, Python {m['python']}; "
+            f"{m['date']}  "
+        ),
+        "Matmul rate: "
+        + ", ".join(
             f"{k} {v['flops'] / 1e9:,.1f} GFLOP/s ({v['n']}^3, best of {v['reps']})"
-            for k, v in mm.items()) + f"; the % column is over the {peak_name} rate.  ",
-        (f"Precision: {report['args']['precision']}; one step = forward + backward + AdamW; "
-         f"{report['args']['rounds']} alternating rounds of {report['args']['iters']} step(s), "
-         "best round (median in brackets)."),
+            for k, v in mm.items()
+        )
+        + f"; the % column is over the {peak_name} rate.  ",
+        (
+            f"Precision: {report['args']['precision']}; one step = forward + backward + AdamW; "
+            f"{report['args']['rounds']} alternating rounds of {report['args']['iters']} step(s), "
+            "best round (median in brackets)."
+        ),
         "",
-        ("| model | variant | batch | encoder tokens | step time, s | images/s | GFLOP/step | "
-         "GFLOP/s | % of matmul | all tokens / MAE |"),
+        (
+            "| model | variant | batch | encoder tokens | step time, s | images/s | GFLOP/step | "
+            "GFLOP/s | % of matmul | all tokens / MAE |"
+        ),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for res in report["results"].values():
         sp = res["speedup"]
         for r in res["rows"]:
             label = "MAE (visible only)" if r["variant"] == "mae" else "all tokens + mask tokens"
-            ratio = (f"**{sp['best']:.2f}** ({sp['median']:.2f}); FLOPs {sp['flops']:.2f}"
-                     if r["variant"] == "all_tokens" else "1.00")
+            ratio = (
+                f"**{sp['best']:.2f}** ({sp['median']:.2f}); FLOPs {sp['flops']:.2f}"
+                if r["variant"] == "all_tokens"
+                else "1.00"
+            )
             lines.append(
                 f"| {r['desc']} | {label} | {r['batch']} | {r['encoder_tokens']} | "
                 f"{r['step_s_best']:.3f} ({r['step_s_median']:.3f}) | {r['images_per_s']:.1f} | "
                 f"{r['gflop_per_step']:.1f} | {r['gflops']:.1f} | {r['pct_matmul']:.1f} | "
-                f"{ratio} |")
+                f"{ratio} |"
+            )
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("Examples::")[-1])
-    p.add_argument("--models", default=",".join(MODELS),
-                   help=f"comma-separated, from {', '.join(MODELS)} (default: both)")
-    p.add_argument("--iters", type=int, default=None,
-                   help="steps per variant per round (default 3; 1 with --quick)")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="alternating rounds (default 4; 2 with --quick)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("Examples::")[-1],
+    )
+    p.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help=f"comma-separated, from {', '.join(MODELS)} (default: both)",
+    )
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="steps per variant per round (default 3; 1 with --quick)",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=None, help="alternating rounds (default 4; 2 with --quick)"
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
-    p.add_argument("--batch", type=int, default=None,
-                   help=f"batch size for every model (default: {DEFAULT_BATCH}; --quick: "
-                   f"{QUICK_BATCH})")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help=f"batch size for every model (default: {DEFAULT_BATCH}; --quick: {QUICK_BATCH})",
+    )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="fp32, or bf16 autocast (the %% column is then over the bf16 matmul rate)")
-    p.add_argument("--matmul-size", type=int, default=None,
-                   help="n of the n x n matmul that measures the peak (default 2048 on CPU, "
-                   "8192 on CUDA; 1024 with --quick)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores)")
-    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every number here")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: tiny batches, 2 rounds of 1 step, small matmul")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="fp32, or bf16 autocast (the %% column is then over the bf16 matmul rate)",
+    )
+    p.add_argument(
+        "--matmul-size",
+        type=int,
+        default=None,
+        help="n of the n x n matmul that measures the peak (default 2048 on CPU, "
+        "8192 on CUDA; 1024 with --quick)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: usable cores)"
+    )
+    p.add_argument(
+        "--json", type=Path, default=None, metavar="PATH", help="write every number here"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny batches, 2 rounds of 1 step, small matmul",
+    )
     args = p.parse_args(argv)
     args.models = [s.strip() for s in args.models.split(",") if s.strip()]
     bad = [m for m in args.models if m not in MODELS]
@@ -447,9 +543,14 @@ def main(argv=None) -> int:
         batch = args.batch or (QUICK_BATCH if args.quick else DEFAULT_BATCH)[key]
         results[key] = run_model(key, batch, args, device, peak)
 
-    report = {"command": command_line(), "machine": machine,
-              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "matmul": matmul, "results": results, "elapsed_s": time.perf_counter() - t0}
+    report = {
+        "command": command_line(),
+        "machine": machine,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "matmul": matmul,
+        "results": results,
+        "elapsed_s": time.perf_counter() - t0,
+    }
     print(render(report), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

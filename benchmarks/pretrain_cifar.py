@@ -47,13 +47,13 @@ def matmul_peak(n: int = 2048, repeats: int = 8) -> float:
         t = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
-def step_flops(overrides: list[str], data: Path, recipe_name: str = "cpu_tiny32"
-               ) -> tuple[float, int]:
+def step_flops(
+    overrides: list[str], data: Path, recipe_name: str = "cpu_tiny32"
+) -> tuple[float, int]:
     """(forward + backward FLOPs of one training step, batch size) for the recipe on ``data``."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from vssl.methods.base import StepPlan
@@ -92,16 +92,24 @@ def linear_probes(args, res) -> dict[str, float]:
     trained = create_model(res["backbone"]).eval()
     torch.manual_seed(args.seed)  # run_quickstart's own initialization
     initial = build_method(load_recipe(args.recipe, list(args.overrides)))[0].encoder().eval()
-    monitor = KNNMonitor(args.data / "train", args.data / "test", every_n_steps=1,
-                         max_per_split=args.knn_images, num_workers=0, seed=args.seed)
+    monitor = KNNMonitor(
+        args.data / "train",
+        args.data / "test",
+        every_n_steps=1,
+        max_per_split=args.knn_images,
+        num_workers=0,
+        seed=args.seed,
+    )
     monitor.prepare(trained.config.img_size)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     feats = {
         "trained": monitor.features(trained),
         "random_init": monitor.features(initial),
-        "raw_pixels": {s: ((monitor.images[s].float() / 255 - mean) / std).flatten(1)
-                       for s in ("train", "test")},
+        "raw_pixels": {
+            s: ((monitor.images[s].float() / 255 - mean) / std).flatten(1)
+            for s in ("train", "test")
+        },
     }
     y = {s: monitor.labels[s].numpy() for s in ("train", "test")}
     out = {}
@@ -116,10 +124,18 @@ def linear_probes(args, res) -> dict[str, float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=20.0)
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                    help="a folder with train/ and test/ class subfolders")
-    ap.add_argument("--knn-images", type=int, default=10000,
-                    help="images per split for kNN (class-balanced; default: all of CIFAR subset)")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="a folder with train/ and test/ class subfolders",
+    )
+    ap.add_argument(
+        "--knn-images",
+        type=int,
+        default=10000,
+        help="images per split for kNN (class-balanced; default: all of CIFAR subset)",
+    )
     ap.add_argument("--output", type=Path, default=None, help="run folder (default: a temp dir)")
     ap.add_argument("--recipe", default="cpu_tiny32", help="cpu_tiny32 (DINOv2) or cpu_mae32 (MAE)")
     ap.add_argument("--seed", type=int, default=0)
@@ -135,36 +151,55 @@ def main(argv=None) -> int:
     peak = matmul_peak()
     flops, batch = step_flops(list(args.overrides), args.data, args.recipe)
     out = args.output or Path(tempfile.mkdtemp(prefix="vssl-pretrain-cifar-"))
-    res = run_quickstart(str(args.data), out, args.minutes, list(args.overrides),
-                         knn_images=args.knn_images, progress=False, recipe=args.recipe,
-                         seed=args.seed)
+    res = run_quickstart(
+        str(args.data),
+        out,
+        args.minutes,
+        list(args.overrides),
+        knn_images=args.knn_images,
+        progress=False,
+        recipe=args.recipe,
+        seed=args.seed,
+    )
     probe = linear_probes(args, res)
     steps_per_s = res["steps"] / res["train_seconds"]
-    curve = [(r["step"], r["knn_top1"]) for r in
-             (json.loads(line) for line in open(Path(res["output"]) / "metrics.jsonl"))
-             if r.get("knn_top1") is not None]
+    curve = [
+        (r["step"], r["knn_top1"])
+        for r in (json.loads(line) for line in open(Path(res["output"]) / "metrics.jsonl"))
+        if r.get("knn_top1") is not None
+    ]
     knn = res["knn_top1"]
-    cmd = "python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv)))
+    cmd = "python " + " ".join(
+        [os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))
+    )
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         cpu = platform.processor()
-    print(f"\nCommand: `{cmd}`  \nMachine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}  \n"
-          f"Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC}  \n"
-          f"Run: {res['steps']} steps of {batch} images in {res['train_seconds']:.0f} s of training "
-          f"({res['seconds']:.0f} s in all, budget {res['budget_seconds']:.0f} s); "
-          f"stopped: {res['stopped']}; run folder {res['output']}\n")
+    print(
+        f"\nCommand: `{cmd}`  \nMachine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}  \n"
+        f"Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC}  \n"
+        f"Run: {res['steps']} steps of {batch} images in {res['train_seconds']:.0f} s of training "
+        f"({res['seconds']:.0f} s in all, budget {res['budget_seconds']:.0f} s); "
+        f"stopped: {res['stopped']}; run folder {res['output']}\n"
+    )
     print("| features | kNN top-1 (k=20) | linear probe top-1 |\n|---|---:|---:|")
-    print(f"| {args.recipe} encoder after {args.minutes:g} min | **{knn['trained']:.3f}** | "
-          f"**{probe['trained']:.3f}** |")
-    print(f"| same architecture, random init | {knn['random_init']:.3f} | "
-          f"{probe['random_init']:.3f} |")
+    print(
+        f"| {args.recipe} encoder after {args.minutes:g} min | **{knn['trained']:.3f}** | "
+        f"**{probe['trained']:.3f}** |"
+    )
+    print(
+        f"| same architecture, random init | {knn['random_init']:.3f} | "
+        f"{probe['random_init']:.3f} |"
+    )
     print(f"| raw pixels | {knn['raw_pixels']:.3f} | {probe['raw_pixels']:.3f} |")
     print(f"\nkNN curve (step: top-1): {', '.join(f'{s}: {v:.3f}' for s, v in curve)}")
-    losses = [(r["step"], r["loss"]) for r in
-              (json.loads(line) for line in open(Path(res["output"]) / "metrics.jsonl"))
-              if r.get("loss") is not None]
+    losses = [
+        (r["step"], r["loss"])
+        for r in (json.loads(line) for line in open(Path(res["output"]) / "metrics.jsonl"))
+        if r.get("loss") is not None
+    ]
     picks = sorted({losses[int(i * (len(losses) - 1) / 9)] for i in range(10)}) if losses else []
     print(f"loss curve (step: loss): {', '.join(f'{s}: {v:.4f}' for s, v in picks)}\n")
     print("| speed | value |\n|---|---:|")

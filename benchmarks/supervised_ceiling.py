@@ -31,7 +31,9 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-subset"
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a folder with train/ and test/")
+    ap.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="a folder with train/ and test/"
+    )
     ap.add_argument("--model", default="vit-tiny-p8-32", help="zoo name (cpu_tiny32's backbone)")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -52,21 +54,34 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     model = create_model(args.model, random_init=True)
     # the images, labels and CLS features of pretrain_cifar.py's evaluator (KNNMonitor)
-    monitor = KNNMonitor(args.data / "train", args.data / "test", every_n_steps=1,
-                         resolution=model.config.img_size, seed=args.seed)
+    monitor = KNNMonitor(
+        args.data / "train",
+        args.data / "test",
+        every_n_steps=1,
+        resolution=model.config.img_size,
+        seed=args.seed,
+    )
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     xtr = (monitor.images["train"].float() / 255.0 - mean) / std
     ytr, yte = monitor.labels["train"], monitor.labels["test"]
     size = xtr.shape[-1]
     head = torch.nn.Linear(model.embed_dim, len(monitor.classes))
-    opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=args.lr, weight_decay=0.05)
+    opt = torch.optim.AdamW(
+        [*model.parameters(), *head.parameters()], lr=args.lr, weight_decay=0.05
+    )
     g = torch.Generator().manual_seed(args.seed)
 
     def evaluate() -> tuple[float, float]:
         feats = monitor.features(model)
-        knn = knn_classify(feats["train"], ytr, feats["test"], yte, ks=(monitor.k,),
-                           temperature=monitor.temperature).top1[monitor.k]
+        knn = knn_classify(
+            feats["train"],
+            ytr,
+            feats["test"],
+            yte,
+            ks=(monitor.k,),
+            temperature=monitor.temperature,
+        ).top1[monitor.k]
         with torch.no_grad():
             acc = (head(feats["test"]).argmax(1) == yte).float().mean().item()
         return knn, acc
@@ -79,23 +94,32 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         perm = torch.randperm(len(xtr), generator=g)
         for k in range(0, len(xtr) - bs + 1, bs):
-            x = F.pad(xtr[perm[k:k + bs]], (4, 4, 4, 4), mode="reflect")
+            x = F.pad(xtr[perm[k : k + bs]], (4, 4, 4, 4), mode="reflect")
             i, j = torch.randint(0, 9, (2,), generator=g).tolist()
-            x = x[:, :, i:i + size, j:j + size]
+            x = x[:, :, i : i + size, j : j + size]
             if torch.rand((), generator=g) < 0.5:
                 x = x.flip(3)
-            loss = F.cross_entropy(head(model.forward_features(x)["x_norm_clstoken"]), ytr[perm[k:k + bs]])
+            loss = F.cross_entropy(
+                head(model.forward_features(x)["x_norm_clstoken"]), ytr[perm[k : k + bs]]
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         train_s += time.perf_counter() - t0  # evaluation time is not training time
         rows.append((epoch, train_s, *evaluate()))
-        print(f"epoch {epoch}: {train_s:.0f} s, loss {loss.item():.3f}, kNN {rows[-1][2]:.3f}, "
-              f"head accuracy {rows[-1][3]:.3f}", flush=True)
+        print(
+            f"epoch {epoch}: {train_s:.0f} s, loss {loss.item():.3f}, kNN {rows[-1][2]:.3f}, "
+            f"head accuracy {rows[-1][3]:.3f}",
+            flush=True,
+        )
 
-    cmd = "python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv)))
-    print(f"\nCommand: `{cmd}`  \nDate: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}\n")
+    cmd = "python " + " ".join(
+        [os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))
+    )
+    print(
+        f"\nCommand: `{cmd}`  \nDate: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}\n"
+    )
     print("| epochs | training s | kNN top-1 (k=20) | linear head top-1 |\n|---:|---:|---:|---:|")
     for epoch, s, knn, acc in rows:
         print(f"| {epoch} | {s:.0f} | {knn:.3f} | {acc:.3f} |")

@@ -55,7 +55,7 @@ def noise(w: int, h: int) -> Image.Image:
 def rings(w: int, h: int) -> Image.Image:
     yy, xx = np.mgrid[0:h, 0:w]
     r = np.hypot(xx - w / 2, yy - h / 2)
-    v = (np.sin(r / 6.0) * 0.5 + 0.5)
+    v = np.sin(r / 6.0) * 0.5 + 0.5
     rgb = np.stack([v, v * 0.6, 1 - v], axis=-1)
     return Image.fromarray((rgb * 255).round().astype(np.uint8))
 
@@ -79,8 +79,10 @@ def landscape(w: int, h: int) -> Image.Image:
     d = ImageDraw.Draw(img)
     d.rectangle((0, int(h * 0.65), w, h), fill=(40, 120, 50))
     d.ellipse((w - 60, 15, w - 20, 55), fill=(255, 230, 120))
-    d.polygon([(0, int(h * 0.65)), (w // 3, int(h * 0.3)), (2 * w // 3, int(h * 0.65))],
-              fill=(110, 100, 120))
+    d.polygon(
+        [(0, int(h * 0.65)), (w // 3, int(h * 0.3)), (2 * w // 3, int(h * 0.65))],
+        fill=(110, 100, 120),
+    )
     return img
 
 

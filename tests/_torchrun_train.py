@@ -43,8 +43,14 @@ class TinyDINO(nn.Module):
     teacher schedules (temperature 0.04 -> 0.07 over ``temp_warmup_epochs``, momentum cosine
     0.992 -> 1) and the prototype freeze for ``freeze_epochs``."""
 
-    def __init__(self, backbone: VisionTransformer, out_dim: int = 16, nan_at: int | None = None,
-                 temp_warmup_epochs: float = 1, freeze_epochs: float = 1):
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        out_dim: int = 16,
+        nan_at: int | None = None,
+        temp_warmup_epochs: float = 1,
+        freeze_epochs: float = 1,
+    ):
         super().__init__()
         self.temp_warmup_epochs, self.freeze_epochs = temp_warmup_epochs, freeze_epochs
         head = TinyHead(backbone.embed_dim, out_dim)
@@ -90,13 +96,17 @@ class TinyDINO(nn.Module):
         t_a, t_b = t[:b], t[b:]
         global_loss = -0.5 * ((t_a * s_g[b:]).sum(-1).mean() + (t_b * s_g[:b]).sum(-1).mean())
         n_loc = s_l.shape[0] // b
-        local_loss = sum(-(tt * sl).sum(-1).mean() for tt in (t_a, t_b)
-                         for sl in s_l.chunk(n_loc)) / (2 * n_loc)
+        local_loss = sum(
+            -(tt * sl).sum(-1).mean() for tt in (t_a, t_b) for sl in s_l.chunk(n_loc)
+        ) / (2 * n_loc)
         if self.nan_at is not None and self.calls == self.nan_at:
             local_loss = local_loss * float("nan")
         loss = global_loss + local_loss
-        return {"loss": loss, "global_loss": global_loss.detach(),
-                "local_loss": local_loss.detach()}
+        return {
+            "loss": loss,
+            "global_loss": global_loss.detach(),
+            "local_loss": local_loss.detach(),
+        }
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
@@ -112,8 +122,15 @@ class TinyDINO(nn.Module):
 
 def make_method(seed: int = 0, drop_path: float = 0.1, **kw) -> TinyDINO:
     torch.manual_seed(seed)
-    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                            layerscale=1e-1, drop_path_rate=drop_path)
+    vit = VisionTransformer(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        layerscale=1e-1,
+        drop_path_rate=drop_path,
+    )
     return TinyDINO(vit, **kw)
 
 
@@ -137,16 +154,34 @@ def main(lists: str, out_dir: str) -> None:
     for strategy, budgets in (("ddp", [None]), ("fsdp2", [3, None])):
         summaries = []
         for max_steps in budgets:
-            data = TrainData(os.path.join(lists, "train.txt"), batch_size=4, seed=1,
-                             batches_per_epoch=3, **data_kwargs())
+            data = TrainData(
+                os.path.join(lists, "train.txt"),
+                batch_size=4,
+                seed=1,
+                batches_per_epoch=3,
+                **data_kwargs(),
+            )
             method = make_method(seed=0, temp_warmup_epochs=0, freeze_epochs=0)
-            cfg = TrainConfig(epochs=2, iters_per_epoch=3, batch_size_per_rank=4, base_lr=1e-2,
-                              warmup_epochs=0, strategy=strategy, log_every=1,
-                              output_dir=os.path.join(out_dir, strategy), seed=2,
-                              max_steps=max_steps)
-            monitor = KNNMonitor(os.path.join(lists, "knn_train.txt"),
-                                 os.path.join(lists, "knn_test.txt"), every_n_steps=3, k=5,
-                                 resolution=32, num_workers=0)
+            cfg = TrainConfig(
+                epochs=2,
+                iters_per_epoch=3,
+                batch_size_per_rank=4,
+                base_lr=1e-2,
+                warmup_epochs=0,
+                strategy=strategy,
+                log_every=1,
+                output_dir=os.path.join(out_dir, strategy),
+                seed=2,
+                max_steps=max_steps,
+            )
+            monitor = KNNMonitor(
+                os.path.join(lists, "knn_train.txt"),
+                os.path.join(lists, "knn_test.txt"),
+                every_n_steps=3,
+                k=5,
+                resolution=32,
+                num_workers=0,
+            )
             summaries.append(Trainer(method, data, cfg, monitors=[monitor], progress=False).fit())
         full = get_model_state_dict(method, options=StateDictOptions(full_state_dict=True))
         full = {k: v.detach().clone() for k, v in full.items()}

@@ -1,4 +1,5 @@
 """Shared fixtures. Everything is offline: tiny random models are built here, never downloaded."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Multi-crop geometry/photometry, MAE/SplitMask views and multi-crop collation."""
+
 from __future__ import annotations
 
 import math
@@ -135,20 +136,43 @@ def test_multicrop_geometry_seeded():
 
 def test_full_crop_matches_pil_resize_and_flip():
     img = _image(200, 150)
-    geo = MultiCropGeometry(global_size=50, local_size=20, n_local=1, global_scale=(1.0, 1.0),
-                            ratio=(200 / 150, 200 / 150), flip_p=0.0, backend="pil")
+    geo = MultiCropGeometry(
+        global_size=50,
+        local_size=20,
+        n_local=1,
+        global_scale=(1.0, 1.0),
+        ratio=(200 / 150, 200 / 150),
+        flip_p=0.0,
+        backend="pil",
+    )
     out = geo(img, generator=torch.Generator().manual_seed(0))
     ref = np.asarray(img.resize((50, 50), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
     assert np.array_equal(out["global"][0].numpy(), ref)
-    geo_f = MultiCropGeometry(global_size=50, local_size=20, n_local=1, global_scale=(1.0, 1.0),
-                              ratio=(200 / 150, 200 / 150), flip_p=1.0, backend="pil")
+    geo_f = MultiCropGeometry(
+        global_size=50,
+        local_size=20,
+        n_local=1,
+        global_scale=(1.0, 1.0),
+        ratio=(200 / 150, 200 / 150),
+        flip_p=1.0,
+        backend="pil",
+    )
     out_f = geo_f(img, generator=torch.Generator().manual_seed(0))
     assert np.array_equal(out_f["global"][1].numpy(), ref[:, :, ::-1])
     # the torch backend: PIL's antialiased bicubic up to rounding (whole-image box: no border effect)
-    geo_t = MultiCropGeometry(global_size=50, local_size=20, n_local=1, global_scale=(1.0, 1.0),
-                              ratio=(200 / 150, 200 / 150), flip_p=1.0, backend="torch")
+    geo_t = MultiCropGeometry(
+        global_size=50,
+        local_size=20,
+        n_local=1,
+        global_scale=(1.0, 1.0),
+        ratio=(200 / 150, 200 / 150),
+        flip_p=1.0,
+        backend="torch",
+    )
     out_t = geo_t(img, generator=torch.Generator().manual_seed(0))
-    assert (out_t["global"][1].int() - torch.from_numpy(ref[:, :, ::-1].copy()).int()).abs().max() <= 1
+    assert (
+        out_t["global"][1].int() - torch.from_numpy(ref[:, :, ::-1].copy()).int()
+    ).abs().max() <= 1
 
 
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
@@ -192,10 +216,14 @@ def test_real_images(shared_data):
 # -------------------------------------------------------------------------------------- collate
 
 
-def _fake_sample(i: int, n_local=3, g=8, l=4, label=True):
+def _fake_sample(i: int, n_local=3, g=8, l=4, label=True):  # noqa: E741 (l: local size)
     s = {
-        "global": torch.stack([torch.full((3, g, g), 10 * i + k, dtype=torch.uint8) for k in range(2)]),
-        "local": torch.stack([torch.full((3, l, l), 10 * i + k, dtype=torch.uint8) for k in range(n_local)]),
+        "global": torch.stack(
+            [torch.full((3, g, g), 10 * i + k, dtype=torch.uint8) for k in range(2)]
+        ),
+        "local": torch.stack(
+            [torch.full((3, l, l), 10 * i + k, dtype=torch.uint8) for k in range(n_local)]
+        ),
     }
     return (s, i) if label else s
 
@@ -214,8 +242,11 @@ def test_collate_layout_crop1_first():
 
 def test_collate_with_masks():
     gen = BlockMaskGenerator((4, 4), min_num_patches=1, max_num_patches=8)
-    b = collate_multicrop([_fake_sample(i) for i in range(4)], mask_generator=gen,
-                          generator=torch.Generator().manual_seed(0))
+    b = collate_multicrop(
+        [_fake_sample(i) for i in range(4)],
+        mask_generator=gen,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert b["masks"].shape == (8, 16) and b["masks"].dtype == torch.bool
     assert (b["masks"].sum(1) > 0).sum() <= 4
     assert b["n_masked_patches"].item() == b["masks"].sum().item() == b["mask_indices_list"].numel()
@@ -224,7 +255,7 @@ def test_collate_with_masks():
 # ------------------------------------------------------------------------------------ photometry
 
 
-def _batch(b=4, g=32, l=16, n_local=2, seed=0):
+def _batch(b=4, g=32, l=16, n_local=2, seed=0):  # noqa: E741 (l: local size)
     gen = torch.Generator().manual_seed(seed)
     return {
         "global": torch.randint(0, 256, (2 * b, 3, g, g), dtype=torch.uint8, generator=gen),
@@ -351,7 +382,9 @@ class _FixedCrops(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         g = torch.stack([torch.full((3, 4, 4), 10 * i + k, dtype=torch.uint8) for k in range(2)])
-        loc = torch.stack([torch.full((3, 2, 2), 100 + 10 * i + k, dtype=torch.uint8) for k in range(3)])
+        loc = torch.stack(
+            [torch.full((3, 2, 2), 100 + 10 * i + k, dtype=torch.uint8) for k in range(3)]
+        )
         return {"global": g, "local": loc}, i
 
 
@@ -361,7 +394,9 @@ def test_collate_in_dataloader_workers_matches_in_process():
 
     ds = _FixedCrops()
     expected = collate_multicrop([ds[i] for i in range(3)])
-    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=1, collate_fn=collate_multicrop)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=3, num_workers=1, collate_fn=collate_multicrop
+    )
     first = next(iter(loader))
     for key in ("global", "local", "label"):
         assert torch.equal(first[key], expected[key]), key

@@ -1,15 +1,16 @@
 """Native / chunked / prefixed / MAE / vssl checkpoints, and every promised error message."""
+
 from __future__ import annotations
 
 import re
 
 import pytest
 import torch
+from conftest import perturb_
 
 import vssl
 from vssl.models import checkpoints as ck
 from vssl.models.checkpoints import CheckpointError
-from conftest import perturb_
 
 TINY = dict(depth=2, embed_dim=48, num_heads=3, img_size=56)
 
@@ -46,21 +47,30 @@ def test_chunked_keys_as_web_ssl_writes_them(model, tmp_path):
 
 def test_training_checkpoint_teacher_with_heads(model, tmp_path):
     sd = {f"backbone.{k}": v for k, v in model.state_dict().items()}
-    heads = {"dino_head.mlp.0.weight": torch.randn(16, 48), "ibot_head.last_layer.weight_g": torch.ones(8, 1)}
+    heads = {
+        "dino_head.mlp.0.weight": torch.randn(16, 48),
+        "ibot_head.last_layer.weight_g": torch.ones(8, 1),
+    }
     torch.save({"teacher": sd | heads}, tmp_path / "teacher_checkpoint.pth")
     c = ck.read_checkpoint(tmp_path / "teacher_checkpoint.pth")
     assert set(c.heads) == set(heads)
-    loaded = vssl.create_model("webssl-dino1b-full2b-224", weights=tmp_path / "teacher_checkpoint.pth", **TINY)
+    loaded = vssl.create_model(
+        "webssl-dino1b-full2b-224", weights=tmp_path / "teacher_checkpoint.pth", **TINY
+    )
     same_outputs(model, loaded)
 
 
 def test_full_training_checkpoint_picks_teacher_or_student(model, tmp_path):
-    student = perturb_(vssl.create_model("webssl-dino1b-full2b-224", random_init=True, **TINY), seed=5)
+    student = perturb_(
+        vssl.create_model("webssl-dino1b-full2b-224", random_init=True, **TINY), seed=5
+    )
     wrapped = {f"teacher.backbone.{k}": v for k, v in model.state_dict().items()}
     wrapped |= {f"student.backbone.{k}": v for k, v in student.state_dict().items()}
     wrapped |= {"teacher.dino_head.last_layer.weight": torch.randn(4, 8)}
     torch.save({"model": wrapped, "iteration": 10}, tmp_path / "model_0000010.pth")
-    t = vssl.create_model("webssl-dino1b-full2b-224", weights=tmp_path / "model_0000010.pth", **TINY)
+    t = vssl.create_model(
+        "webssl-dino1b-full2b-224", weights=tmp_path / "model_0000010.pth", **TINY
+    )
     same_outputs(model, t)
     s = ck.load_model(tmp_path / "model_0000010.pth", config=t.config, branch="student")
     same_outputs(student.eval(), s)
@@ -68,7 +78,9 @@ def test_full_training_checkpoint_picks_teacher_or_student(model, tmp_path):
 
 def test_ddp_module_prefix(model, tmp_path):
     torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "ddp.pth")
-    same_outputs(model, vssl.create_model("webssl-dino1b-full2b-224", weights=tmp_path / "ddp.pth", **TINY))
+    same_outputs(
+        model, vssl.create_model("webssl-dino1b-full2b-224", weights=tmp_path / "ddp.pth", **TINY)
+    )
 
 
 def test_timm_mae_pretraining_checkpoint_sets_decoder_aside(tmp_path):
@@ -76,10 +88,15 @@ def test_timm_mae_pretraining_checkpoint_sets_decoder_aside(tmp_path):
     mae = perturb_(vssl.create_model("webssl-mae1b-full2b-224", random_init=True, **TINY)).eval()
     sd = dict(mae.state_dict())
     assert "mask_token" not in sd and not any(".ls1." in k for k in sd)  # timm ViT layout
-    sd |= {"mask_token": torch.zeros(1, 1, 32), "decoder_embed.weight": torch.randn(32, 48),
-           "decoder_pred.weight": torch.randn(14 * 14 * 3, 32)}
+    sd |= {
+        "mask_token": torch.zeros(1, 1, 32),
+        "decoder_embed.weight": torch.randn(32, 48),
+        "decoder_pred.weight": torch.randn(14 * 14 * 3, 32),
+    }
     torch.save({"model": sd}, tmp_path / "mae_pretrain.pth")
-    loaded = vssl.create_model("webssl-mae1b-full2b-224", weights=tmp_path / "mae_pretrain.pth", **TINY)
+    loaded = vssl.create_model(
+        "webssl-mae1b-full2b-224", weights=tmp_path / "mae_pretrain.pth", **TINY
+    )
     same_outputs(mae, loaded)
 
 
@@ -116,28 +133,48 @@ def test_missing_key_is_named(model, tmp_path):
     sd = dict(model.state_dict())
     del sd["blocks.1.norm2.weight"]
     torch.save(sd, tmp_path / "m.pth")
-    _raises(r"missing keys \(1\): blocks\.1\.norm2\.weight", vssl.create_model,
-            "webssl-dino1b-full2b-224", weights=tmp_path / "m.pth", **TINY)
+    _raises(
+        r"missing keys \(1\): blocks\.1\.norm2\.weight",
+        vssl.create_model,
+        "webssl-dino1b-full2b-224",
+        weights=tmp_path / "m.pth",
+        **TINY,
+    )
 
 
 def test_unexpected_key_is_named(model, tmp_path):
     sd = dict(model.state_dict()) | {"blocks.0.extra.weight": torch.zeros(3)}
     torch.save(sd, tmp_path / "m.pth")
-    _raises(r"unexpected keys \(1\): blocks\.0\.extra\.weight", vssl.create_model,
-            "webssl-dino1b-full2b-224", weights=tmp_path / "m.pth", **TINY)
+    _raises(
+        r"unexpected keys \(1\): blocks\.0\.extra\.weight",
+        vssl.create_model,
+        "webssl-dino1b-full2b-224",
+        weights=tmp_path / "m.pth",
+        **TINY,
+    )
 
 
 def test_depth_mismatch_suggests_override(model, tmp_path):
     path = ck.export_native(model, tmp_path / "m.pth")
-    msg = _raises(r"unexpected keys", vssl.create_model, "webssl-dino1b-full2b-224",
-                  weights=path, **(TINY | {"depth": 1}))
+    msg = _raises(
+        r"unexpected keys",
+        vssl.create_model,
+        "webssl-dino1b-full2b-224",
+        weights=path,
+        **(TINY | {"depth": 1}),
+    )
     assert "depth=2" in msg
 
 
 def test_resolution_mismatch_suggests_img_size(model, tmp_path):
     path = ck.export_native(model, tmp_path / "m.pth")
-    msg = _raises(r"pos_embed checkpoint \(1, 17, 48\) vs model \(1, 10, 48\)", vssl.create_model,
-                  "webssl-dino1b-full2b-224", weights=path, **(TINY | {"img_size": 42}))
+    msg = _raises(
+        r"pos_embed checkpoint \(1, 17, 48\) vs model \(1, 10, 48\)",
+        vssl.create_model,
+        "webssl-dino1b-full2b-224",
+        weights=path,
+        **(TINY | {"img_size": 42}),
+    )
     assert "img_size=56" in msg
 
 
@@ -150,22 +187,37 @@ def meta_state_dict(name: str) -> dict:
 def test_wrong_zoo_entry_names_the_fitting_one(tmp_path):
     """Web-DINO ViT-L weights into the DINOv2 ViT-L config: ffn and LayerScale differ."""
     sd = meta_state_dict("webssl-dino300m-full2b-224")
-    msg = _raises(r"shape mismatches|missing keys", ck.build_loaded,
-                  vssl.get_config("dinov2-vitl14"), sd, "w.pth")
+    msg = _raises(
+        r"shape mismatches|missing keys",
+        ck.build_loaded,
+        vssl.get_config("dinov2-vitl14"),
+        sd,
+        "w.pth",
+    )
     assert "webssl-dino300m-full2b-224" in msg
     assert "ffn='swiglu'" in msg and "img_size=224" in msg
 
 
 def test_registers_missing_suggests_override(tmp_path):
     sd = meta_state_dict("dinov2-vits14-reg")
-    msg = _raises(r"unexpected keys \(1\): register_tokens", ck.build_loaded,
-                  vssl.get_config("dinov2-vits14"), sd, "w.pth")
+    msg = _raises(
+        r"unexpected keys \(1\): register_tokens",
+        ck.build_loaded,
+        vssl.get_config("dinov2-vits14"),
+        sd,
+        "w.pth",
+    )
     assert "num_register_tokens=4" in msg and "dinov2-vits14-reg" in msg
 
 
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.pth").write_text("hello, not a checkpoint")
-    _raises(r"cannot read .*notes\.pth", vssl.create_model, "vit-test-p14", weights=tmp_path / "notes.pth")
+    _raises(
+        r"cannot read .*notes\.pth",
+        vssl.create_model,
+        "vit-test-p14",
+        weights=tmp_path / "notes.pth",
+    )
 
 
 def test_empty_and_missing_files(tmp_path):
@@ -178,14 +230,21 @@ def test_truncated_checkpoint(model, tmp_path):
     path = ck.export_native(model, tmp_path / "m.pth")
     data = path.read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
-    _raises(r"cannot read .*cut\.pth", vssl.create_model, "webssl-dino1b-full2b-224",
-            weights=tmp_path / "cut.pth", **TINY)
+    _raises(
+        r"cannot read .*cut\.pth",
+        vssl.create_model,
+        "webssl-dino1b-full2b-224",
+        weights=tmp_path / "cut.pth",
+        **TINY,
+    )
 
 
 def test_pickled_objects_are_refused(tmp_path):
     import argparse  # any non-allow-listed global: what an untrusted pickle would smuggle in
 
-    torch.save({"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "evil.pth")
+    torch.save(
+        {"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "evil.pth"
+    )
     _raises(r"weights_only=True", vssl.create_model, "vit-test-p14", weights=tmp_path / "evil.pth")
 
 
@@ -203,7 +262,12 @@ def test_transformers_dir_problems(tmp_path):
 
 def test_checkpoint_without_tensors_asks_for_key(tmp_path):
     torch.save({"epoch": 3, "args": {"lr": 0.1}}, tmp_path / "meta.pth")
-    _raises(r"no tensors.*checkpoint_key", vssl.create_model, "vit-test-p14", weights=tmp_path / "meta.pth")
+    _raises(
+        r"no tensors.*checkpoint_key",
+        vssl.create_model,
+        "vit-test-p14",
+        weights=tmp_path / "meta.pth",
+    )
 
 
 def test_unmatched_pth_without_name_asks_for_one(tmp_path):

@@ -1,12 +1,13 @@
 """The `vssl` command: models table, convert in every direction, info, and its error path."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import perturb_
 
 import vssl
 from vssl.cli import main, parse_overrides
-from conftest import perturb_
 
 
 def test_models_table_lists_every_model_with_exact_counts(capsys):
@@ -28,28 +29,76 @@ def test_models_filter_and_no_match(capsys):
 @pytest.fixture
 def native_ckpt(tmp_path):
     torch.manual_seed(0)
-    model = perturb_(vssl.create_model("dinov2-vits14", random_init=True, depth=2, embed_dim=48,
-                                       num_heads=3, img_size=56)).eval()
+    model = perturb_(
+        vssl.create_model(
+            "dinov2-vits14", random_init=True, depth=2, embed_dim=48, num_heads=3, img_size=56
+        )
+    ).eval()
     return model, vssl.export_native(model, tmp_path / "m.pth")
 
 
 def _same(a, b):
     x = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
-        torch.testing.assert_close(a.forward_features(x)["x_norm_patchtokens"],
-                                   b.forward_features(x)["x_norm_patchtokens"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            a.forward_features(x)["x_norm_patchtokens"],
+            b.forward_features(x)["x_norm_patchtokens"],
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 def test_convert_native_to_hf_to_native(native_ckpt, tmp_path, capsys):
     model, pth = native_ckpt
-    sets = ["--set", "depth=2", "--set", "embed_dim=48", "--set", "num_heads=3", "--set", "img_size=56"]
-    assert main(["convert", str(pth), str(tmp_path / "hf"), "--model", "dinov2-vits14", "--to", "hf", *sets]) == 0
+    sets = [
+        "--set",
+        "depth=2",
+        "--set",
+        "embed_dim=48",
+        "--set",
+        "num_heads=3",
+        "--set",
+        "img_size=56",
+    ]
+    assert (
+        main(
+            [
+                "convert",
+                str(pth),
+                str(tmp_path / "hf"),
+                "--model",
+                "dinov2-vits14",
+                "--to",
+                "hf",
+                *sets,
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "hf" / "config.json").is_file()
-    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back.pth"), "--to", "native",
-                 "--block-chunks", "2"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "hf"),
+                str(tmp_path / "back.pth"),
+                "--to",
+                "native",
+                "--block-chunks",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "blocks.1.1.norm1.weight" in torch.load(tmp_path / "back.pth", weights_only=True)
-    back = vssl.create_model("dinov2-vits14", weights=tmp_path / "back.pth", depth=2, embed_dim=48,
-                             num_heads=3, img_size=56)
+    back = vssl.create_model(
+        "dinov2-vits14",
+        weights=tmp_path / "back.pth",
+        depth=2,
+        embed_dim=48,
+        num_heads=3,
+        img_size=56,
+    )
     _same(model, back)
     transformers = pytest.importorskip("transformers")
     _same(model, _HFWrap(transformers.Dinov2Model.from_pretrained(tmp_path / "hf").eval()))
@@ -65,10 +114,34 @@ class _HFWrap:
 
 def test_convert_to_vssl_and_bf16(native_ckpt, tmp_path, capsys):
     model, pth = native_ckpt
-    sets = ["--set", "depth=2", "--set", "embed_dim=48", "--set", "num_heads=3", "--set", "img_size=56"]
+    sets = [
+        "--set",
+        "depth=2",
+        "--set",
+        "embed_dim=48",
+        "--set",
+        "num_heads=3",
+        "--set",
+        "img_size=56",
+    ]
     out = tmp_path / "m.safetensors"
-    assert main(["convert", str(pth), str(out), "--model", "dinov2-vits14", "--to", "vssl",
-                 "--dtype", "bf16", *sets]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(pth),
+                str(out),
+                "--model",
+                "dinov2-vits14",
+                "--to",
+                "vssl",
+                "--dtype",
+                "bf16",
+                *sets,
+            ]
+        )
+        == 0
+    )
     assert "torch.bfloat16" in capsys.readouterr().out
     from safetensors import safe_open
 
@@ -81,7 +154,10 @@ def test_convert_to_vssl_and_bf16(native_ckpt, tmp_path, capsys):
 
 def test_convert_error_is_a_message_not_a_traceback(native_ckpt, tmp_path, capsys):
     _, pth = native_ckpt
-    assert main(["convert", str(pth), str(tmp_path / "x"), "--model", "dinov2-vits14", "--to", "hf"]) == 2
+    assert (
+        main(["convert", str(pth), str(tmp_path / "x"), "--model", "dinov2-vits14", "--to", "hf"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("vssl convert: error:") and "overrides that would fit" in err
     assert "Traceback" not in err
@@ -99,7 +175,11 @@ def test_info_describes_a_training_checkpoint(native_ckpt, tmp_path, capsys):
 
 def test_parse_overrides():
     assert parse_overrides(["depth=2", "ffn=swiglu", "layerscale=None", "mlp_ratio=2.5"]) == {
-        "depth": 2, "ffn": "swiglu", "layerscale": None, "mlp_ratio": 2.5}
+        "depth": 2,
+        "ffn": "swiglu",
+        "layerscale": None,
+        "mlp_ratio": 2.5,
+    }
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["depth"])
 

@@ -58,7 +58,8 @@ def cifar_shards(cifar_folder, tmp_path_factory) -> Path:
 def test_folder_and_shards_give_the_same_samples(cifar_folder, cifar_shards):
     folder = list(FileSource(cifar_folder))
     assert sorted(json.loads((cifar_shards / "sizes.json").read_text()).items()) == [
-        (f"train-{i:06d}.tar", 50) for i in range(4)]
+        (f"train-{i:06d}.tar", 50) for i in range(4)
+    ]
     assert json.loads((cifar_shards / "classes.json").read_text())[0] == "airplane"
     shards = list(ShardSource(str(cifar_shards / "train-{000000..000003}.tar")))
     assert len(folder) == len(shards) == 200
@@ -92,14 +93,21 @@ def test_parquet_manifest_round_trip(tmp_path):
     (imgs / "b.jpg").write_bytes(_png())  # a PNG named .jpg: stored as .png (real format)
     (imgs / "c.webp").write_bytes(b"")  # zero bytes: skipped
     Image.new("RGB", (16, 16), (0, 0, 255)).save(imgs / "d.webp", "WEBP", lossless=True)
-    table = pa.table({
-        "id": [101, 102, 103, 104, 105],
-        "url": ["imgs/a.jpg", f"file://{imgs / 'b.jpg'}", "imgs/c.webp",
-                "https://example.com/x.jpg", str(imgs / "d.webp")],
-        "text": ["a red box", "a green box", "empty", "remote", None],
-        "width": [32, 20, 0, 1, 16],
-        "clip_similarity_vitb32": [0.31, 0.25, 0.0, 0.1, 0.5],
-    })
+    table = pa.table(
+        {
+            "id": [101, 102, 103, 104, 105],
+            "url": [
+                "imgs/a.jpg",
+                f"file://{imgs / 'b.jpg'}",
+                "imgs/c.webp",
+                "https://example.com/x.jpg",
+                str(imgs / "d.webp"),
+            ],
+            "text": ["a red box", "a green box", "empty", "remote", None],
+            "width": [32, 20, 0, 1, 16],
+            "clip_similarity_vitb32": [0.31, 0.25, 0.0, 0.1, 0.5],
+        }
+    )
     manifest = tmp_path / "m.parquet"
     pq.write_table(table, manifest)
 
@@ -115,14 +123,23 @@ def test_parquet_manifest_round_trip(tmp_path):
     stats = pack(manifest, out, samples_per_shard=2)
     assert stats.samples == 3 and dict(stats.formats) == {"jpg": 1, "png": 1, "webp": 1}
     assert {k for k, _ in stats.skipped} == {"103", "104"}
-    assert json.loads((out / "sizes.json").read_text()) == {"shard-000000.tar": 2,
-                                                            "shard-000001.tar": 1}
+    assert json.loads((out / "sizes.json").read_text()) == {
+        "shard-000000.tar": 2,
+        "shard-000001.tar": 1,
+    }
     with tarfile.open(out / "shard-000000.tar") as tf:
-        assert sorted(tf.getnames()) == ["101.jpg", "101.json", "101.txt", "102.json", "102.png",
-                                         "102.txt"]
+        assert sorted(tf.getnames()) == [
+            "101.jpg",
+            "101.json",
+            "101.txt",
+            "102.json",
+            "102.png",
+            "102.txt",
+        ]
     back = list(ShardSource(out))
     assert [(s.key, s.caption, s.metadata) for s in back] == [
-        (s.key, s.caption, s.metadata) for s in got]
+        (s.key, s.caption, s.metadata) for s in got
+    ]
     for a, b in zip(got, back):
         assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
     rep = inspect_shards(out)
@@ -202,7 +219,11 @@ def test_folder_labels_keys_and_lists(tmp_path):
     assert src.classes == ["ant", "zebra"]
     got = list(src)
     assert [(s.key, s.label) for s in got] == [
-        ("ant/x_v2", 0), ("ant/x_v2_1", 0), ("loose", None), ("zebra/x_v2", 1)]
+        ("ant/x_v2", 0),
+        ("ant/x_v2_1", 0),
+        ("loose", None),
+        ("zebra/x_v2", 1),
+    ]
     assert list(dict(src.skipped)) == ["ant/notes"]
     assert make_key("a/b.c.jpg") == "a/b_c"
 
@@ -255,17 +276,37 @@ def test_cli_pack_and_inspect(tmp_path, capsys, hostile_tar):
         (root / "dog" / f"{i}.png").write_bytes(_png())
     (root / "dog" / "broken.jpg").write_bytes(_jpeg()[:100])
     parser = _parser()
-    args = parser.parse_args(["data", "pack", str(root), str(tmp_path / "out"),
-                              "--samples-per-shard", "4", "--max-shard-size", "1MB",
-                              "--prefix", "pets"])
+    args = parser.parse_args(
+        [
+            "data",
+            "pack",
+            str(root),
+            str(tmp_path / "out"),
+            "--samples-per-shard",
+            "4",
+            "--max-shard-size",
+            "1MB",
+            "--prefix",
+            "pets",
+        ]
+    )
     assert args.func(args) == 0
     out, err = capsys.readouterr()
     assert "packed 6 samples into 2 shards" in out and "dog/broken" in err
     assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == [
-        "pets-000000.tar", "pets-000001.tar"]
+        "pets-000000.tar",
+        "pets-000001.tar",
+    ]
 
-    args = parser.parse_args(["data", "inspect", str(tmp_path / "out" / "pets-{000000..000001}.tar"),
-                              "--json", str(tmp_path / "r.json")])
+    args = parser.parse_args(
+        [
+            "data",
+            "inspect",
+            str(tmp_path / "out" / "pets-{000000..000001}.tar"),
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert args.func(args) == 0
     out, _ = capsys.readouterr()
     assert "TOTAL (2 shards)" in out and "jpg:3" in out and "png:3" in out
@@ -314,7 +355,9 @@ def test_remote_shards_over_http_and_pipe(shared_data, tmp_path, monkeypatch):
     local = [(s.key, s.label, s.image) for s in ShardSource(tmp_path / "sh", decode=False)]
     assert len(local) == 12
 
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "sh"))
+    handler = functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "sh")
+    )
     handler.log_message = lambda *a, **k: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()

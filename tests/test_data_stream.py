@@ -38,8 +38,9 @@ def _write_shards(root: Path, n_shards: int, per_shard: int = PER_SHARD, sizes: 
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))
     if sizes:
-        (root / "sizes.json").write_text(json.dumps(
-            {f"s-{s:06d}.tar": per_shard for s in range(n_shards)}))
+        (root / "sizes.json").write_text(
+            json.dumps({f"s-{s:06d}.tar": per_shard for s in range(n_shards)})
+        )
     return str(root / f"s-{{000000..{n_shards - 1:06d}}}.tar")
 
 
@@ -139,8 +140,9 @@ class _ToTensor:
 
 def test_dataloader_with_workers_and_tuples(tmp_path):
     pattern = _write_shards(tmp_path / "sh", 3)
-    ds = ShardStream(pattern, rank=0, world_size=1, batch_size=4, transform=_ToTensor(),
-                     output="tuple")
+    ds = ShardStream(
+        pattern, rank=0, world_size=1, batch_size=4, transform=_ToTensor(), output="tuple"
+    )
     assert ds.source.draft_size == (4, 4)  # the transform's draft_size reaches open_image
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
     batches = list(loader)
@@ -205,8 +207,9 @@ def test_unreadable_shards_raise_instead_of_looping(tmp_path):
     with pytest.raises(RuntimeError, match="no usable sample"):
         list(ds.iter_worker(0, 1))
     assert len(ds.skipped) == 2  # rank 0 of 2 shares the one shard: samples 0 and 2
-    ds = ShardStream(str(root / "missing-000000.tar"), epoch_len=8, rank=0, world_size=1,
-                     resampled=True)
+    ds = ShardStream(
+        str(root / "missing-000000.tar"), epoch_len=8, rank=0, world_size=1, resampled=True
+    )
     with pytest.raises(RuntimeError, match="gave no record"):
         list(ds.iter_worker(0, 1))
 
@@ -263,11 +266,21 @@ def test_skips_in_dataloader_workers_reach_the_run_summary(tmp_path):
             info = tarfile.TarInfo(f"c/{f.name}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    st = ShardStream(tmp_path / "sh", transform=_ToTensor(), output="tuple", rank=0, world_size=1,
-                     shuffle=False, epoch_len=5)
+    st = ShardStream(
+        tmp_path / "sh",
+        transform=_ToTensor(),
+        output="tuple",
+        rank=0,
+        world_size=1,
+        shuffle=False,
+        epoch_len=5,
+    )
     st.skipped.path = tmp_path / "skipped-shards.jsonl"
     list(DataLoader(st, batch_size=1, num_workers=2))
     # a worker that wraps around to fill its quota meets a bad member again: a set, not a list
     assert {k for k, _ in SkipLog.read(st.skipped.path)} == {
-        "shard-000000.tar:c/0", "shard-000000.tar:c/3", "shard-000000.tar:c/6"}
+        "shard-000000.tar:c/0",
+        "shard-000000.tar:c/3",
+        "shard-000000.tar:c/6",
+    }
     assert len(SkipLog.read(tmp_path / "missing.jsonl")) == 0

@@ -178,8 +178,12 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
 
 def _png_header_only(w: int, h: int) -> bytes:
     """A PNG that claims w x h pixels and holds almost no data: what a bomb's header looks like."""
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb_default_limit(tmp_path):
@@ -194,14 +198,21 @@ def test_decompression_bomb_default_limit(tmp_path):
 def test_error_is_picklable():
     err = ImageDecodeError("a/b.jpg", "truncated file")
     back = pickle.loads(pickle.dumps(err))
-    assert (back.path, back.reason, str(back)) == ("a/b.jpg", "truncated file", "a/b.jpg: truncated file")
+    assert (back.path, back.reason, str(back)) == (
+        "a/b.jpg",
+        "truncated file",
+        "a/b.jpg: truncated file",
+    )
 
 
-@pytest.mark.parametrize(("size", "target", "expected"), [
-    ((2000, 1500), 256, (500, 375)),  # 1500 // 256 = 5 -> 1/4 scale
-    ((1000, 600), 256, (500, 300)),  # 600 // 256 = 2 -> 1/2 scale
-    ((600, 500), 256, (600, 500)),  # less than 2x the target: full size
-])
+@pytest.mark.parametrize(
+    ("size", "target", "expected"),
+    [
+        ((2000, 1500), 256, (500, 375)),  # 1500 // 256 = 5 -> 1/4 scale
+        ((1000, 600), 256, (500, 300)),  # 600 // 256 = 2 -> 1/2 scale
+        ((600, 500), 256, (600, 500)),  # less than 2x the target: full size
+    ],
+)
 def test_draft_decodes_small_but_not_below_target(tmp_path, size, target, expected):
     p = tmp_path / "large.jpg"
     p.write_bytes(_jpeg_bytes(_photo_like(*size)))

@@ -3,6 +3,7 @@
 References here are written independently of ``vssl.methods``: numpy Sinkhorn-Knopp, softmax and
 cross-entropy by hand, brute-force nearest neighbours, per-image / per-crop loops.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import perturb_
 from PIL import Image
 
-from conftest import perturb_
 from vssl.data.augment import MultiCropGeometry, MultiCropPhotometric
 from vssl.data.collate import collate_multicrop
 from vssl.data.masking import BlockMaskGenerator
 from vssl.methods import DINOv2, DINOv2Config, nonfinite_terms
 from vssl.methods.losses import DINOLoss, iBOTPatchLoss, koleo_loss, sinkhorn_knopp
-from vssl.models import CheckpointError, ViTConfig, VisionTransformer, export_native
+from vssl.models import CheckpointError, VisionTransformer, ViTConfig, export_native
 from vssl.models.heads import DINOHead
 
 TINY = ViTConfig(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, layerscale=1e-5)
@@ -84,8 +85,9 @@ def cifar_batch(shared_data: Path, n_images: int = 4, n_local: int = 2, seed: in
     g = torch.Generator().manual_seed(seed)
     geometry = MultiCropGeometry(global_size=32, local_size=16, n_local=n_local)
     samples = [geometry(Image.open(p).convert("RGB"), generator=g) for p in paths]
-    batch = collate_multicrop(samples, mask_generator=BlockMaskGenerator((8, 8), max_num_patches=32),
-                              generator=g)
+    batch = collate_multicrop(
+        samples, mask_generator=BlockMaskGenerator((8, 8), max_num_patches=32), generator=g
+    )
     return MultiCropPhotometric()(batch, generator=g)
 
 
@@ -94,7 +96,9 @@ def test_sinkhorn_knopp_matches_numpy_and_is_doubly_stochastic():
     torch.manual_seed(0)
     logits = torch.randn(12, 7)
     ours = sinkhorn_knopp(logits, teacher_temp=0.1, n_iterations=3)
-    np.testing.assert_allclose(ours.double().numpy(), np_sinkhorn(logits.numpy(), 0.1, 3), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        ours.double().numpy(), np_sinkhorn(logits.numpy(), 0.1, 3), rtol=1e-5, atol=1e-7
+    )
     # normalization (DINOv2's): each row (sample) is a distribution summing to 1 exactly ...
     np.testing.assert_allclose(ours.sum(1).numpy(), np.ones(12), rtol=1e-6)
     # ... and, as the iterations converge, every prototype (column) receives B/K of the mass
@@ -113,8 +117,9 @@ def test_sinkhorn_knopp_does_not_overflow_at_low_temperature():
     assert torch.isinf(torch.exp(logits / 0.02)).any()
     ours = sinkhorn_knopp(logits, teacher_temp=0.02, n_iterations=3)
     assert torch.isfinite(ours).all()
-    np.testing.assert_allclose(ours.double().numpy(), np_sinkhorn(logits.double().numpy(), 0.02, 3),
-                               rtol=1e-4, atol=1e-7)  # float64 numpy does not overflow here
+    np.testing.assert_allclose(
+        ours.double().numpy(), np_sinkhorn(logits.double().numpy(), 0.02, 3), rtol=1e-4, atol=1e-7
+    )  # float64 numpy does not overflow here
     # a sample far below every prototype's best one: a zero target, never NaN
     far = torch.randn(6, 5)
     far[2] -= 50.0
@@ -131,12 +136,18 @@ def test_ema_centering_softmax_and_update():
     loss.center.copy_(c)
     t = torch.randn(5, 6)
     probs = loss.teacher_probs(t, teacher_temp=0.07)
-    np.testing.assert_allclose(probs.double().numpy(), np_softmax((t2n(t) - t2n(c)) / 0.07), rtol=1e-5)
-    np.testing.assert_allclose(t2n(loss.center), 0.9 * t2n(c) + 0.1 * t2n(t).mean(0, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(
+        probs.double().numpy(), np_softmax((t2n(t) - t2n(c)) / 0.07), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        t2n(loss.center), 0.9 * t2n(c) + 0.1 * t2n(t).mean(0, keepdims=True), rtol=1e-6
+    )
     # the iBOT center is (1, 1, K), updated by the mean over masked patches
     ib = iBOTPatchLoss(6, center_momentum=0.9)
     ib.teacher_probs(t, teacher_temp=0.07)
-    np.testing.assert_allclose(t2n(ib.center).reshape(1, 6), 0.1 * t2n(t).mean(0, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(
+        t2n(ib.center).reshape(1, 6), 0.1 * t2n(t).mean(0, keepdims=True), rtol=1e-6
+    )
 
 
 def test_dino_loss_is_the_sum_of_pairwise_cross_entropies():
@@ -144,7 +155,9 @@ def test_dino_loss_is_the_sum_of_pairwise_cross_entropies():
     students = [torch.randn(4, 5) for _ in range(3)]
     teachers = [torch.softmax(torch.randn(4, 5), -1) for _ in range(2)]
     ours = DINOLoss(5, student_temp=0.1)(students, teachers)
-    ref = sum(np.mean([np_ce(t2n(t)[i], t2n(s)[i]) for i in range(4)]) for s in students for t in teachers)
+    ref = sum(
+        np.mean([np_ce(t2n(t)[i], t2n(s)[i]) for i in range(4)]) for s in students for t in teachers
+    )
     assert ours.item() == pytest.approx(ref, rel=1e-5)
 
 
@@ -209,12 +222,20 @@ def test_update_teacher_is_exact_ema_and_teacher_is_frozen():
 
 # -- the full method on a real batch ---------------------------------------------------------------
 def test_forward_backward_on_real_multicrop_batch(shared_data):
-    m = make_method(ibot_separate_head=True, ibot_n_prototypes=48, ibot_bottleneck_dim=8, ibot_hidden_dim=24)
+    m = make_method(
+        ibot_separate_head=True, ibot_n_prototypes=48, ibot_bottleneck_dim=8, ibot_hidden_dim=24
+    )
     m.train()
     batch = cifar_batch(shared_data, n_images=4, n_local=2)
     assert batch["masks"].any()
     out = m(batch, teacher_temp=0.04)
-    assert set(out) == {"loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss"}
+    assert set(out) == {
+        "loss",
+        "dino_local_crops_loss",
+        "dino_global_crops_loss",
+        "koleo_loss",
+        "ibot_loss",
+    }
     assert nonfinite_terms(out) == []
     assert all(out[k].item() > 0 for k in out if k != "koleo_loss")
     assert out["loss"].requires_grad and not any(out[k].requires_grad for k in out if k != "loss")
@@ -222,19 +243,31 @@ def test_forward_backward_on_real_multicrop_batch(shared_data):
     for name, p in m.student.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert {n.split(".")[0] for n, p in m.student.named_parameters() if p.grad.abs().sum() > 0} == {
-        "backbone", "dino_head", "ibot_head"}
+        "backbone",
+        "dino_head",
+        "ibot_head",
+    }
     assert all(p.grad is None for p in m.teacher.parameters())
     assert {id(p) for p in m.prototype_parameters()} == {
-        id(m.student.dino_head.last_layer.weight_g), id(m.student.dino_head.last_layer.weight_v),
-        id(m.student.ibot_head.last_layer.weight_g), id(m.student.ibot_head.last_layer.weight_v)}
+        id(m.student.dino_head.last_layer.weight_g),
+        id(m.student.dino_head.last_layer.weight_v),
+        id(m.student.ibot_head.last_layer.weight_g),
+        id(m.student.ibot_head.last_layer.weight_v),
+    }
 
 
-@pytest.mark.parametrize("centering,separate,use_bn",
-                         [("ema", False, False), ("sinkhorn_knopp", True, False), ("ema", False, True)])
-def test_forward_equals_a_per_crop_per_image_reimplementation(shared_data, centering, separate, use_bn):
+@pytest.mark.parametrize(
+    "centering,separate,use_bn",
+    [("ema", False, False), ("sinkhorn_knopp", True, False), ("ema", False, True)],
+)
+def test_forward_equals_a_per_crop_per_image_reimplementation(
+    shared_data, centering, separate, use_bn
+):
     cfg = dict(centering=centering, head_use_bn=use_bn)
     if separate:
-        cfg.update(ibot_separate_head=True, ibot_n_prototypes=40, ibot_bottleneck_dim=8, ibot_hidden_dim=24)
+        cfg.update(
+            ibot_separate_head=True, ibot_n_prototypes=40, ibot_bottleneck_dim=8, ibot_hidden_dim=24
+        )
     m = make_method(seed=3, **cfg)
     # off the init, where LayerScale 1e-5 makes every CLS token nearly the same whatever the image
     # (then swapping crops, or teacher and student, would go unnoticed)
@@ -251,7 +284,9 @@ def test_forward_equals_a_per_crop_per_image_reimplementation(shared_data, cente
         t_tok = m.teacher.backbone(glob, is_training=True)
         s_glob = m.student.backbone(glob, masks=masks, is_training=True)
         s_loc = m.student.backbone(local, is_training=True)
-        t_cls_logits = t2n(m.teacher.dino_head(t_tok["x_norm_clstoken"]))  # rows: crop c of image i at c*B+i
+        t_cls_logits = t2n(
+            m.teacher.dino_head(t_tok["x_norm_clstoken"])
+        )  # rows: crop c of image i at c*B+i
         ibot_t = m.teacher.ibot_head if separate else m.teacher.dino_head
         ibot_s = m.student.ibot_head if separate else m.student.dino_head
         # heads over the masked patches only, and over all CLS tokens (local and global) together:
@@ -260,8 +295,10 @@ def test_forward_equals_a_per_crop_per_image_reimplementation(shared_data, cente
         s_patch_logits = np.zeros_like(t_patch_logits)
         t_patch_logits[masks.numpy()] = t2n(ibot_t(t_tok["x_norm_patchtokens"][masks]))
         s_patch_logits[masks.numpy()] = t2n(ibot_s(s_glob["x_norm_patchtokens"][masks]))
-        cls_logits = t2n(m.student.dino_head(torch.cat((s_loc["x_norm_clstoken"], s_glob["x_norm_clstoken"]))))
-        s_loc_logits, s_cls_logits = cls_logits[: len(local)], cls_logits[len(local):]
+        cls_logits = t2n(
+            m.student.dino_head(torch.cat((s_loc["x_norm_clstoken"], s_glob["x_norm_clstoken"])))
+        )
+        s_loc_logits, s_cls_logits = cls_logits[: len(local)], cls_logits[len(local) :]
         s_cls = t2n(s_glob["x_norm_clstoken"])
     if use_bn:  # DINO's teacher normalizes with batch statistics too (it is never in eval mode)
         assert m.teacher.dino_head.mlp[1].training and not m.teacher.backbone.training
@@ -275,22 +312,46 @@ def test_forward_equals_a_per_crop_per_image_reimplementation(shared_data, cente
         p_patch = np.zeros_like(t_patch_logits)
         p_patch[mk] = np_sinkhorn(t_patch_logits[mk], temp, 3)
     n_terms = 2 * n_local + 2
-    local_ref = sum(np.mean([np_ce(p_cls[c * B + i], s_loc_logits[k * B + i]) for i in range(B)])
-                    for k in range(n_local) for c in range(2)) / n_terms
-    global_ref = sum(np.mean([np_ce(p_cls[(1 - c) * B + i], s_cls_logits[c * B + i]) for i in range(B)])
-                     for c in range(2)) / n_terms
-    koleo_ref = 0.1 * sum(np_koleo(s_cls[c * B:(c + 1) * B]) for c in range(2))
-    ibot_ref = sum(np.mean([np_ce(p_patch[r, j], s_patch_logits[r, j]) for j in np.flatnonzero(mk[r])])
-                   for r in range(2 * B) if mk[r].any()) / (2 * B)
+    local_ref = (
+        sum(
+            np.mean([np_ce(p_cls[c * B + i], s_loc_logits[k * B + i]) for i in range(B)])
+            for k in range(n_local)
+            for c in range(2)
+        )
+        / n_terms
+    )
+    global_ref = (
+        sum(
+            np.mean([np_ce(p_cls[(1 - c) * B + i], s_cls_logits[c * B + i]) for i in range(B)])
+            for c in range(2)
+        )
+        / n_terms
+    )
+    koleo_ref = 0.1 * sum(np_koleo(s_cls[c * B : (c + 1) * B]) for c in range(2))
+    ibot_ref = sum(
+        np.mean([np_ce(p_patch[r, j], s_patch_logits[r, j]) for j in np.flatnonzero(mk[r])])
+        for r in range(2 * B)
+        if mk[r].any()
+    ) / (2 * B)
     assert out["dino_local_crops_loss"].item() == pytest.approx(local_ref, rel=1e-4)
     assert out["dino_global_crops_loss"].item() == pytest.approx(global_ref, rel=1e-4)
-    assert out["koleo_loss"].item() == pytest.approx(koleo_ref / 2, rel=1e-4)  # logged halved, as DINOv2
+    assert out["koleo_loss"].item() == pytest.approx(
+        koleo_ref / 2, rel=1e-4
+    )  # logged halved, as DINOv2
     assert out["ibot_loss"].item() == pytest.approx(ibot_ref / 2, rel=1e-4)
-    assert out["loss"].item() == pytest.approx(local_ref + global_ref + koleo_ref + ibot_ref, rel=1e-4)
+    assert out["loss"].item() == pytest.approx(
+        local_ref + global_ref + koleo_ref + ibot_ref, rel=1e-4
+    )
     if centering == "ema":  # the centers moved towards this batch's teacher logits (momentum 0.9)
-        np.testing.assert_allclose(t2n(m.dino_loss.center)[0], 0.1 * t_cls_logits.mean(0), rtol=1e-4, atol=1e-7)
-        np.testing.assert_allclose(t2n(m.ibot_patch_loss.center)[0, 0], 0.1 * t_patch_logits[mk].mean(0),
-                                   rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(
+            t2n(m.dino_loss.center)[0], 0.1 * t_cls_logits.mean(0), rtol=1e-4, atol=1e-7
+        )
+        np.testing.assert_allclose(
+            t2n(m.ibot_patch_loss.center)[0, 0],
+            0.1 * t_patch_logits[mk].mean(0),
+            rtol=1e-4,
+            atol=1e-7,
+        )
 
 
 def test_a_few_steps_on_a_fixed_batch_reduce_the_loss(shared_data):
@@ -335,14 +396,18 @@ def test_config_validation_names_what_is_allowed():
 
 
 def test_nonfinite_terms_names_the_term():
-    out = {"loss": torch.tensor(float("nan")), "koleo_loss": torch.tensor(float("inf")),
-           "dino_global_crops_loss": torch.tensor(1.0)}
+    out = {
+        "loss": torch.tensor(float("nan")),
+        "koleo_loss": torch.tensor(float("inf")),
+        "dino_global_crops_loss": torch.tensor(1.0),
+    }
     assert nonfinite_terms(out) == ["loss", "koleo_loss"]
 
 
 # -- continuing from a checkpoint with heads ----------------------------------------------------------
-def _training_checkpoint(path: Path, *, n_prototypes=64, ibot: bool = True, layout: str = "legacy",
-                         use_bn: bool = False):
+def _training_checkpoint(
+    path: Path, *, n_prototypes=64, ibot: bool = True, layout: str = "legacy", use_bn: bool = False
+):
     """A DINOv2-layout teacher checkpoint {"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}."""
     torch.manual_seed(11)
     bb = perturb_(VisionTransformer(TINY), seed=2)
@@ -353,7 +418,9 @@ def _training_checkpoint(path: Path, *, n_prototypes=64, ibot: bool = True, layo
     for name, h in heads.items():
         for k, v in h.state_dict().items():
             if layout == "parametrization" and k.startswith("last_layer.weight_"):
-                k = "last_layer.parametrizations.weight." + ("original0" if k.endswith("_g") else "original1")
+                k = "last_layer.parametrizations.weight." + (
+                    "original0" if k.endswith("_g") else "original1"
+                )
             teacher[f"{name}.{k}"] = v
     torch.save({"teacher": teacher}, path)
     return bb, heads
@@ -363,8 +430,13 @@ def _training_checkpoint(path: Path, *, n_prototypes=64, ibot: bool = True, layo
 def test_load_pretrained_restores_backbone_and_heads_in_student_and_teacher(tmp_path, layout):
     path = tmp_path / "teacher_checkpoint.pth"
     bb, heads = _training_checkpoint(path, layout=layout)
-    m = make_method(seed=7, ibot_separate_head=True, ibot_n_prototypes=40, ibot_bottleneck_dim=8,
-                    ibot_hidden_dim=24)
+    m = make_method(
+        seed=7,
+        ibot_separate_head=True,
+        ibot_n_prototypes=40,
+        ibot_bottleneck_dim=8,
+        ibot_hidden_dim=24,
+    )
     report = m.load_pretrained(path)
     assert report["backbone"] and report["dino_head"] and report["ibot_head"]
     x = torch.randn(3, 48)
@@ -383,11 +455,15 @@ def test_load_pretrained_refuses_heads_that_do_not_fit(tmp_path):
     _training_checkpoint(path, n_prototypes=64, ibot=False)
     m = make_method(n_prototypes=32)
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(CheckpointError, match=r"dino_head does not fit.*set n_prototypes=64.*load_heads=False"):
+    with pytest.raises(
+        CheckpointError, match=r"dino_head does not fit.*set n_prototypes=64.*load_heads=False"
+    ):
         m.load_pretrained(path)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # nothing half-loaded
     report = m.load_pretrained(path, load_heads=False)
-    assert report["backbone"] and not report["dino_head"] and report["heads_skipped"] == ["dino_head"]
+    assert (
+        report["backbone"] and not report["dino_head"] and report["heads_skipped"] == ["dino_head"]
+    )
     # a separate ibot_head in the file but a shared head in the config
     path2 = tmp_path / "with_ibot.pth"
     _training_checkpoint(path2)
@@ -478,13 +554,28 @@ def test_centering_and_fsdp2_across_two_ranks(tmp_path):
     script.write_text(_WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(script), str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(script),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     logits = torch.randn(8, 5, generator=torch.Generator().manual_seed(0)) * 3
     # the two ranks' rows together are the single-process result on the whole batch
-    np.testing.assert_allclose(np.array(r0["sk"] + r1["sk"]), np_sinkhorn(logits.numpy(), 0.1, 3), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        np.array(r0["sk"] + r1["sk"]), np_sinkhorn(logits.numpy(), 0.1, 3), rtol=1e-5, atol=1e-7
+    )
     # EMA: both ranks hold the same center, the mean over all 8 rows
     expected = 0.1 * logits.double().numpy().mean(0, keepdims=True)
     np.testing.assert_allclose(np.array(r0["center"]), expected, rtol=1e-5)

@@ -85,8 +85,20 @@ def photo_run(tiny, tmp_path_factory):
     photos = _photos_dir()
     _, ckpt = tiny
     out = tmp_path_factory.mktemp("feats")
-    rc = main(["embed", str(ckpt), "--input", str(photos), "--output", str(out),
-               "--patch-tokens", "--batch-size", "32", "--no-progress"])
+    rc = main(
+        [
+            "embed",
+            str(ckpt),
+            "--input",
+            str(photos),
+            "--output",
+            str(out),
+            "--patch-tokens",
+            "--batch-size",
+            "32",
+            "--no-progress",
+        ]
+    )
     return rc, out, sorted(p for p in photos.iterdir() if not p.name.startswith("."))
 
 
@@ -160,8 +172,21 @@ def test_broken_files_are_skipped_and_listed(tmp_path, capsys):
     good, broken = _mixed_folder(tmp_path / "in")
     out = tmp_path / "out"
     # batch size 2: the batch [x1_empty, x2_page] has no good image at all; 2 workers decode.
-    rc = main(["embed", "vit-test-p14", "--input", str(tmp_path / "in"), "--output", str(out),
-               "--batch-size", "2", "--num-workers", "2", "--no-progress"])
+    rc = main(
+        [
+            "embed",
+            "vit-test-p14",
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(out),
+            "--batch-size",
+            "2",
+            "--num-workers",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     captured = capsys.readouterr()
     assert "embedded 4 images, skipped 4" in captured.out
@@ -178,8 +203,15 @@ def test_library_skips_and_truncates_outputs(tmp_path, tiny):
     model, _ = tiny
     good, broken = _mixed_folder(tmp_path / "in")
     inputs = list_inputs(tmp_path / "in")
-    res = embed_images(model, inputs, tmp_path / "out", batch_size=3, num_workers=0,
-                       patch_tokens=True, progress=False)
+    res = embed_images(
+        model,
+        inputs,
+        tmp_path / "out",
+        batch_size=3,
+        num_workers=0,
+        patch_tokens=True,
+        progress=False,
+    )
     assert (res.num_inputs, res.num_embedded, res.num_skipped) == (8, 4, 4)
     assert res.embeddings_shape == (4, 32) and res.patch_tokens_shape == (4, 16, 32)
     emb = np.load(tmp_path / "out" / "embeddings.npy")
@@ -197,13 +229,18 @@ def test_compiled_forward_same_rows_with_ragged_last_batch(tmp_path, tiny):
     """--compile pads the last batch (no recompilation) and must drop the padding rows."""
     model, _ = tiny
     inputs = list_inputs(sample_images_dir())[:5]  # batch 3: a full batch and a ragged one
-    eager = embed_images(model, inputs, tmp_path / "eager", batch_size=3, num_workers=0,
-                         progress=False)
-    comp = embed_images(model, inputs, tmp_path / "comp", batch_size=3, num_workers=0,
-                        progress=False, compile=True)
+    eager = embed_images(
+        model, inputs, tmp_path / "eager", batch_size=3, num_workers=0, progress=False
+    )
+    comp = embed_images(
+        model, inputs, tmp_path / "comp", batch_size=3, num_workers=0, progress=False, compile=True
+    )
     assert eager.num_embedded == comp.num_embedded == 5
-    np.testing.assert_allclose(np.load(tmp_path / "comp" / "embeddings.npy"),
-                               np.load(tmp_path / "eager" / "embeddings.npy"), atol=1e-5)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "comp" / "embeddings.npy"),
+        np.load(tmp_path / "eager" / "embeddings.npy"),
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize(("capacity", "rows"), [(1000, 7), (100_000, 99_999), (5, 5), (12, 1)])
@@ -225,8 +262,9 @@ def test_bf16_autocast_close_to_fp32(tmp_path, tiny):
     model, _ = tiny
     inputs = [(p, None) for p in sorted(sample_images_dir().glob("*.jpg"))]
     r32 = embed_images(model, inputs, tmp_path / "fp32", num_workers=0, progress=False)
-    r16 = embed_images(model, inputs, tmp_path / "bf16", num_workers=0, progress=False,
-                       dtype="bf16")
+    r16 = embed_images(
+        model, inputs, tmp_path / "bf16", num_workers=0, progress=False, dtype="bf16"
+    )
     assert r32.num_embedded == r16.num_embedded == len(inputs)
     a = np.load(tmp_path / "fp32" / "embeddings.npy")
     b = np.load(tmp_path / "bf16" / "embeddings.npy")
@@ -240,8 +278,17 @@ def test_all_broken_folder_fails(tmp_path, capsys):
     src.mkdir()
     (src / "empty.jpg").write_bytes(b"")
     _truncated_jpeg(src / "half.jpg")
-    rc = main(["embed", "vit-test-p14", "--input", str(src), "--output", str(tmp_path / "o"),
-               "--no-progress"])
+    rc = main(
+        [
+            "embed",
+            "vit-test-p14",
+            "--input",
+            str(src),
+            "--output",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert f"no image could be embedded from {src}" in err and "Traceback" not in err
@@ -273,8 +320,19 @@ def test_bad_model_fails_cleanly(tmp_path, capsys):
 
 
 def test_resolution_off_patch_grid_fails(tmp_path, capsys):
-    rc = main(["embed", "vit-test-p14", "--input", str(sample_images_dir()), "--output",
-               str(tmp_path / "o"), "--resolution", "60", "--no-progress"])
+    rc = main(
+        [
+            "embed",
+            "vit-test-p14",
+            "--input",
+            str(sample_images_dir()),
+            "--output",
+            str(tmp_path / "o"),
+            "--resolution",
+            "60",
+            "--no-progress",
+        ]
+    )
     assert rc == 2
     assert "not a multiple of the patch size 14: use 56 or 70" in capsys.readouterr().err
 
@@ -324,7 +382,10 @@ def test_console_script_on_bundled_samples(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         ["vssl", "embed", "vit-test-p14", "--output", str(tmp_path / "o"), "--no-progress"],
-        capture_output=True, text=True, timeout=120, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     n = len(list(sample_images_dir().glob("*.jpg")))

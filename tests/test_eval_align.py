@@ -71,8 +71,9 @@ def test_matches_brute_force_reference():
     assert 0.1 < got < 0.9  # a partial alignment: neither trivial end
     # neighbour lists themselves, most similar first, never the sample itself
     idx = knn_indices(a, k, chunk=7).numpy()
-    cos = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (a / np.linalg.norm(a, axis=1,
-                                                                             keepdims=True)).T
+    cos = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (
+        a / np.linalg.norm(a, axis=1, keepdims=True)
+    ).T
     np.fill_diagonal(cos, -np.inf)
     np.testing.assert_array_equal(idx, np.argsort(-cos, axis=1)[:, :k])
 
@@ -87,8 +88,13 @@ def test_metric_errors():
 
 
 # ------------------------------------------------------------------------------------ text
-CAPTIONS = ["A dog running on the beach.", "  two cats asleep on a sofa  ", "x",
-            "A very long caption about a photograph of a mountain lake at dawn. " * 30, ""]
+CAPTIONS = [
+    "A dog running on the beach.",
+    "  two cats asleep on a sofa  ",
+    "x",
+    "A very long caption about a photograph of a mountain lake at dawn. " * 30,
+    "",
+]
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +123,9 @@ def test_cls_pooling_matches_transformers(encoder):
     model = AutoModel.from_pretrained(encoder.path).eval()
     with torch.inference_mode():
         ref = model(**tok([t.strip() for t in texts], padding=True, return_tensors="pt"))
-    np.testing.assert_allclose(cls_enc.encode(texts), ref.last_hidden_state[:, 0].numpy(),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        cls_enc.encode(texts), ref.last_hidden_state[:, 0].numpy(), atol=1e-5
+    )
 
 
 def test_missing_default_package_is_a_clear_error(monkeypatch):
@@ -144,10 +151,16 @@ def _write_features(folder: Path, paths: list[str], feats: np.ndarray) -> None:
 
     folder.mkdir()
     np.save(folder / "embeddings.npy", feats.astype(np.float32))
-    pq.write_table(pa.table({"row": pa.array(range(len(paths)), pa.int64()),
-                             "path": pa.array(paths, pa.string()),
-                             "label": pa.array([None] * len(paths), pa.string())}),
-                   folder / "manifest.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "row": pa.array(range(len(paths)), pa.int64()),
+                "path": pa.array(paths, pa.string()),
+                "label": pa.array([None] * len(paths), pa.string()),
+            }
+        ),
+        folder / "manifest.parquet",
+    )
 
 
 def test_caption_features_first_and_mean():
@@ -181,8 +194,19 @@ def test_align_cli_recovers_a_text_space_in_disguise(encoder, shared_data, tmp_p
     _write_features(tmp_path / "feats", photos, feats)
 
     results = tmp_path / "results.jsonl"
-    rc = _cli(["align", "--images", str(tmp_path / "feats"), "--captions", str(pairs), "--k", "5",
-               "--results", str(results)])
+    rc = _cli(
+        [
+            "align",
+            "--images",
+            str(tmp_path / "feats"),
+            "--captions",
+            str(pairs),
+            "--k",
+            "5",
+            "--results",
+            str(results),
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "mutual_knn@5" in out.out and "chance" in out.out and "shuffled" in out.out
@@ -198,7 +222,8 @@ def test_align_cli_errors(tmp_path, capsys):
     _write_features(tmp_path / "feats", paths, np.random.default_rng(0).standard_normal((10, 4)))
     pairs = tmp_path / "captions.jsonl"
     pairs.write_text(json.dumps({"path": "/elsewhere/0.jpg", "text": "a cat"}) + "\n")
-    rc = _cli(["align", "--images", str(tmp_path / "feats"), "--captions", str(pairs),
-               "--results", "-"])
+    rc = _cli(
+        ["align", "--images", str(tmp_path / "feats"), "--captions", str(pairs), "--results", "-"]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "vssl eval align: error: only 0 of the 10 feature rows have a caption" in err

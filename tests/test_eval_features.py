@@ -50,8 +50,17 @@ def _reference(model, x: torch.Tensor, last: int):
 # ------------------------------------------------------------------------------ embed --layers
 def test_layers_and_avgpool_match_direct_computation(tmp_path, model3):
     inputs = list_inputs(sample_images_dir())[:7]  # batch 3: two full batches and a ragged one
-    res = embed_images(model3, inputs, tmp_path / "all", batch_size=3, num_workers=0,
-                       progress=False, layers=2, avgpool=True, patch_tokens=True)
+    res = embed_images(
+        model3,
+        inputs,
+        tmp_path / "all",
+        batch_size=3,
+        num_workers=0,
+        progress=False,
+        layers=2,
+        avgpool=True,
+        patch_tokens=True,
+    )
     assert res.layers_shape == (7, 2, 32) and res.avgpool_shape == (7, 32)
     assert "layers.npy (7, 2, 32)" in res.summary() and "avgpool.npy (7, 32)" in res.summary()
     layers = np.load(tmp_path / "all" / "layers.npy")
@@ -69,8 +78,15 @@ def test_layers_and_avgpool_match_direct_computation(tmp_path, model3):
     assert np.abs(layers[:, 0] - layers[:, 1]).max() > 1e-2
 
     # Old outputs are unchanged by the one-pass path: same rows as a plain run.
-    embed_images(model3, inputs, tmp_path / "plain", batch_size=3, num_workers=0, progress=False,
-                 patch_tokens=True)
+    embed_images(
+        model3,
+        inputs,
+        tmp_path / "plain",
+        batch_size=3,
+        num_workers=0,
+        progress=False,
+        patch_tokens=True,
+    )
     np.testing.assert_allclose(np.load(tmp_path / "plain" / "embeddings.npy"), emb, atol=1e-6)
     np.testing.assert_allclose(np.load(tmp_path / "plain" / "patch_tokens.npy"), tokens, atol=1e-6)
 
@@ -85,14 +101,23 @@ def test_avgpool_without_layers_and_stale_files_removed(tmp_path, model3):
     _, ref_patches = _reference(model3, _batch([p for p, _ in inputs]), last=1)
     np.testing.assert_allclose(np.load(out / "avgpool.npy"), ref_patches.mean(axis=1), atol=1e-5)
     embed_images(model3, inputs, out, num_workers=0, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["embeddings.npy", "errors.jsonl",
-                                                     "manifest.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "embeddings.npy",
+        "errors.jsonl",
+        "manifest.parquet",
+    ]
 
 
 def test_layers_more_than_depth_is_an_error(tmp_path, model3):
     with pytest.raises(ValueError, match="only 3 blocks"):
-        embed_images(model3, list_inputs(sample_images_dir())[:1], tmp_path / "o", layers=4,
-                     num_workers=0, progress=False)
+        embed_images(
+            model3,
+            list_inputs(sample_images_dir())[:1],
+            tmp_path / "o",
+            layers=4,
+            num_workers=0,
+            progress=False,
+        )
 
 
 def test_compiled_layers_match_eager(tmp_path, model3):
@@ -108,8 +133,20 @@ def test_compiled_layers_match_eager(tmp_path, model3):
 
 def test_cli_layers_avgpool(tmp_path, capsys):
     out = tmp_path / "o"
-    rc = main(["embed", "vit-test-p14", "--output", str(out), "--layers", "2", "--avgpool",
-               "--no-progress", "--num-workers", "0"])
+    rc = main(
+        [
+            "embed",
+            "vit-test-p14",
+            "--output",
+            str(out),
+            "--layers",
+            "2",
+            "--avgpool",
+            "--no-progress",
+            "--num-workers",
+            "0",
+        ]
+    )
     assert rc == 0
     n = len(list_inputs(sample_images_dir()))
     assert f"layers.npy ({n}, 2, 32)" in capsys.readouterr().out
@@ -130,9 +167,16 @@ def _write_folder(d: Path, labels, n_extra_layers_rows: int = 0, dim: int = 4) -
     emb = np.arange(n * dim, dtype=np.float32).reshape(n, dim)
     np.save(d / "embeddings.npy", emb)
     np.save(d / "layers.npy", np.zeros((n + n_extra_layers_rows, 3, dim), np.float32))
-    pq.write_table(pa.table({"row": pa.array(range(n), pa.int64()),
-                             "path": [f"/img/{i}.jpg" for i in range(n)],
-                             "label": pa.array(labels, pa.string())}), d / "manifest.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "row": pa.array(range(n), pa.int64()),
+                "path": [f"/img/{i}.jpg" for i in range(n)],
+                "label": pa.array(labels, pa.string()),
+            }
+        ),
+        d / "manifest.parquet",
+    )
     return emb
 
 
@@ -191,8 +235,10 @@ def test_require_layers_slices_and_explains(tmp_path):
     f = load_features(tmp_path / "f")
     last2 = f.require(layers=2).layers
     assert last2.shape == (2, 2, 4) and last2[0, :, 0].tolist() == [1.0, 2.0]  # oldest first
-    with pytest.raises(ValueError, match="holds the last 3 blocks, 4 are needed: re-run `vssl "
-                                         "embed` with --layers 4"):
+    with pytest.raises(
+        ValueError,
+        match="holds the last 3 blocks, 4 are needed: re-run `vssl embed` with --layers 4",
+    ):
         f.require(layers=4)
     with pytest.raises(ValueError, match="no avgpool.npy: re-run `vssl embed` with --avgpool"):
         f.require(avgpool=True)
@@ -205,8 +251,9 @@ def test_features_validates_shapes():
     with pytest.raises(ValueError, match="3 paths for 2 feature rows"):
         Features(cls=np.zeros((2, 4), np.float32), paths=["a", "b", "c"])
     with pytest.raises(ValueError, match="avgpool has shape"):
-        Features(cls=np.zeros((2, 4), np.float32), paths=["a", "b"],
-                 avgpool=np.zeros((2, 5), np.float32))
+        Features(
+            cls=np.zeros((2, 4), np.float32), paths=["a", "b"], avgpool=np.zeros((2, 5), np.float32)
+        )
 
 
 # ------------------------------------------------------------------------------ on the fly + cache
@@ -239,8 +286,9 @@ def tiny_ckpt(tmp_path):
     return model, vssl.save_vssl(model, tmp_path / "tiny.safetensors")
 
 
-def test_on_the_fly_embedding_is_cached_and_reused(tmp_path, cifar_lists, tiny_ckpt, capsys,
-                                                  monkeypatch):
+def test_on_the_fly_embedding_is_cached_and_reused(
+    tmp_path, cifar_lists, tiny_ckpt, capsys, monkeypatch
+):
     model, ckpt = tiny_ckpt
     calls = []
 
@@ -249,19 +297,30 @@ def test_on_the_fly_embedding_is_cached_and_reused(tmp_path, cifar_lists, tiny_c
         return embed_images(*a, **kw)
 
     monkeypatch.setattr("vssl.embed.embed_images", counting)
-    args = _args(tmp_path, ["--model", str(ckpt), "--train", str(cifar_lists["train"]),
-                            "--test", str(cifar_lists["test"])])
+    args = _args(
+        tmp_path,
+        [
+            "--model",
+            str(ckpt),
+            "--train",
+            str(cifar_lists["train"]),
+            "--test",
+            str(cifar_lists["test"]),
+        ],
+    )
     train = features_from_args(args, "train")
     assert len(calls) == 1 and "embedding 12 train images" in capsys.readouterr().err
     assert train.classes == ["airplane", "bird", "cat", "ship"]
     assert train.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert train.source == str(cifar_lists["train"])
     # the cached rows are the model's features of these images
-    direct = embed_images(model, list_inputs(cifar_lists["train"]), tmp_path / "direct",
-                     num_workers=0, progress=False)
+    direct = embed_images(
+        model, list_inputs(cifar_lists["train"]), tmp_path / "direct", num_workers=0, progress=False
+    )
     assert direct.num_embedded == 12
-    np.testing.assert_allclose(train.cls, np.load(tmp_path / "direct" / "embeddings.npy"),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        train.cls, np.load(tmp_path / "direct" / "embeddings.npy"), atol=1e-6
+    )
 
     test = features_from_args(args, "test", classes=train.classes)
     assert test.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and len(calls) == 2
@@ -297,8 +356,13 @@ def test_features_from_args_errors(tmp_path, cifar_lists, tiny_ckpt):
     with pytest.raises(ValueError, match="not a `vssl embed` output folder"):
         features_from_args(args, "train")  # an image list without --model
     feats = tmp_path / "feats"
-    embed_images(vssl.create_model("vit-test-p14"), list_inputs(cifar_lists["test"]), feats,
-                 num_workers=0, progress=False)
+    embed_images(
+        vssl.create_model("vit-test-p14"),
+        list_inputs(cifar_lists["test"]),
+        feats,
+        num_workers=0,
+        progress=False,
+    )
     args = _args(tmp_path, ["--model", str(ckpt), "--train", str(feats), "--test", "x"])
     with pytest.raises(ValueError, match="is a `vssl embed` output folder; .* drop --model"):
         features_from_args(args, "train")
@@ -308,8 +372,9 @@ def test_features_from_args_errors(tmp_path, cifar_lists, tiny_ckpt):
     args = _args(tmp_path, ["--train", str(feats), "--test", "x", "--weights", "w.pth"])
     with pytest.raises(ValueError, match="--weights only apply with --model"):
         features_from_args(args, "train")
-    args = _args(tmp_path, ["--model", "vit-test-p99", "--train", str(cifar_lists["train"]),
-                            "--test", "x"])
+    args = _args(
+        tmp_path, ["--model", "vit-test-p99", "--train", str(cifar_lists["train"]), "--test", "x"]
+    )
     with pytest.raises(ValueError, match="cannot load model 'vit-test-p99'"):
         features_from_args(args, "train")
 

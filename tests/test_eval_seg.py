@@ -1,5 +1,6 @@
 """`vssl eval seg`: metrics against hand counts and scikit-learn, the image/mask geometry, a real
 segmentation task built from real photos, bad files, and the command end to end."""
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,7 @@ def make_pasted_set(root: Path, photos_dir: Path, n: int, seed: int, size: int =
             s = int(rng.integers(size // 3, size // 2 + 1))
             x, y = int(rng.integers(0, size - s + 1)), int(rng.integers(0, size - s + 1))
             canvas.paste(crop(photo, s, 0.4, 0.8), (x, y))
-            mask[y:y + s, x:x + s] = k
+            mask[y : y + s, x : x + s] = k
         canvas.save(root / "images" / f"{i:03d}.jpg", quality=95)
         Image.fromarray(mask).save(root / "annotations" / f"{i:03d}.png")
 
@@ -75,13 +76,15 @@ def test_confusion_and_miou_by_hand():
     assert seg.miou(conf) == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
     assert seg.pixel_accuracy(conf) == pytest.approx(3 / 5)
     # accumulated over the set, not averaged per image: two halves add up to the whole
-    halves = (seg.confusion_matrix(pred[:1], target[:1], 4)
-              + seg.confusion_matrix(pred[1:], target[1:], 4))
+    halves = seg.confusion_matrix(pred[:1], target[:1], 4) + seg.confusion_matrix(
+        pred[1:], target[1:], 4
+    )
     np.testing.assert_array_equal(halves, conf)
 
 
 def test_metrics_match_sklearn():
-    from sklearn.metrics import confusion_matrix as sk_confusion, jaccard_score
+    from sklearn.metrics import confusion_matrix as sk_confusion
+    from sklearn.metrics import jaccard_score
 
     rng = np.random.default_rng(0)
     target = rng.integers(0, 6, size=(3, 40, 50))
@@ -94,8 +97,9 @@ def test_metrics_match_sklearn():
     t, p = target[keep], pred[keep]
     np.testing.assert_array_equal(conf, sk_confusion(t, p, labels=range(7)))
     present = [0, 1, 2, 3, 4, 5]  # 6 is in neither: NaN
-    np.testing.assert_allclose(seg.iou_per_class(conf)[present],
-                               jaccard_score(t, p, labels=present, average=None))
+    np.testing.assert_allclose(
+        seg.iou_per_class(conf)[present], jaccard_score(t, p, labels=present, average=None)
+    )
     assert np.isnan(seg.iou_per_class(conf)[6])
     assert seg.miou(conf) == pytest.approx(jaccard_score(t, p, labels=present, average="macro"))
     assert seg.pixel_accuracy(conf) == pytest.approx(float((t == p).mean()))
@@ -109,7 +113,8 @@ def test_confusion_rejects_unknown_target_ids():
 def test_class_id_mapping():
     ids = np.array([0, 1, 2, 150, 255])
     np.testing.assert_array_equal(
-        seg.map_class_ids(ids, 150, reduce_zero_label=True), [255, 0, 1, 149, 255])
+        seg.map_class_ids(ids, 150, reduce_zero_label=True), [255, 0, 1, 149, 255]
+    )
     np.testing.assert_array_equal(seg.map_class_ids(ids[:3], 3), [0, 1, 2])
     with pytest.raises(ValueError, match="--reduce-zero-label"):
         seg.map_class_ids(ids, 150)  # ADE20K's raw ids without the flag: 150 is no class
@@ -121,7 +126,8 @@ def test_schedule_is_warmup_then_poly():
     # mmcv: linear warm-up multiplies the poly value by 1 - (1 - ratio) * (1 - step / warmup)
     step = 5
     assert seg._lr_factor(step, total, warmup) == pytest.approx(
-        (1 - step / total) * (1 - (1 - 1e-6) * (1 - step / warmup)))
+        (1 - step / total) * (1 - (1 - 1e-6) * (1 - step / warmup))
+    )
     assert seg._lr_factor(warmup, total, warmup) == pytest.approx(1 - warmup / total)
     assert seg._lr_factor(total - 1, total, warmup) == pytest.approx(1 / total)
 
@@ -144,7 +150,9 @@ def test_mask_follows_the_image(mode):
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     rgb = ((x * std + mean) * 255).permute(1, 2, 0).numpy()
-    nearest = np.linalg.norm(rgb[:, :, None] - colours[None, None].astype(float), axis=-1).argmin(-1)
+    nearest = np.linalg.norm(rgb[:, :, None] - colours[None, None].astype(float), axis=-1).argmin(
+        -1
+    )
     interior = np.ones_like(m, bool)
     for dy in (-1, 0, 1):  # pixels whose 3x3 neighbourhood is one class
         for dx in (-1, 0, 1):
@@ -168,7 +176,9 @@ def test_features_are_the_last_block_patch_tokens(tmp_path, shared_data):
     t = seg.SegTransform(56)
     x = torch.stack([t.image(Image.open(p).convert("RGB")) for p, _ in pairs])
     with torch.no_grad():  # an independent path through the model: forward_features
-        ref = model.forward_features(x)["x_norm_patchtokens"].reshape(3, 4, 4, 32).permute(0, 3, 1, 2)
+        ref = (
+            model.forward_features(x)["x_norm_patchtokens"].reshape(3, 4, 4, 32).permute(0, 3, 1, 2)
+        )
     torch.testing.assert_close(data.feats.float(), ref, atol=2e-3, rtol=2e-3)
     expected = [t.mask(np.asarray(Image.open(m))) for _, m in pairs]
     np.testing.assert_array_equal(data.masks.numpy(), np.stack(expected))
@@ -183,10 +193,19 @@ def test_probe_segments_pasted_photos(tmp_path, shared_data):
     make_pasted_set(tmp_path / "val", photos, n=12, seed=1)
     # 36 iterations instead of DINOv2's 40k: a higher learning rate than its 1e-3
     result = seg.train_linear_seg(
-        tiny_model(), tmp_path / "train", tmp_path / "val", num_classes=4, resolution=112,
-        epochs=12, lr=5e-2, batch_size=8)
+        tiny_model(),
+        tmp_path / "train",
+        tmp_path / "val",
+        num_classes=4,
+        resolution=112,
+        epochs=12,
+        lr=5e-2,
+        batch_size=8,
+    )
     # the constant predictor (majority class of the val pixels everywhere), from the val masks
-    val = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "val/annotations").iterdir())])
+    val = np.stack(
+        [np.asarray(Image.open(p)) for p in sorted((tmp_path / "val/annotations").iterdir())]
+    )
     counts = np.bincount(val.ravel(), minlength=4)
     constant_miou = (counts.max() / counts.sum()) / 4  # IoU of the majority class, 0 for the rest
     assert result.confusion.sum() == val.size  # every val pixel scored once, nothing ignored
@@ -194,7 +213,9 @@ def test_probe_segments_pasted_photos(tmp_path, shared_data):
     assert result.num_train == 24 and result.num_val == 12 and not result.skipped
     assert result.losses[-1] < 0.6 * result.losses[0]
     assert result.miou > 2 * constant_miou and result.miou > constant_miou + 0.2, (
-        result.summary(), constant_miou)
+        result.summary(),
+        constant_miou,
+    )
     assert result.pixel_acc > counts.max() / counts.sum() + 0.05
     assert np.isfinite(result.per_class_iou).all()
 
@@ -215,11 +236,11 @@ def test_bad_masks_are_skipped_and_listed(tmp_path, shared_data):
     make_pasted_set(tmp_path, shared_data / "imagenet-samples", n=6, seed=0, size=56)
     ann, imgs = tmp_path / "annotations", tmp_path / "images"
     data = (ann / "000.png").read_bytes()
-    (ann / "000.png").write_bytes(data[: len(data) // 2])                   # truncated PNG
-    Image.new("RGB", (56, 56), (1, 2, 3)).save(ann / "001.png")             # colour mask
-    Image.new("L", (50, 56)).save(ann / "002.png")                           # wrong size
-    (ann / "003.png").unlink()                                               # no mask at all
-    (imgs / "004.jpg").write_bytes(b"<html>not a jpeg</html>")               # bad image
+    (ann / "000.png").write_bytes(data[: len(data) // 2])  # truncated PNG
+    Image.new("RGB", (56, 56), (1, 2, 3)).save(ann / "001.png")  # colour mask
+    Image.new("L", (50, 56)).save(ann / "002.png")  # wrong size
+    (ann / "003.png").unlink()  # no mask at all
+    (imgs / "004.jpg").write_bytes(b"<html>not a jpeg</html>")  # bad image
     pairs, missing = seg.find_pairs(tmp_path)
     assert [Path(p).name for p, _ in missing] == ["003.jpg"]
     data = seg.extract_patch_features(tiny_model(), pairs, num_classes=4, resolution=56)
@@ -235,8 +256,9 @@ def test_bad_masks_are_skipped_and_listed(tmp_path, shared_data):
 def test_out_of_range_ids_stop_with_a_hint(tmp_path, shared_data):
     make_pasted_set(tmp_path, shared_data / "imagenet-samples", n=2, seed=0, size=56)
     with pytest.raises(ValueError, match=r"annotations/000.png.*class id 3.*--num-classes 3"):
-        seg.extract_patch_features(tiny_model(), seg.find_pairs(tmp_path)[0], num_classes=3,
-                                   resolution=56)
+        seg.extract_patch_features(
+            tiny_model(), seg.find_pairs(tmp_path)[0], num_classes=3, resolution=56
+        )
 
 
 def test_layout_errors_say_what_is_expected(tmp_path):
@@ -267,9 +289,28 @@ def test_cli_end_to_end(tmp_path, shared_data, capsys):
         for kind in ("images", "annotations"):
             shutil.move(tmp_path / split / kind, root / kind / split)
     results = tmp_path / "results.jsonl"
-    argv = ["seg", "--model", "vit-test-p14", "--train", str(root), "--num-classes", "4",
-            "--resolution", "56", "--epochs", "3", "--lr", "0.03", "--batch-size", "4",
-            "--num-workers", "0", "--no-progress", "--results", str(results)]
+    argv = [
+        "seg",
+        "--model",
+        "vit-test-p14",
+        "--train",
+        str(root),
+        "--num-classes",
+        "4",
+        "--resolution",
+        "56",
+        "--epochs",
+        "3",
+        "--lr",
+        "0.03",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--results",
+        str(results),
+    ]
     args = _parser().parse_args(argv)
     torch.manual_seed(0)
     assert args.func(args) == 0
@@ -281,22 +322,45 @@ def test_cli_end_to_end(tmp_path, shared_data, capsys):
     assert rows[0]["num_train"] == 12 and rows[0]["num_val"] == 4
     assert len(rows[0]["per_class_iou"]) == 4
     # the command passes its flags through: the same run through the API gives the same numbers
-    api = seg.train_linear_seg(tiny_model(0), root, root, num_classes=4, resolution=56,
-                               epochs=3, lr=0.03, batch_size=4)
+    api = seg.train_linear_seg(
+        tiny_model(0), root, root, num_classes=4, resolution=56, epochs=3, lr=0.03, batch_size=4
+    )
     assert rows[0]["value"] == pytest.approx(api.miou)
     assert rows[1]["value"] == pytest.approx(api.pixel_acc)
     assert f"{api.miou:.4f}" in out
 
-    bad = _parser().parse_args([*argv[:argv.index("--resolution")], "--resolution", "50"])
+    bad = _parser().parse_args([*argv[: argv.index("--resolution")], "--resolution", "50"])
     assert bad.func(bad) == 2
-    assert "vssl eval seg: error: resolution 50 is not a multiple of the patch size 14" in \
-        capsys.readouterr().err
-    missing = _parser().parse_args(["seg", "--model", "vit-test-p14", "--train", str(tmp_path),
-                                    "--num-classes", "4", "--results", "-"])
+    assert (
+        "vssl eval seg: error: resolution 50 is not a multiple of the patch size 14"
+        in capsys.readouterr().err
+    )
+    missing = _parser().parse_args(
+        [
+            "seg",
+            "--model",
+            "vit-test-p14",
+            "--train",
+            str(tmp_path),
+            "--num-classes",
+            "4",
+            "--results",
+            "-",
+        ]
+    )
     assert missing.func(missing) == 2
     assert "expected the ADE20K layout" in capsys.readouterr().err
-    flat = _parser().parse_args(["seg", "--model", "vit-test-p14", "--train",
-                                 str(tmp_path / "training"), "--num-classes", "4"])
+    flat = _parser().parse_args(
+        [
+            "seg",
+            "--model",
+            "vit-test-p14",
+            "--train",
+            str(tmp_path / "training"),
+            "--num-classes",
+            "4",
+        ]
+    )
     (tmp_path / "training" / "images").mkdir()  # emptied by the move above: a flat layout
     (tmp_path / "training" / "images" / "a.jpg").write_bytes(b"")
     (tmp_path / "training" / "annotations").mkdir()

@@ -19,10 +19,14 @@ from PIL import Image
 
 from vssl.evaluate import retrieval, zeroshot
 from vssl.evaluate.retrieval import read_pairs, retrieval_recall
-from vssl.evaluate.two_tower import (HFTwoTower, TwoTowerModel, encode_image_files,
-                                     load_two_tower)
-from vssl.evaluate.zeroshot import (read_classnames, read_templates, topk_accuracy,
-                                    zeroshot_classifier, zeroshot_logits)
+from vssl.evaluate.two_tower import HFTwoTower, TwoTowerModel, encode_image_files, load_two_tower
+from vssl.evaluate.zeroshot import (
+    read_classnames,
+    read_templates,
+    topk_accuracy,
+    zeroshot_classifier,
+    zeroshot_logits,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -52,8 +56,9 @@ class TableModel:
 def test_template_average_matches_hand_computation():
     # Per-prompt normalization matters: [3, 0] and [0, 1] average to the diagonal only when each is
     # normalized first ([1.5, 0.5] direction otherwise).
-    m = TableModel({"a cat": [3.0, 0.0], "the cat!": [0.0, 1.0],
-                    "a dog": [0.0, 2.0], "the dog!": [0.0, 5.0]})
+    m = TableModel(
+        {"a cat": [3.0, 0.0], "the cat!": [0.0, 1.0], "a dog": [0.0, 2.0], "the dog!": [0.0, 5.0]}
+    )
     w = zeroshot_classifier(m, ["cat", "dog"], ["a {}", "the {}!"])
     s = 1 / np.sqrt(2)
     np.testing.assert_allclose(w.numpy(), [[s, s], [0.0, 1.0]], atol=1e-7)
@@ -64,13 +69,20 @@ def test_classifier_batches_prompts_and_checks_templates():
     rng = np.random.default_rng(0)
     names = [f"c{i}" for i in range(5)]
     templates = ["a {}.", "b {}.", "c {}."]
-    table = {t.replace("{}", c): list(rng.standard_normal(4) * rng.uniform(0.1, 9))
-             for c in names for t in templates}
+    table = {
+        t.replace("{}", c): list(rng.standard_normal(4) * rng.uniform(0.1, 9))
+        for c in names
+        for t in templates
+    }
     m = TableModel(table)
     w = zeroshot_classifier(m, names, templates, batch_size=4)
     assert max(len(c) for c in m.text_calls) == 4
-    ref = np.stack([_unit(np.mean([_unit(table[t.replace("{}", c)]) for t in templates], axis=0))
-                    for c in names])
+    ref = np.stack(
+        [
+            _unit(np.mean([_unit(table[t.replace("{}", c)]) for t in templates], axis=0))
+            for c in names
+        ]
+    )
     np.testing.assert_allclose(w.numpy(), ref, atol=1e-6)
     with pytest.raises(ValueError, match="exactly once"):
         zeroshot_classifier(m, names, ["no placeholder"])
@@ -79,19 +91,24 @@ def test_classifier_batches_prompts_and_checks_templates():
 def test_topk_known_answers_including_a_top5_only_hit():
     # 8 classes whose text rows are the axes: an image's logits are its own (normalized) entries.
     names = [f"k{i}" for i in range(8)]
-    m = TableModel({f"a photo of a {c}.": list(np.eye(8)[i] * (i + 1))
-                    for i, c in enumerate(names)})
+    m = TableModel(
+        {f"a photo of a {c}.": list(np.eye(8)[i] * (i + 1)) for i, c in enumerate(names)}
+    )
     w = zeroshot_classifier(m, names, ["a photo of a {}."])
-    scores = np.array([
-        [9, 1, 2, 3, 4, 5, 6, 7],  # true 0: rank 0 -> top-1 and top-5
-        [8, 7, 9, 1, 2, 3, 4, 6],  # true 1: 2 and 0 above -> rank 2: top-5 only
-        [9, 8, 7, 6, 5, 4, 3, 2],  # true 7: rank 7 -> miss
-        [1, 2, 3, 4, 5, 6, 7, 9],  # true 3: 4 above (7, 6, 5, 4) -> rank 4: top-5 only
-    ], dtype=np.float32)
+    scores = np.array(
+        [
+            [9, 1, 2, 3, 4, 5, 6, 7],  # true 0: rank 0 -> top-1 and top-5
+            [8, 7, 9, 1, 2, 3, 4, 6],  # true 1: 2 and 0 above -> rank 2: top-5 only
+            [9, 8, 7, 6, 5, 4, 3, 2],  # true 7: rank 7 -> miss
+            [1, 2, 3, 4, 5, 6, 7, 9],  # true 3: 4 above (7, 6, 5, 4) -> rank 4: top-5 only
+        ],
+        dtype=np.float32,
+    )
     labels = np.array([0, 1, 7, 3])
     acc = topk_accuracy(zeroshot_logits(torch.from_numpy(scores * 3.0), w), labels, (1, 5))
     assert acc == {1: 0.25, 5: 0.75}
     from sklearn.metrics import top_k_accuracy_score
+
     assert acc[1] == top_k_accuracy_score(labels, scores, k=1, labels=range(8))
     assert acc[5] == top_k_accuracy_score(labels, scores, k=5, labels=range(8))
 
@@ -157,11 +174,11 @@ def _brute_force_recall(img, txt, owner, k):
 def test_recall_known_answers_with_several_captions():
     # Cosine similarities chosen exactly: images are axes of R^4, each caption is a unit vector
     # whose first three entries are its similarities to images 0, 1, 2.
-    sims = np.array([[0.1, 0.5, 0.2, 0.0, 0.6],
-                     [0.3, 0.1, 0.4, 0.2, 0.1],
-                     [0.6, 0.3, 0.5, 0.4, 0.2]])
+    sims = np.array(
+        [[0.1, 0.5, 0.2, 0.0, 0.6], [0.3, 0.1, 0.4, 0.2, 0.1], [0.6, 0.3, 0.5, 0.4, 0.2]]
+    )
     owner = np.array([0, 0, 1, 2, 2])  # image 0 has captions 0 and 1, image 2 has 3 and 4
-    txt = np.concatenate([sims.T, np.sqrt(1 - (sims.T ** 2).sum(1, keepdims=True))], axis=1)
+    txt = np.concatenate([sims.T, np.sqrt(1 - (sims.T**2).sum(1, keepdims=True))], axis=1)
     img = np.eye(4)[:3]
     r = retrieval_recall(img, txt, owner, ks=(1, 2, 3))
     # image->text: image 0's best own caption (1, 0.5) is behind caption 4 (0.6): found at k=2;
@@ -179,8 +196,9 @@ def test_recall_matches_brute_force_on_random_data_and_ties_count_against():
     owner = np.repeat(np.arange(n), rng.integers(1, 5, n))
     img = rng.standard_normal((n, 6))
     txt = img[owner] + 1.5 * rng.standard_normal((len(owner), 6))
-    r = retrieval_recall(torch.from_numpy(img), torch.from_numpy(txt), owner, ks=(1, 5, 10),
-                         chunk=7)
+    r = retrieval_recall(
+        torch.from_numpy(img), torch.from_numpy(txt), owner, ks=(1, 5, 10), chunk=7
+    )
     for k in (1, 5, 10):
         assert (r["i2t"][k], r["t2i"][k]) == pytest.approx(_brute_force_recall(img, txt, owner, k))
     assert 0 < r["t2i"][1] < r["t2i"][10] < 1
@@ -200,17 +218,24 @@ def test_read_pairs_formats(tmp_path):
     assert p.captions == ["first caption", "second caption", "only caption"]
     assert p.caption_image.tolist() == [0, 0, 1]
 
-    rows = [{"url": "a.jpg", "text": '"one" said'}, {"url": "https://x.org/c.jpg", "text": "remote"},
-            {"url": "b.jpg", "text": ""}, {"url": "a.jpg", "text": "two"},
-            {"url": str(tmp_path / "b.jpg"), "text": "three"}]
+    rows = [
+        {"url": "a.jpg", "text": '"one" said'},
+        {"url": "https://x.org/c.jpg", "text": "remote"},
+        {"url": "b.jpg", "text": ""},
+        {"url": "a.jpg", "text": "two"},
+        {"url": str(tmp_path / "b.jpg"), "text": "three"},
+    ]
     jl = tmp_path / "pairs.jsonl"
     jl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
-    (tmp_path / "pairs.tsv").write_text("url\ttext\n" + "".join(f"{r['url']}\t{r['text']}\n"
-                                                               for r in rows))
+    (tmp_path / "pairs.tsv").write_text(
+        "url\ttext\n" + "".join(f"{r['url']}\t{r['text']}\n" for r in rows)
+    )
     import csv
+
     with open(tmp_path / "pairs.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, ["url", "text"])
         w.writeheader()
@@ -229,8 +254,11 @@ def test_read_pairs_formats(tmp_path):
 # ------------------------------------------------------------------------------------ adapters
 def _bytes_to_unicode() -> list[str]:
     """GPT-2 / CLIP byte-level alphabet (256 printable stand-ins for the byte values)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
+    keep = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     extra = [b for b in range(256) if b not in keep]
     table = dict(zip(keep, keep)) | {b: 256 + i for i, b in enumerate(extra)}
     return [chr(table[b]) for b in range(256)]
@@ -239,22 +267,32 @@ def _bytes_to_unicode() -> list[str]:
 def _bert_tokenizer():
     from transformers import BertTokenizer
 
-    words = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the", "cat", "dog"]
-             + list("bcdefghijklmnopqrstuvwxyz") + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"])
+    words = (
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the", "cat", "dog"]
+        + list("bcdefghijklmnopqrstuvwxyz")
+        + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    )
     return BertTokenizer(vocab={w: i for i, w in enumerate(dict.fromkeys(words))})
 
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     """Tiny random CLIP / ALIGN / SigLIP directories with tokenizer and PIL image processor."""
-    from transformers import (AlignConfig, AlignModel, CLIPConfig, CLIPModel, CLIPTokenizer,
-                              SiglipConfig, SiglipModel)
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    from transformers.models.efficientnet.image_processing_pil_efficientnet import \
-        EfficientNetImageProcessorPil
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-
     from conftest import perturb_
+    from transformers import (
+        AlignConfig,
+        AlignModel,
+        CLIPConfig,
+        CLIPModel,
+        CLIPTokenizer,
+        SiglipConfig,
+        SiglipModel,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.efficientnet.image_processing_pil_efficientnet import (
+        EfficientNetImageProcessorPil,
+    )
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     root = tmp_path_factory.mktemp("two_tower")
     torch.manual_seed(0)
@@ -264,35 +302,72 @@ def tiny_dirs(tmp_path_factory):
     bu = _bytes_to_unicode()
     vocab = bu + [c + "</w>" for c in bu] + ["<|startoftext|>", "<|endoftext|>"]
     ctok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[])
-    clip = CLIPModel(CLIPConfig(
-        text_config=dict(small, vocab_size=len(vocab), max_position_embeddings=24,
-                         bos_token_id=ctok.bos_token_id, eos_token_id=ctok.eos_token_id,
-                         pad_token_id=ctok.pad_token_id),
-        vision_config=dict(small, image_size=32, patch_size=8), projection_dim=16))
-    out["clip"] = (clip, ctok, CLIPImageProcessorPil(size={"shortest_edge": 32},
-                                                     crop_size={"height": 32, "width": 32}))
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config=dict(
+                small,
+                vocab_size=len(vocab),
+                max_position_embeddings=24,
+                bos_token_id=ctok.bos_token_id,
+                eos_token_id=ctok.eos_token_id,
+                pad_token_id=ctok.pad_token_id,
+            ),
+            vision_config=dict(small, image_size=32, patch_size=8),
+            projection_dim=16,
+        )
+    )
+    out["clip"] = (
+        clip,
+        ctok,
+        CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+    )
 
     btok = _bert_tokenizer()
-    align = AlignModel(AlignConfig(
-        text_config=dict(small, vocab_size=len(btok), max_position_embeddings=80),
-        vision_config=dict(image_size=32, kernel_sizes=[3, 3, 5], in_channels=[32, 16, 24],
-                           out_channels=[16, 24, 40], hidden_dim=40, strides=[1, 1, 2],
-                           num_block_repeats=[1, 1, 2], expand_ratios=[1, 6, 6],
-                           depthwise_padding=[], width_coefficient=1.0, depth_coefficient=1.0),
-        projection_dim=40))
+    align = AlignModel(
+        AlignConfig(
+            text_config=dict(small, vocab_size=len(btok), max_position_embeddings=80),
+            vision_config=dict(
+                image_size=32,
+                kernel_sizes=[3, 3, 5],
+                in_channels=[32, 16, 24],
+                out_channels=[16, 24, 40],
+                hidden_dim=40,
+                strides=[1, 1, 2],
+                num_block_repeats=[1, 1, 2],
+                expand_ratios=[1, 6, 6],
+                depthwise_padding=[],
+                width_coefficient=1.0,
+                depth_coefficient=1.0,
+            ),
+            projection_dim=40,
+        )
+    )
     # transformers' small conv init shrinks the signal ~1000x per block, so every image would get
     # the same embedding; He init keeps images apart.
     for mod in align.vision_model.modules():
         if isinstance(mod, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(mod.weight)
-    out["align"] = (align, btok, EfficientNetImageProcessorPil(
-        size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32}))
+    out["align"] = (
+        align,
+        btok,
+        EfficientNetImageProcessorPil(
+            size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32}
+        ),
+    )
 
-    siglip = SiglipModel(SiglipConfig(
-        text_config=dict(small, vocab_size=len(btok), max_position_embeddings=16,
-                         bos_token_id=btok.cls_token_id, eos_token_id=btok.sep_token_id,
-                         pad_token_id=btok.pad_token_id),
-        vision_config=dict(small, image_size=32, patch_size=8)))
+    siglip = SiglipModel(
+        SiglipConfig(
+            text_config=dict(
+                small,
+                vocab_size=len(btok),
+                max_position_embeddings=16,
+                bos_token_id=btok.cls_token_id,
+                eos_token_id=btok.sep_token_id,
+                pad_token_id=btok.pad_token_id,
+            ),
+            vision_config=dict(small, image_size=32, patch_size=8),
+        )
+    )
     out["siglip"] = (siglip, btok, SiglipImageProcessorPil(size={"height": 32, "width": 32}))
 
     dirs = {}
@@ -308,8 +383,10 @@ def tiny_dirs(tmp_path_factory):
 
 def _images():
     rng = np.random.default_rng(3)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-            for h, w in ((40, 50), (32, 32), (64, 37))]
+    return [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for h, w in ((40, 50), (32, 32), (64, 37))
+    ]
 
 
 TEXTS = ["a photo of the cat", "dog", "the cat " * 30]  # the last is longer than every text limit
@@ -324,8 +401,14 @@ def _reference(kind: str, d: Path, images, texts):
     proc = AutoProcessor.from_pretrained(d, backend="pil")
     limit = {"clip": 24, "align": 64, "siglip": 16}[kind]
     padding = "max_length" if kind == "siglip" else True
-    inputs = proc(images=images, text=texts, padding=padding, truncation=True, max_length=limit,
-                  return_tensors="pt")
+    inputs = proc(
+        images=images,
+        text=texts,
+        padding=padding,
+        truncation=True,
+        max_length=limit,
+        return_tensors="pt",
+    )
     if kind == "siglip":  # trained without a text attention mask (pads are attended)
         inputs.pop("attention_mask")
     with torch.inference_mode():
@@ -381,9 +464,22 @@ def test_zeroshot_cli(tiny_dirs, shared_data, tmp_path, capsys):
     results = tmp_path / "results.jsonl"
     templates = tmp_path / "templates.txt"
     templates.write_text("a photo of a {}.\na blurry photo of the {}.\n")
-    rc = _cli(zeroshot, ["zeroshot", "--model", str(tiny_dirs["clip"]), "--test", str(test),
-                         "--templates", str(templates), "--batch-size", "8",
-                         "--results", str(results)])
+    rc = _cli(
+        zeroshot,
+        [
+            "zeroshot",
+            "--model",
+            str(tiny_dirs["clip"]),
+            "--test",
+            str(test),
+            "--templates",
+            str(templates),
+            "--batch-size",
+            "8",
+            "--results",
+            str(results),
+        ],
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "zeroshot_top1" in out.out and "broken.jpg" in out.err
@@ -394,21 +490,36 @@ def test_zeroshot_cli(tiny_dirs, shared_data, tmp_path, capsys):
     assert rows[0]["num_classes"] == 10 and rows[0]["num_templates"] == 2
     assert rows[0]["protocol"] == "zeroshot" and rows[0]["dataset"] == "test"
 
-    rc = _cli(zeroshot, ["zeroshot", "--model", str(tmp_path), "--test", str(test),
-                         "--results", "-"])
+    rc = _cli(
+        zeroshot, ["zeroshot", "--model", str(tmp_path), "--test", str(test), "--results", "-"]
+    )
     assert rc == 2 and "vssl eval zeroshot: error:" in capsys.readouterr().err
 
 
 def test_retrieval_cli(tiny_dirs, shared_data, tmp_path, capsys):
     photos = sorted((shared_data / "imagenet-samples").glob("*.JPEG"))[:6]
-    rows = [{"path": str(p), "text": "a photo of the " + p.stem.split("_", 1)[1].replace("_", " ")}
-            for p in photos]
+    rows = [
+        {"path": str(p), "text": "a photo of the " + p.stem.split("_", 1)[1].replace("_", " ")}
+        for p in photos
+    ]
     rows += [{"path": str(p), "text": "a photo"} for p in photos[:3]]  # second captions
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     results = tmp_path / "results.jsonl"
-    rc = _cli(retrieval, ["retrieval", "--model", str(tiny_dirs["siglip"]), "--data", str(pairs),
-                          "--batch-size", "4", "--results", str(results)])
+    rc = _cli(
+        retrieval,
+        [
+            "retrieval",
+            "--model",
+            str(tiny_dirs["siglip"]),
+            "--data",
+            str(pairs),
+            "--batch-size",
+            "4",
+            "--results",
+            str(results),
+        ],
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "image->text" in out.out and "text->image" in out.out
@@ -420,7 +531,17 @@ def test_retrieval_cli(tiny_dirs, shared_data, tmp_path, capsys):
     assert all(0 <= r["value"] <= 1 for r in got.values())
 
     (tmp_path / "pairs.xml").write_text("<x/>")
-    rc = _cli(retrieval, ["retrieval", "--model", str(tiny_dirs["clip"]),
-                          "--data", str(tmp_path / "pairs.xml"), "--results", "-"])
+    rc = _cli(
+        retrieval,
+        [
+            "retrieval",
+            "--model",
+            str(tiny_dirs["clip"]),
+            "--data",
+            str(tmp_path / "pairs.xml"),
+            "--results",
+            "-",
+        ],
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "unknown pairs format" in err

@@ -1,4 +1,5 @@
 """DINOHead: DINOv2's layout and numerics, checked against formulas and torch's own weight norm."""
+
 from __future__ import annotations
 
 import math
@@ -6,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import perturb_
 from torch import nn
 
-from conftest import perturb_
 from vssl.models.heads import DINOHead, WeightNormLinear, describe_head
 
 
@@ -34,27 +35,49 @@ def test_state_dict_uses_dinov2_names_and_shapes():
     head = DINOHead(48, 64, hidden_dim=32, bottleneck_dim=16, nlayers=3)
     shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
     assert shapes == {
-        "mlp.0.weight": (32, 48), "mlp.0.bias": (32,),
-        "mlp.2.weight": (32, 32), "mlp.2.bias": (32,),
-        "mlp.4.weight": (16, 32), "mlp.4.bias": (16,),
-        "last_layer.weight_g": (64, 1), "last_layer.weight_v": (64, 16),
+        "mlp.0.weight": (32, 48),
+        "mlp.0.bias": (32,),
+        "mlp.2.weight": (32, 32),
+        "mlp.2.bias": (32,),
+        "mlp.4.weight": (16, 32),
+        "mlp.4.bias": (16,),
+        "last_layer.weight_g": (64, 1),
+        "last_layer.weight_v": (64, 16),
     }
     one = DINOHead(48, 64, hidden_dim=32, bottleneck_dim=16, nlayers=1).state_dict()
     assert set(one) == {"mlp.weight", "mlp.bias", "last_layer.weight_g", "last_layer.weight_v"}
     two = DINOHead(48, 64, hidden_dim=32, bottleneck_dim=16, nlayers=2).state_dict()
-    assert {k for k in two if k.startswith("mlp")} == {"mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"}
+    assert {k for k in two if k.startswith("mlp")} == {
+        "mlp.0.weight",
+        "mlp.0.bias",
+        "mlp.2.weight",
+        "mlp.2.bias",
+    }
 
 
 def test_batchnorm_head_uses_dino_keys_and_batch_statistics():
     torch.manual_seed(3)
-    head = perturb_(DINOHead(24, 40, hidden_dim=20, bottleneck_dim=12, nlayers=3, use_bn=True), scale=0.3)
+    head = perturb_(
+        DINOHead(24, 40, hidden_dim=20, bottleneck_dim=12, nlayers=3, use_bn=True), scale=0.3
+    )
     sd = head.state_dict()
     # DINO / DINOv2 _build_mlp with use_bn: Linear, BatchNorm1d, GELU, Linear, BatchNorm1d, GELU, Linear
-    assert {k for k in sd if k.endswith("weight") and k.startswith("mlp")} == \
-        {"mlp.0.weight", "mlp.1.weight", "mlp.3.weight", "mlp.4.weight", "mlp.6.weight"}
+    assert {k for k in sd if k.endswith("weight") and k.startswith("mlp")} == {
+        "mlp.0.weight",
+        "mlp.1.weight",
+        "mlp.3.weight",
+        "mlp.4.weight",
+        "mlp.6.weight",
+    }
     assert "mlp.1.running_mean" in sd
-    assert describe_head(sd) == {"in_dim": 24, "nlayers": 3, "bottleneck_dim": 12, "hidden_dim": 20,
-                                 "use_bn": True, "n_prototypes": 40}
+    assert describe_head(sd) == {
+        "in_dim": 24,
+        "nlayers": 3,
+        "bottleneck_dim": 12,
+        "hidden_dim": 20,
+        "use_bn": True,
+        "n_prototypes": 40,
+    }
     x = torch.randn(9, 24, dtype=torch.float64)
     h = x
     for lin, bn in ((0, 1), (3, 4), (6, None)):
@@ -150,10 +173,20 @@ def test_mismatched_state_dict_is_refused():
 
 def test_describe_head_reads_sizes_from_shapes():
     sd = DINOHead(48, 64, hidden_dim=32, bottleneck_dim=16, nlayers=3).state_dict()
-    assert describe_head(sd) == {"in_dim": 48, "nlayers": 3, "bottleneck_dim": 16, "hidden_dim": 32,
-                                 "n_prototypes": 64}
+    assert describe_head(sd) == {
+        "in_dim": 48,
+        "nlayers": 3,
+        "bottleneck_dim": 16,
+        "hidden_dim": 32,
+        "n_prototypes": 64,
+    }
     param = nn.utils.parametrizations.weight_norm(nn.Linear(16, 100, bias=False)).state_dict()
     sd1 = DINOHead(48, 100, bottleneck_dim=16, nlayers=1).state_dict()
     sd1 = {k: v for k, v in sd1.items() if k.startswith("mlp")}
     sd1.update({"last_layer." + k: v for k, v in param.items()})
-    assert describe_head(sd1) == {"in_dim": 48, "nlayers": 1, "bottleneck_dim": 16, "n_prototypes": 100}
+    assert describe_head(sd1) == {
+        "in_dim": 48,
+        "nlayers": 1,
+        "bottleneck_dim": 16,
+        "n_prototypes": 100,
+    }

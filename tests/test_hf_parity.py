@@ -1,4 +1,5 @@
 """vssl against transformers: same tokens from the same weights, in both directions."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,29 +7,50 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import vssl  # noqa: E402
 from conftest import perturb_  # noqa: E402
+
+import vssl  # noqa: E402
 
 TOL = 1e-4
 
 
 def _dinov2(**kw):
-    cfg = transformers.Dinov2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
-                                    image_size=56, patch_size=14, layerscale_value=0.5, **kw)
+    cfg = transformers.Dinov2Config(
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        image_size=56,
+        patch_size=14,
+        layerscale_value=0.5,
+        **kw,
+    )
     return transformers.Dinov2Model(cfg)
 
 
 def _dinov2_reg(**kw):
     cfg = transformers.Dinov2WithRegistersConfig(
-        hidden_size=48, num_hidden_layers=2, num_attention_heads=3, image_size=56, patch_size=14,
-        num_register_tokens=4, **kw)
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        image_size=56,
+        patch_size=14,
+        num_register_tokens=4,
+        **kw,
+    )
     return transformers.Dinov2WithRegistersModel(cfg)
 
 
 def _vit(**kw):
-    cfg = transformers.ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
-                                 intermediate_size=192, image_size=64, patch_size=16,
-                                 layer_norm_eps=1e-6, **kw)
+    cfg = transformers.ViTConfig(
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=192,
+        image_size=64,
+        patch_size=16,
+        layer_norm_eps=1e-6,
+        **kw,
+    )
     return transformers.ViTModel(cfg, add_pooling_layer=False)
 
 
@@ -53,8 +75,8 @@ def assert_same_tokens(hf_model, model, x):
         out = model.forward_features(x)
     r = model.num_register_tokens
     torch.testing.assert_close(out["x_norm_clstoken"], ref[:, 0], atol=TOL, rtol=0)
-    torch.testing.assert_close(out["x_norm_regtokens"], ref[:, 1:1 + r], atol=TOL, rtol=0)
-    torch.testing.assert_close(out["x_norm_patchtokens"], ref[:, 1 + r:], atol=TOL, rtol=0)
+    torch.testing.assert_close(out["x_norm_regtokens"], ref[:, 1 : 1 + r], atol=TOL, rtol=0)
+    torch.testing.assert_close(out["x_norm_patchtokens"], ref[:, 1 + r :], atol=TOL, rtol=0)
 
 
 def sizes(model):
@@ -98,7 +120,11 @@ def test_vssl_model_exports_to_transformers(name, tmp_path):
     over = dict(depth=2, embed_dim=48, num_heads=3, img_size=56)
     model = perturb_(vssl.create_model(name, random_init=True, **over)).eval()
     out = vssl.export_hf(model, tmp_path / "hf")
-    cls = transformers.Dinov2WithRegistersModel if model.num_register_tokens else transformers.Dinov2Model
+    cls = (
+        transformers.Dinov2WithRegistersModel
+        if model.num_register_tokens
+        else transformers.Dinov2Model
+    )
     hf_model = cls.from_pretrained(out).eval()
     x = torch.randn(2, 3, 56, 56)
     assert_same_tokens(hf_model, model, x)
@@ -106,8 +132,16 @@ def test_vssl_model_exports_to_transformers(name, tmp_path):
 
 def test_mae_zoo_model_exports_to_vitmodel(tmp_path):
     torch.manual_seed(2)
-    model = perturb_(vssl.create_model("webssl-mae300m-full2b-224", random_init=True, depth=2,
-                                       embed_dim=64, num_heads=4, img_size=64)).eval()
+    model = perturb_(
+        vssl.create_model(
+            "webssl-mae300m-full2b-224",
+            random_init=True,
+            depth=2,
+            embed_dim=64,
+            num_heads=4,
+            img_size=64,
+        )
+    ).eval()
     out = vssl.export_hf(model, tmp_path / "hf")
     hf_model = transformers.ViTModel.from_pretrained(out, add_pooling_layer=False).eval()
     for h, w in sizes(model):
@@ -117,8 +151,9 @@ def test_mae_zoo_model_exports_to_vitmodel(tmp_path):
 def test_pytorch_model_bin_directory(tmp_path):
     torch.manual_seed(3)
     hf_model = perturb_(_dinov2(use_swiglu_ffn=True)).eval()
-    hf_model.save_pretrained(tmp_path / "bin", safe_serialization=False) if _accepts_safe_flag() \
-        else _save_bin(hf_model, tmp_path / "bin")
+    hf_model.save_pretrained(
+        tmp_path / "bin", safe_serialization=False
+    ) if _accepts_safe_flag() else _save_bin(hf_model, tmp_path / "bin")
     model = vssl.create_model(tmp_path / "bin")
     assert_same_tokens(hf_model, model, torch.randn(1, 3, 56, 56))
 
@@ -126,7 +161,10 @@ def test_pytorch_model_bin_directory(tmp_path):
 def _accepts_safe_flag() -> bool:
     import inspect
 
-    return "safe_serialization" in inspect.signature(transformers.PreTrainedModel.save_pretrained).parameters
+    return (
+        "safe_serialization"
+        in inspect.signature(transformers.PreTrainedModel.save_pretrained).parameters
+    )
 
 
 def _save_bin(hf_model, path):
@@ -148,8 +186,15 @@ def test_zoo_name_with_transformers_weights_uses_their_interpolation(tmp_path):
     torch.manual_seed(4)
     hf_model = perturb_(_dinov2()).eval()
     hf_model.save_pretrained(tmp_path / "hf")
-    model = vssl.create_model("dinov2-vits14", weights=tmp_path / "hf", depth=2, embed_dim=48,
-                              num_heads=3, img_size=56, layerscale=0.5)
+    model = vssl.create_model(
+        "dinov2-vits14",
+        weights=tmp_path / "hf",
+        depth=2,
+        embed_dim=48,
+        num_heads=3,
+        img_size=56,
+        layerscale=0.5,
+    )
     assert model.config.interpolate_offset == 0.0
     assert_same_tokens(hf_model, model, torch.randn(1, 3, 70, 98))
 

@@ -19,8 +19,16 @@ from vssl.models.vit import VisionTransformer, sincos_pos_embed_2d
 
 
 def _encoder(**kw) -> VisionTransformer:
-    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, layerscale=None,
-                mask_token=False, family="mae")
+    args = dict(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        layerscale=None,
+        mask_token=False,
+        family="mae",
+    )
     args.update(kw)
     return VisionTransformer(**args)
 
@@ -44,11 +52,22 @@ def _batch(n: int = 3, seed: int = 1, ratio: float = 0.75, noise=None) -> dict:
 # ------------------------------------------------------------------------- against transformers
 def _hf_mae(transformers):
     cfg = transformers.ViTMAEConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-        image_size=32, patch_size=8, decoder_hidden_size=16, decoder_num_hidden_layers=2,
-        decoder_num_attention_heads=2, decoder_intermediate_size=64, norm_pix_loss=True,
-        layer_norm_eps=1e-6, mask_ratio=0.75, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0)
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=64,
+        norm_pix_loss=True,
+        layer_norm_eps=1e-6,
+        mask_ratio=0.75,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(3)
     model = transformers.ViTMAEForPreTraining(cfg).eval()
     # MAE's fixed sin-cos positions, as transformers' own initializers write them (its lazy init
@@ -72,9 +91,13 @@ def _from_hf(hf_sd: dict) -> dict:
         a = f"{src}.attention."
         out[f"{dst}.attn.qkv.weight"] = torch.cat([take(a + f"{x}_proj.weight") for x in "qkv"])
         out[f"{dst}.attn.qkv.bias"] = torch.cat([take(a + f"{x}_proj.bias") for x in "qkv"])
-        for ours, theirs in (("attn.proj", "attention.o_proj"), ("norm1", "layernorm_before"),
-                             ("norm2", "layernorm_after"), ("mlp.fc1", "mlp.fc1"),
-                             ("mlp.fc2", "mlp.fc2")):
+        for ours, theirs in (
+            ("attn.proj", "attention.o_proj"),
+            ("norm1", "layernorm_before"),
+            ("norm2", "layernorm_after"),
+            ("mlp.fc1", "mlp.fc1"),
+            ("mlp.fc2", "mlp.fc2"),
+        ):
             for p in ("weight", "bias"):
                 out[f"{dst}.{ours}.{p}"] = take(f"{src}.{theirs}.{p}")
 
@@ -98,10 +121,15 @@ def _from_hf(hf_sd: dict) -> dict:
 def test_sincos_position_embedding_matches_transformers():
     transformers = pytest.importorskip("transformers")
     hf = _hf_mae(transformers)
-    torch.testing.assert_close(sincos_pos_embed_2d(32, 4),
-                               hf.vit.embeddings.position_embeddings.detach(), rtol=0, atol=1e-6)
-    torch.testing.assert_close(sincos_pos_embed_2d(16, 4),
-                               hf.decoder.decoder_pos_embed.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        sincos_pos_embed_2d(32, 4),
+        hf.vit.embeddings.position_embeddings.detach(),
+        rtol=0,
+        atol=1e-6,
+    )
+    torch.testing.assert_close(
+        sincos_pos_embed_2d(16, 4), hf.decoder.decoder_pos_embed.detach(), rtol=0, atol=1e-6
+    )
     # and the method puts exactly these in place, fixed (not trained)
     m = _mae()
     assert torch.equal(m.student["backbone"].pos_embed.detach(), sincos_pos_embed_2d(32, 4))
@@ -147,20 +175,24 @@ def test_loss_against_a_brute_force_loop_over_patches():
                 if not mask[b, k]:
                     continue
                 r, c = divmod(k, 12 // p)
-                patch = images[b, :, r * p:(r + 1) * p, c * p:(c + 1) * p]  # (C, p, q)
+                patch = images[b, :, r * p : (r + 1) * p, c * p : (c + 1) * p]  # (C, p, q)
                 target = patch.permute(1, 2, 0).reshape(-1)  # MAE's (p, q, c) order
                 if norm:
                     target = (target - target.mean()) / math.sqrt(target.var().item() + 1e-6)
                 total += ((pred[b, k] - target) ** 2).mean().item()
                 count += 1
-        assert mae_loss(images, pred, mask, p, norm).item() == pytest.approx(total / count, rel=1e-5)
+        assert mae_loss(images, pred, mask, p, norm).item() == pytest.approx(
+            total / count, rel=1e-5
+        )
     assert patchify(images, p).shape == (2, n, 48)
 
 
 def test_encoder_sees_only_the_visible_tokens_without_mask_tokens():
     m = _mae()
     seen = []
-    m.student["backbone"].blocks[0].register_forward_pre_hook(lambda mod, a: seen.append(a[0].shape))
+    m.student["backbone"].blocks[0].register_forward_pre_hook(
+        lambda mod, a: seen.append(a[0].shape)
+    )
     batch = _batch(n=3)
     out = m(batch, 0)
     assert seen == [torch.Size([3, 1 + 4, 32])]  # CLS + 25% of 16 patches
@@ -186,20 +218,37 @@ def test_views_one_crop_and_a_random_mask_per_image_deterministic(shared_data, t
     listing.write_text("".join(f"{p}\n" for p in files))
     m = _mae()
     assert m.views() == ViewSpec("single", mask="random", mask_ratio=0.75, patch_size=8)
-    data = TrainData(listing, batch_size=8, global_size=32, global_scale=(0.2, 1.0),
-                     photometric=None, views=m.views(), seed=4)
+    data = TrainData(
+        listing,
+        batch_size=8,
+        global_size=32,
+        global_scale=(0.2, 1.0),
+        photometric=None,
+        views=m.views(),
+        seed=4,
+    )
     b0, b1 = list(data.batches(0))
     assert b0["image"].shape == (8, 3, 32, 32) and b0["image"].dtype == torch.float32
     assert b0["ids_keep"].shape == (8, 4) and b0["ids_restore"].shape == (8, 16)
     assert torch.equal(b0["mask"].sum(1), torch.full((8,), 12.0))
     # the mask is the complement of the kept ids, and differs between images
     for row in range(8):
-        assert set(torch.nonzero(b0["mask"][row] == 0).flatten().tolist()) == \
-            set(b0["ids_keep"][row].tolist())
+        assert set(torch.nonzero(b0["mask"][row] == 0).flatten().tolist()) == set(
+            b0["ids_keep"][row].tolist()
+        )
     assert len({tuple(r.tolist()) for r in b0["ids_keep"]}) > 1
     # a function of (seed, epoch, step): resuming at step 1 gives batch 1 exactly
-    again = next(TrainData(listing, batch_size=8, global_size=32, global_scale=(0.2, 1.0),
-                           photometric=None, views=m.views(), seed=4).batches(0, 1))
+    again = next(
+        TrainData(
+            listing,
+            batch_size=8,
+            global_size=32,
+            global_scale=(0.2, 1.0),
+            photometric=None,
+            views=m.views(),
+            seed=4,
+        ).batches(0, 1)
+    )
     assert all(torch.equal(again[k], b1[k]) for k in b1 if torch.is_tensor(b1[k]))
     with pytest.raises(ValueError, match="photometric=false"):
         TrainData(listing, batch_size=8, global_size=32, views=m.views())
@@ -219,25 +268,38 @@ def test_image_text_views_refuse_data_without_captions(shared_data, tmp_path):
     import pyarrow.parquet as pq
 
     manifest = tmp_path / "pairs.parquet"
-    pq.write_table(pa.table({"path": [str(p) for p in files],
-                             "text": [f"a photo of cat {i}" for i in range(8)]}), manifest)
+    pq.write_table(
+        pa.table(
+            {"path": [str(p) for p in files], "text": [f"a photo of cat {i}" for i in range(8)]}
+        ),
+        manifest,
+    )
     data = TrainData(manifest, batch_size=4, global_size=32, photometric=None, views=spec)
     batch = next(data.batches(0))
-    assert len(batch["caption"]) == 4 and all(c.startswith("a photo of cat") for c in batch["caption"])
+    assert len(batch["caption"]) == 4 and all(
+        c.startswith("a photo of cat") for c in batch["caption"]
+    )
 
 
 # ------------------------------------------------------------------------ registry and recipes
 def test_registry_lists_methods_and_names_the_unknown_one():
     assert {"dinov2", "mae"} <= set(list_methods())
     assert get_method("mae") is MAE
-    with pytest.raises(UnknownMethodError, match=r"unknown method 'mea'.*Did you mean 'mae'.*dinov2"):
+    with pytest.raises(
+        UnknownMethodError, match=r"unknown method 'mea'.*Did you mean 'mae'.*dinov2"
+    ):
         get_method("mea")
 
 
-@pytest.mark.parametrize("name, model, lr_at_4096", [
-    ("mae_vitb16", "mae-vit-b16", 2.4e-3), ("mae_vitl16", "mae-vit-l16", 2.4e-3),
-    ("webmae_300m", "webssl-mae300m-full2b-224", 1.6e-3),
-    ("webmae_3b", "webssl-mae3b-full2b-224", 1.6e-3)])
+@pytest.mark.parametrize(
+    "name, model, lr_at_4096",
+    [
+        ("mae_vitb16", "mae-vit-b16", 2.4e-3),
+        ("mae_vitl16", "mae-vit-l16", 2.4e-3),
+        ("webmae_300m", "webssl-mae300m-full2b-224", 1.6e-3),
+        ("webmae_3b", "webssl-mae3b-full2b-224", 1.6e-3),
+    ],
+)
 def test_mae_recipes_follow_the_papers(name, model, lr_at_4096):
     from vssl.train.config import load_recipe
     from vssl.train.loop import peak_lr
@@ -245,10 +307,19 @@ def test_mae_recipes_follow_the_papers(name, model, lr_at_4096):
     r = load_recipe(name)
     t, m = r.train, r.method
     assert r.method_name == "mae" and r.model.name == model
-    assert (m.mask_ratio, m.norm_pix_loss, m.decoder_embed_dim, m.decoder_depth,
-            m.decoder_num_heads) == (0.75, True, 512, 8, 16)
-    assert (t.adamw_beta1, t.adamw_beta2, t.weight_decay, t.weight_decay_end) == (0.9, 0.95,
-                                                                                 0.05, 0.05)
+    assert (
+        m.mask_ratio,
+        m.norm_pix_loss,
+        m.decoder_embed_dim,
+        m.decoder_depth,
+        m.decoder_num_heads,
+    ) == (0.75, True, 512, 8, 16)
+    assert (t.adamw_beta1, t.adamw_beta2, t.weight_decay, t.weight_decay_end) == (
+        0.9,
+        0.95,
+        0.05,
+        0.05,
+    )
     assert (t.lr_scaling, t.lr_base_batch, t.layer_decay, t.clip_grad) == ("linear", 256, 1.0, None)
     ranks = 4096 // t.batch_size_per_rank
     assert peak_lr(t, ranks) == pytest.approx(lr_at_4096)
@@ -264,8 +335,7 @@ def test_mae_recipes_follow_the_papers(name, model, lr_at_4096):
 def test_continue_from_an_mae_checkpoint_keeps_its_decoder_and_refuses_a_wrong_one(tmp_path):
     src = _mae(seed=1)
     # MAE's own pretraining checkpoint layout: {"model": encoder keys + decoder_* + mask_token}
-    sd = {**src.student["backbone"].state_dict(),
-          **src.student["decoder"].state_dict()}
+    sd = {**src.student["backbone"].state_dict(), **src.student["decoder"].state_dict()}
     torch.save({"model": sd}, tmp_path / "mae_pretrain.pth")
     dst = _mae(seed=2)
     report = dst.load_pretrained(str(tmp_path / "mae_pretrain.pth"))
@@ -280,13 +350,22 @@ def test_continue_from_an_mae_checkpoint_keeps_its_decoder_and_refuses_a_wrong_o
     before = {k: v.clone() for k, v in fresh.student["decoder"].state_dict().items()}
     assert fresh.load_pretrained(str(tmp_path / "encoder.pth"))["decoder"] is False
     assert all(torch.equal(fresh.student["decoder"].state_dict()[k], v) for k, v in before.items())
-    assert torch.equal(fresh.student["backbone"].blocks[0].attn.qkv.weight,
-                       src.student["backbone"].blocks[0].attn.qkv.weight)
+    assert torch.equal(
+        fresh.student["backbone"].blocks[0].attn.qkv.weight,
+        src.student["backbone"].blocks[0].attn.qkv.weight,
+    )
 
     # a decoder of another depth is refused, naming the keys and the setting that fits
     deeper = _mae(seed=1, decoder_depth=3)
-    torch.save({"model": {**deeper.student["backbone"].state_dict(),
-                          **deeper.student["decoder"].state_dict()}}, tmp_path / "deeper.pth")
+    torch.save(
+        {
+            "model": {
+                **deeper.student["backbone"].state_dict(),
+                **deeper.student["decoder"].state_dict(),
+            }
+        },
+        tmp_path / "deeper.pth",
+    )
     target = _mae(seed=4)
     with pytest.raises(CheckpointError, match=r"(?s)decoder_blocks\.2\..*method\.decoder_depth=3"):
         target.load_pretrained(str(tmp_path / "deeper.pth"))
@@ -297,12 +376,24 @@ def _run(listing, out, *extra):
     from vssl.pretrain import run_pretrain
     from vssl.train.config import load_recipe
 
-    r = load_recipe("cpu_mae32", [f"data.train={listing}", f"train.output_dir={out}",
-                                  "model.depth=2", "model.embed_dim=48", "model.num_heads=3",
-                                  "method.decoder_embed_dim=32", "method.decoder_depth=1",
-                                  "train.batch_size_per_rank=16", "data.num_workers=0",
-                                  "train.epochs=3", "train.warmup_epochs=1", "train.log_every=1",
-                                  *extra])
+    r = load_recipe(
+        "cpu_mae32",
+        [
+            f"data.train={listing}",
+            f"train.output_dir={out}",
+            "model.depth=2",
+            "model.embed_dim=48",
+            "model.num_heads=3",
+            "method.decoder_embed_dim=32",
+            "method.decoder_depth=1",
+            "train.batch_size_per_rank=16",
+            "data.num_workers=0",
+            "train.epochs=3",
+            "train.warmup_epochs=1",
+            "train.log_every=1",
+            *extra,
+        ],
+    )
     return run_pretrain(r, progress=False)
 
 
@@ -343,8 +434,36 @@ def test_cpu_mae32_trains_resumes_exactly_and_exports_the_encoder(listing, tmp_p
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)
 
+    # the run folder itself reads as its encoder (vssl embed/info/convert take it); a run from
+    # before the method contract, with teacher_backbone.safetensors, too
+    model = create_model(tmp_path / "full").eval()
+    old = tmp_path / "old_run"
+    old.mkdir()
+    (old / "teacher_backbone.safetensors").write_bytes(
+        (tmp_path / "full" / "backbone.safetensors").read_bytes()
+    )
+    assert torch.equal(create_model(old).blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+
+    # vssl convert: a timm-style .pth (MAE's names: no LayerScale, no mask token)
+    from vssl.cli import main
+
+    assert (
+        main(["convert", str(tmp_path / "full"), str(tmp_path / "enc.pth"), "--to", "native"]) == 0
+    )
+    sd = torch.load(tmp_path / "enc.pth", weights_only=True)
+    sd = sd.get("model", sd) if "model" in sd else sd
+    assert {
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.mlp.fc1.weight",
+        "norm.weight",
+    } <= set(sd)
+    assert not any("ls1" in k or "mask_token" in k for k in sd)
+    torch.testing.assert_close(sd["blocks.1.mlp.fc2.weight"], model.blocks[1].mlp.fc2.weight)
+
     # the exported encoder is a plain model (what vssl embed reads) and converts to transformers
-    model = create_model(tmp_path / "full" / "backbone.safetensors").eval()
     assert model.config.family == "mae" and model.config.layerscale is None
     x = torch.randn(2, 3, 32, 32)
     transformers = pytest.importorskip("transformers")
@@ -370,15 +489,33 @@ def test_cpu_mae32_under_torchrun(listing, tmp_path, strategy):
     launcher.write_text(
         "import argparse, sys\nfrom vssl.pretrain import add_pretrain_parser\n"
         "p = argparse.ArgumentParser(prog='vssl')\nadd_pretrain_parser(p.add_subparsers())\n"
-        "a = p.parse_args(sys.argv[1:])\nsys.exit(a.func(a))\n")
+        "a = p.parse_args(sys.argv[1:])\nsys.exit(a.func(a))\n"
+    )
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(launcher),
-           "pretrain", "cpu_mae32", f"data.train={listing}", "train.max_steps=2",
-           "train.batch_size_per_rank=8", f"train.output_dir={run}", f"train.strategy={strategy}",
-           "train.warmup_epochs=1", "train.log_every=1", "model.embed_dim=48", "model.depth=2",
-           "model.num_heads=3",
-           "method.decoder_embed_dim=32", "method.decoder_depth=1", "data.num_workers=0",
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        str(launcher),
+        "pretrain",
+        "cpu_mae32",
+        f"data.train={listing}",
+        "train.max_steps=2",
+        "train.batch_size_per_rank=8",
+        f"train.output_dir={run}",
+        f"train.strategy={strategy}",
+        "train.warmup_epochs=1",
+        "train.log_every=1",
+        "model.embed_dim=48",
+        "model.depth=2",
+        "model.num_heads=3",
+        "method.decoder_embed_dim=32",
+        "method.decoder_depth=1",
+        "data.num_workers=0",
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("stopped: max_steps at step 2") == 1

@@ -1,4 +1,5 @@
 """Block masks (iBOT/BEiT + DINOv2's batch logic), MAE random masking, SplitMask halves."""
+
 from __future__ import annotations
 
 import math
@@ -63,7 +64,9 @@ def test_block_mask_seeded():
 
 def test_ibot_masks_batch_spread():
     n, N = 64, 256
-    out = sample_ibot_masks(n, (16, 16), 0.5, (0.1, 0.5), generator=torch.Generator().manual_seed(0))
+    out = sample_ibot_masks(
+        n, (16, 16), 0.5, (0.1, 0.5), generator=torch.Generator().manual_seed(0)
+    )
     assert out.masks.shape == (n, N) and out.masks.dtype == torch.bool
     counts = out.masks.sum(1)
     masked = counts[counts > 0]

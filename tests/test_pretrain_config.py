@@ -1,4 +1,5 @@
 """Pretraining recipes: every shipped config loads, overrides, and errors that say what to change."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,18 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 def test_shipped_configs_exist():
     names = {p.stem for p in CONFIGS}
-    expected = {"cpu_tiny32", "dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "webdino_vitl14",
-                "webdino_1b", "webdino_2b", "webdino_3b", "webdino_5b", "webdino_7b"}
+    expected = {
+        "cpu_tiny32",
+        "dinov2_vits14",
+        "dinov2_vitb14",
+        "dinov2_vitl14",
+        "webdino_vitl14",
+        "webdino_1b",
+        "webdino_2b",
+        "webdino_3b",
+        "webdino_5b",
+        "webdino_7b",
+    }
     assert expected <= names, expected - names
 
 
@@ -43,8 +54,18 @@ def test_every_shipped_config_loads_and_validates(path, tmp_path):
     assert again.to_dict() == r.to_dict()
 
 
-@pytest.mark.parametrize("name", ["webdino_vitl14", "webdino_1b", "webdino_2b", "webdino_3b",
-                                  "webdino_5b", "webdino_7b", "dinov2_vitl14"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "webdino_vitl14",
+        "webdino_1b",
+        "webdino_2b",
+        "webdino_3b",
+        "webdino_5b",
+        "webdino_7b",
+        "dinov2_vitl14",
+    ],
+)
 def test_large_recipes_use_dinov2_large_model_settings(name):
     # DINOv2's vitl14.yaml / vitg14.yaml: the L/g recipe
     r = load_recipe(name)
@@ -70,27 +91,52 @@ def _ranks(name: str) -> int:
 def test_small_recipes_use_dinov2_defaults():
     for name in ("dinov2_vits14", "dinov2_vitb14"):
         t, m = load_recipe(name).train, load_recipe(name).method
-        assert (t.base_lr, t.layer_decay, m.momentum_teacher, t.weight_decay_end) == \
-            (4e-3, 0.9, 0.992, 0.4)
+        assert (t.base_lr, t.layer_decay, m.momentum_teacher, t.weight_decay_end) == (
+            4e-3,
+            0.9,
+            0.992,
+            0.4,
+        )
         assert (t.epochs, t.iters_per_epoch, t.warmup_epochs) == (100, 1250, 10)
 
 
 def test_overrides_parse_yaml_scalars():
-    items = parse_overrides(["train.epochs=10", "train.base_lr=2e-4", "train.compile=true",
-                             "model.weights=null", "data.global_scale=[0.4, 1.0]",
-                             "data.train=shards/{000000..000099}.tar", "data.train={0..9}.tar"])
+    items = parse_overrides(
+        [
+            "train.epochs=10",
+            "train.base_lr=2e-4",
+            "train.compile=true",
+            "model.weights=null",
+            "data.global_scale=[0.4, 1.0]",
+            "data.train=shards/{000000..000099}.tar",
+            "data.train={0..9}.tar",
+        ]
+    )
     values = [(s, k, v) for s, k, v, _ in items]
-    assert values[:5] == [("train", "epochs", 10), ("train", "base_lr", "2e-4"),
-                          ("train", "compile", True), ("model", "weights", None),
-                          ("data", "global_scale", [0.4, 1.0])]
+    assert values[:5] == [
+        ("train", "epochs", 10),
+        ("train", "base_lr", "2e-4"),
+        ("train", "compile", True),
+        ("model", "weights", None),
+        ("data", "global_scale", [0.4, 1.0]),
+    ]
     assert values[5][2] == "shards/{000000..000099}.tar"
     assert values[6][2] == "{0..9}.tar"  # not YAML: kept as the text
 
 
 def test_overrides_apply_with_types():
-    r = load_recipe("cpu_tiny32", ["train.epochs=3", "train.base_lr=2e-4", "model.depth=2",
-                                   "data.global_scale=[0.4,1]", "train.output_dir=2024",
-                                   "method.centering=centering", "data.train=a/{0..9}.tar"])
+    r = load_recipe(
+        "cpu_tiny32",
+        [
+            "train.epochs=3",
+            "train.base_lr=2e-4",
+            "model.depth=2",
+            "data.global_scale=[0.4,1]",
+            "train.output_dir=2024",
+            "method.centering=centering",
+            "data.train=a/{0..9}.tar",
+        ],
+    )
     assert r.train.epochs == 3 and isinstance(r.train.epochs, int)
     assert r.train.base_lr == pytest.approx(2e-4) and isinstance(r.train.base_lr, float)
     assert r.model.arch == {"drop_path_rate": 0.0, "depth": 2}
@@ -102,13 +148,24 @@ def test_overrides_apply_with_types():
     assert r.method.n_prototypes == 1024 and r.data.n_local == 4
 
 
-@pytest.mark.parametrize("override, must_contain", [
-    ("train.epoch=3", ["'train.epoch'", "Did you mean 'train.epochs'", "epochs", "base_lr",
-                       "batch_size_per_rank"]),
-    ("model.depht=2", ["'model.depht'", "'model.depth'", "drop_path_rate", "weights"]),
-    ("method.n_protoypes=8", ["'method.n_protoypes'", "'method.n_prototypes'", "centering"]),
-    ("data.n_locals=2", ["'data.n_locals'", "'data.n_local'", "global_size"]),
-])
+@pytest.mark.parametrize(
+    "override, must_contain",
+    [
+        (
+            "train.epoch=3",
+            [
+                "'train.epoch'",
+                "Did you mean 'train.epochs'",
+                "epochs",
+                "base_lr",
+                "batch_size_per_rank",
+            ],
+        ),
+        ("model.depht=2", ["'model.depht'", "'model.depth'", "drop_path_rate", "weights"]),
+        ("method.n_protoypes=8", ["'method.n_protoypes'", "'method.n_prototypes'", "centering"]),
+        ("data.n_locals=2", ["'data.n_locals'", "'data.n_local'", "global_size"]),
+    ],
+)
 def test_bad_key_names_it_suggests_and_lists_allowed(override, must_contain):
     with pytest.raises(ConfigError) as e:
         load_recipe("cpu_tiny32", [override])
@@ -117,19 +174,25 @@ def test_bad_key_names_it_suggests_and_lists_allowed(override, must_contain):
         assert text in msg, (text, msg)
 
 
-@pytest.mark.parametrize("override, must_contain", [
-    ("train.epochs=ten", ["train.epochs", "'ten'", "integer"]),
-    ("train.base_lr=fast", ["train.base_lr", "'fast'", "number"]),
-    ("train.compile=maybe", ["train.compile", "'maybe'", "true or false"]),
-    ("data.global_scale=[1,2,3]", ["data.global_scale", "list of 2 numbers"]),
-    ("train.precision=fp16", ["train.precision", "'fp16'", "auto", "fp32", "bf16"]),
-    ("train.strategy=zero3", ["train.strategy", "'zero3'", "ddp", "fsdp2", "none"]),
-    ("method.centering=batchnorm", ["method.centering", "'batchnorm'", "ema", "sinkhorn_knopp"]),
-    ("method.name=maee", ["method.name", "'maee'", "Did you mean 'mae'", "dinov2, mae"]),
-    ("method.name=mae", ["method.n_prototypes", "keys of method 'mae'", "mask_ratio"]),
-    ("model.ffn=relu", ["model.ffn", "'relu'", "mlp", "swiglu"]),
-    ("train.clip_grad=-1", ["clip_grad", "-1", "> 0"]),
-])
+@pytest.mark.parametrize(
+    "override, must_contain",
+    [
+        ("train.epochs=ten", ["train.epochs", "'ten'", "integer"]),
+        ("train.base_lr=fast", ["train.base_lr", "'fast'", "number"]),
+        ("train.compile=maybe", ["train.compile", "'maybe'", "true or false"]),
+        ("data.global_scale=[1,2,3]", ["data.global_scale", "list of 2 numbers"]),
+        ("train.precision=fp16", ["train.precision", "'fp16'", "auto", "fp32", "bf16"]),
+        ("train.strategy=zero3", ["train.strategy", "'zero3'", "ddp", "fsdp2", "none"]),
+        (
+            "method.centering=batchnorm",
+            ["method.centering", "'batchnorm'", "ema", "sinkhorn_knopp"],
+        ),
+        ("method.name=maee", ["method.name", "'maee'", "Did you mean 'mae'", "dinov2, mae"]),
+        ("method.name=mae", ["method.n_prototypes", "keys of method 'mae'", "mask_ratio"]),
+        ("model.ffn=relu", ["model.ffn", "'relu'", "mlp", "swiglu"]),
+        ("train.clip_grad=-1", ["clip_grad", "-1", "> 0"]),
+    ],
+)
 def test_bad_value_names_key_value_and_what_is_expected(override, must_contain):
     with pytest.raises(ConfigError) as e:
         load_recipe("cpu_tiny32", [override])
@@ -147,7 +210,9 @@ def test_bad_sections_and_syntax(tmp_path):
         load_recipe(None, ["train.a.b=1"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  name: vit-tiny-p4-32\ntrian:\n  epochs: 3\n")
-    with pytest.raises(ConfigError, match=r"unknown section 'trian'.*Did you mean 'train'.*Allowed"):
+    with pytest.raises(
+        ConfigError, match=r"unknown section 'trian'.*Did you mean 'train'.*Allowed"
+    ):
         load_recipe(bad)
     bad.write_text("model: [1, 2]\n")
     with pytest.raises(ConfigError, match="section 'model'.*mapping"):
@@ -188,8 +253,10 @@ def test_dry_run_counts_parameters_and_prints_the_schedule(capsys):
     args = _pretrain_args(["pretrain", "webdino_vitl14", "--dry-run", "--world-size", "256"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    counts = {k: int(v.replace(",", "")) for k, v in
-              re.findall(r"^  (student\.\w+|trainable|teacher)\D*?([\d,]+)$", out, re.M)}
+    counts = {
+        k: int(v.replace(",", ""))
+        for k, v in re.findall(r"^  (student\.\w+|trainable|teacher)\D*?([\d,]+)$", out, re.M)
+    }
     backbone = count_params(get_config("webssl-dino300m-full2b-224"))
     assert counts["student.backbone"] == backbone
     # DINOHead: 3-layer MLP d->2048->2048->bottleneck (with biases) + weight-normed prototypes
@@ -213,9 +280,18 @@ def test_dry_run_counts_parameters_and_prints_the_schedule(capsys):
 def test_missing_data_is_a_clear_error(tmp_path):
     from vssl.pretrain import run_pretrain
 
-    r = load_recipe("cpu_tiny32", ["model.depth=1", "model.embed_dim=32", "model.num_heads=2",
-                                   "method.n_prototypes=16", "method.hidden_dim=16",
-                                   "method.bottleneck_dim=8", f"train.output_dir={tmp_path}/run"])
+    r = load_recipe(
+        "cpu_tiny32",
+        [
+            "model.depth=1",
+            "model.embed_dim=32",
+            "model.num_heads=2",
+            "method.n_prototypes=16",
+            "method.hidden_dim=16",
+            "method.bottleneck_dim=8",
+            f"train.output_dir={tmp_path}/run",
+        ],
+    )
     with pytest.raises(ValueError, match=r"data.train is not set.*data.train=/path/to/images"):
         run_pretrain(r)
     r.data.train = str(tmp_path / "nope")
@@ -226,8 +302,7 @@ def test_missing_data_is_a_clear_error(tmp_path):
         run_pretrain(r)
 
 
-def test_pretrain_under_torchrun_fsdp2_exits_0_and_exports_the_full_encoder(shared_data,
-                                                                             tmp_path):
+def test_pretrain_under_torchrun_fsdp2_exits_0_and_exports_the_full_encoder(shared_data, tmp_path):
     import subprocess
     import sys
 
@@ -240,13 +315,32 @@ def test_pretrain_under_torchrun_fsdp2_exits_0_and_exports_the_full_encoder(shar
     launcher.write_text(
         "import argparse, sys\nfrom vssl.pretrain import add_pretrain_parser\n"
         "p = argparse.ArgumentParser(prog='vssl')\nadd_pretrain_parser(p.add_subparsers())\n"
-        "a = p.parse_args(sys.argv[1:])\nsys.exit(a.func(a))\n")
+        "a = p.parse_args(sys.argv[1:])\nsys.exit(a.func(a))\n"
+    )
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(launcher),
-           "pretrain", "cpu_tiny32", f"data.train={listing}", "train.max_steps=1",
-           "train.batch_size_per_rank=4", f"train.output_dir={run}", "train.strategy=fsdp2",
-           "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "method.n_prototypes=16",
-           "method.hidden_dim=16", "method.bottleneck_dim=8", "data.num_workers=0", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        str(launcher),
+        "pretrain",
+        "cpu_tiny32",
+        f"data.train={listing}",
+        "train.max_steps=1",
+        "train.batch_size_per_rank=4",
+        f"train.output_dir={run}",
+        "train.strategy=fsdp2",
+        "model.embed_dim=32",
+        "model.depth=1",
+        "model.num_heads=2",
+        "method.n_prototypes=16",
+        "method.hidden_dim=16",
+        "method.bottleneck_dim=8",
+        "data.num_workers=0",
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("stopped: max_steps at step 1") == 1  # rank 0 reports, once

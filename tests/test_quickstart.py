@@ -3,6 +3,7 @@
 Runs are a few steps of tiny models (width 32, 1-2 blocks, 16-64 prototypes): they check the
 wiring, the files a run leaves and the numbers the report shows, not what a model learns.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,15 @@ from PIL import Image
 from vssl.assets.toy import CLASSES, draw_shape, make_toy_dataset
 from vssl.data.transforms import EvalTransform
 
-TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "method.n_prototypes=64",
-        "method.hidden_dim=64", "method.bottleneck_dim=32", "data.num_workers=0"]
+TINY = [
+    "model.embed_dim=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "method.n_prototypes=64",
+    "method.hidden_dim=64",
+    "method.bottleneck_dim=32",
+    "data.num_workers=0",
+]
 
 
 def _parse(argv):
@@ -42,7 +50,9 @@ def _list(path: Path, rows) -> Path:
 
 def _cifar(shared_data: Path, split: str, per_class: int):
     root = shared_data / "cifar10-subset" / split
-    return [(p, c.name) for c in sorted(root.iterdir()) for p in sorted(c.glob("*.jpg"))[:per_class]]
+    return [
+        (p, c.name) for c in sorted(root.iterdir()) for p in sorted(c.glob("*.jpg"))[:per_class]
+    ]
 
 
 # ------------------------------------------------------------------------------------ toy data
@@ -59,7 +69,9 @@ def test_toy_dataset_is_deterministic_and_labelled(tmp_path):
                 assert x.shape == (32, 32, 3) and x.dtype == np.uint8
                 np.testing.assert_array_equal(x, np.asarray(Image.open(b / split / c / f.name)))
     # images of one class differ (random colour, pose, background): the class is the shape
-    x0, x1 = (np.asarray(Image.open(f), dtype=float) for f in sorted((a / "train/circle").glob("*"))[:2])
+    x0, x1 = (
+        np.asarray(Image.open(f), dtype=float) for f in sorted((a / "train/circle").glob("*"))[:2]
+    )
     assert np.abs(x0 - x1).mean() > 20
     assert not list(tmp_path.glob(".*"))  # no temporary folder left behind
     with pytest.raises(ValueError, match="unknown toy class 'blob'.*circle"):
@@ -67,8 +79,9 @@ def test_toy_dataset_is_deterministic_and_labelled(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ pretrain
-def test_pretrain_cli_end_to_end_writes_metrics_checkpoint_and_resumes(shared_data, tmp_path,
-                                                                       capsys):
+def test_pretrain_cli_end_to_end_writes_metrics_checkpoint_and_resumes(
+    shared_data, tmp_path, capsys
+):
     from vssl.models.zoo import create_model
     from vssl.train.config import load_recipe
 
@@ -76,10 +89,21 @@ def test_pretrain_cli_end_to_end_writes_metrics_checkpoint_and_resumes(shared_da
     knn_train = _list(tmp_path / "knn_train.txt", _cifar(shared_data, "train", 2))
     knn_test = _list(tmp_path / "knn_test.txt", _cifar(shared_data, "test", 1))
     run = tmp_path / "run"
-    argv = ["pretrain", "cpu_tiny32", f"data.train={train}", "train.max_steps=3",
-            "--no-progress", "train.batch_size_per_rank=8", f"train.output_dir={run}",
-            "train.log_every=1", f"eval.train={knn_train}", f"eval.test={knn_test}",
-            "eval.every_n_steps=2", "eval.batch_size=32", *TINY]
+    argv = [
+        "pretrain",
+        "cpu_tiny32",
+        f"data.train={train}",
+        "train.max_steps=3",
+        "--no-progress",
+        "train.batch_size_per_rank=8",
+        f"train.output_dir={run}",
+        "train.log_every=1",
+        f"eval.train={knn_train}",
+        f"eval.test={knn_test}",
+        "eval.every_n_steps=2",
+        "eval.batch_size=32",
+        *TINY,
+    ]
     args = _parse(argv)
     assert args.func(args) == 0
     out = capsys.readouterr().out
@@ -89,15 +113,24 @@ def test_pretrain_cli_end_to_end_writes_metrics_checkpoint_and_resumes(shared_da
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     for r in steps:
-        for term in ("loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss",
-                     "ibot_loss", "lr", "teacher_temp"):
+        for term in (
+            "loss",
+            "dino_local_crops_loss",
+            "dino_global_crops_loss",
+            "koleo_loss",
+            "ibot_loss",
+            "lr",
+            "teacher_temp",
+        ):
             assert math.isfinite(r[term]), (term, r)
     knn = [(r["step"], r["knn_top1"]) for r in rows if "knn_top1" in r]
     assert [s for s, _ in knn] == [0, 2] and all(0.0 <= v <= 1.0 for _, v in knn)
     assert (run / "ckpt" / "step_00000003").is_dir()
     # the saved recipe reproduces the run's recipe
-    assert load_recipe(run / "config.yaml").to_dict() == load_recipe("cpu_tiny32", argv[2:4] + argv[5:]
-                                                                     ).to_dict()
+    assert (
+        load_recipe(run / "config.yaml").to_dict()
+        == load_recipe("cpu_tiny32", argv[2:4] + argv[5:]).to_dict()
+    )
     # the encoder (DINOv2: the teacher backbone) is exported in vssl's format and loads alone
     model = create_model(run / "backbone.safetensors")
     assert model.config.embed_dim == 32 and model.config.depth == 2
@@ -158,8 +191,12 @@ def test_quickstart_end_to_end_report(tmp_path, capsys):
     assert f"raw pixels {knn['raw_pixels']:.3f}" in printed
 
     page = (out / "report.html").read_text()
-    for heading in ("Loss", "kNN accuracy during training",
-                    "kNN top-1 (k=20, same images, same evaluator)", "PCA of patch features"):
+    for heading in (
+        "Loss",
+        "kNN accuracy during training",
+        "kNN top-1 (k=20, same images, same evaluator)",
+        "PCA of patch features",
+    ):
         assert f"<h2>{heading}</h2>" in page, heading
     for value in knn.values():
         assert f"<td>{value:.3f}</td>" in page
@@ -183,8 +220,9 @@ def test_quickstart_without_labels_skips_knn(tmp_path, capsys):
     rng = np.random.default_rng(0)
     for i in range(12):
         draw_shape(CLASSES[i % len(CLASSES)], rng).save(folder / f"{i}.png")
-    result = run_quickstart(str(folder), tmp_path / "qs", minutes=0.1, overrides=TINY,
-                            progress=False)
+    result = run_quickstart(
+        str(folder), tmp_path / "qs", minutes=0.1, overrides=TINY, progress=False
+    )
     assert result["knn_top1"] is None and result["steps"] >= 1
     page = (tmp_path / "qs" / "report.html").read_text()
     assert "skipped: the images have no class labels" in page

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _torchrun_train import make_method
+
 from vssl.train import TrainConfig, Trainer, latest_checkpoint, load_checkpoint
 
 SCRIPT = Path(__file__).with_name("_torchrun_train.py")
@@ -29,29 +29,58 @@ def _fsdp2_available() -> bool:
     return hasattr(fsdp, "fully_shard")
 
 
-@pytest.mark.skipif(not _fsdp2_available(),
-                    reason="this torch build has no gloo backend or no FSDP2 (fully_shard)")
+@pytest.mark.skipif(
+    not _fsdp2_available(), reason="this torch build has no gloo backend or no FSDP2 (fully_shard)"
+)
 def test_torchrun_ddp_and_fsdp2_two_processes(shared_data, tmp_path):
     cifar = shared_data / "cifar10-subset"
     lists = tmp_path / "lists"
     lists.mkdir()
-    for name, split, per_class in (("train", "train", 8), ("knn_train", "train", 3),
-                                   ("knn_test", "test", 3)):
-        rows = [f"{p}\t{c.name}" for c in sorted((cifar / split).iterdir())
-                for p in sorted(c.iterdir())[:per_class]]
+    for name, split, per_class in (
+        ("train", "train", 8),
+        ("knn_train", "train", 3),
+        ("knn_test", "test", 3),
+    ):
+        rows = [
+            f"{p}\t{c.name}"
+            for c in sorted((cifar / split).iterdir())
+            for p in sorted(c.iterdir())[:per_class]
+        ]
         (lists / f"{name}.txt").write_text("\n".join(rows) + "\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(SCRIPT.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [str(SCRIPT.parent)]
+            + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        ),
+    }
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(SCRIPT), str(lists), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(SCRIPT),
+            str(lists),
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     # torchrun exits 0 only when both workers exit 0 (a SIGABRT at teardown would show here)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
     init = {k: v.clone() for k, v in make_method(0).state_dict().items()}
-    states = {(s, r): torch.load(tmp_path / f"{s}_rank{r}.pt", weights_only=True)
-              for s in ("ddp", "fsdp2") for r in (0, 1)}
+    states = {
+        (s, r): torch.load(tmp_path / f"{s}_rank{r}.pt", weights_only=True)
+        for s in ("ddp", "fsdp2")
+        for r in (0, 1)
+    }
     ddp0 = states["ddp", 0]
     assert set(ddp0) == set(init)
     for key in ddp0:
@@ -60,7 +89,9 @@ def test_torchrun_ddp_and_fsdp2_two_processes(shared_data, tmp_path):
         # the two engines compute the same update (a mean of the two ranks' gradients)
         torch.testing.assert_close(states["fsdp2", 0][key], ddp0[key], rtol=0, atol=1e-6, msg=key)
     moved = [k for k in ddp0 if not torch.equal(ddp0[k], init[k])]
-    assert any(k.startswith("student.") for k in moved) and any(k.startswith("teacher.") for k in moved)
+    assert any(k.startswith("student.") for k in moved) and any(
+        k.startswith("teacher.") for k in moved
+    )
 
     losses = {}
     for s in ("ddp", "fsdp2"):
@@ -82,9 +113,14 @@ def test_torchrun_ddp_and_fsdp2_two_processes(shared_data, tmp_path):
     assert ckpt is not None and ckpt.name == "step_00000006"
     assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     method = make_method(0)
-    trainer = Trainer(method, data=_NoData(), cfg=TrainConfig(
-        batch_size_per_rank=4, iters_per_epoch=3, output_dir=str(tmp_path / "reload")),
-        progress=False)
+    trainer = Trainer(
+        method,
+        data=_NoData(),
+        cfg=TrainConfig(
+            batch_size_per_rank=4, iters_per_epoch=3, output_dir=str(tmp_path / "reload")
+        ),
+        progress=False,
+    )
     meta = load_checkpoint(ckpt, {"model": method, "optimizer": trainer.optimizer})
     assert meta["step"] == 6 and meta["world_size"] == 2 and meta["strategy"] == "fsdp2"
     for key, value in method.state_dict().items():

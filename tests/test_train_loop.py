@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
+from _torchrun_train import data_kwargs, make_method
 from torch import nn
 
 from vssl.data.augment import MultiCropPhotometric
-from _torchrun_train import data_kwargs, make_method
 from vssl.train import (
     CheckpointError,
     NonFiniteLossError,
@@ -47,16 +47,29 @@ def images(cifar, tmp_path):
 def _data(images, **kw) -> TrainData:
     """Batches of 8 with DINOv2's photometric recipe minus the blur (kornia's blur is most of a
     tiny step's time; TrainData's own tests keep it)."""
-    args = dict(batch_size=B, seed=1, batches_per_epoch=4, photometric=MultiCropPhotometric(
-        blur_p=0.0), **data_kwargs())
+    args = dict(
+        batch_size=B,
+        seed=1,
+        batches_per_epoch=4,
+        photometric=MultiCropPhotometric(blur_p=0.0),
+        **data_kwargs(),
+    )
     args.update(kw)
     return TrainData(images, **args)
 
 
 def _cfg(out, **kw) -> TrainConfig:
     """6 steps: 3 epochs of 2 iterations; warm-ups (and TinyDINO's freeze) last 1 epoch."""
-    args = dict(epochs=3, iters_per_epoch=2, batch_size_per_rank=B, base_lr=2e-2,
-                warmup_epochs=1, log_every=1, output_dir=str(out), seed=3)
+    args = dict(
+        epochs=3,
+        iters_per_epoch=2,
+        batch_size_per_rank=B,
+        base_lr=2e-2,
+        warmup_epochs=1,
+        log_every=1,
+        output_dir=str(out),
+        seed=3,
+    )
     args.update(kw)
     return TrainConfig(**args)
 
@@ -111,8 +124,16 @@ def test_exact_resume_equals_uninterrupted_run(images, tmp_path):
     a, b = _steps(tmp_path / "a"), _steps(tmp_path / "b")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a, b):
-        for key in ("loss", "global_loss", "local_loss", "grad_norm", "lr", "wd", "momentum",
-                    "teacher_temp"):
+        for key in (
+            "loss",
+            "global_loss",
+            "local_loss",
+            "grad_norm",
+            "lr",
+            "wd",
+            "momentum",
+            "teacher_temp",
+        ):
             assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-7), (ra["step"], key)
     # the loss moved: the sequence being compared is not a constant
     assert len({round(r["loss"], 6) for r in a}) > 3
@@ -136,8 +157,10 @@ def test_schedules_freeze_and_step_budget(images, tmp_path):
     proto = "student.head.last_layer.weight"
     assert torch.equal(after[proto], init[proto])
     assert not torch.equal(after["student.head.mlp.0.weight"], init["student.head.mlp.0.weight"])
-    assert not torch.equal(after["student.backbone.blocks.1.mlp.fc1.weight"],
-                           init["student.backbone.blocks.1.mlp.fc1.weight"])
+    assert not torch.equal(
+        after["student.backbone.blocks.1.mlp.fc1.weight"],
+        init["student.backbone.blocks.1.mlp.fc1.weight"],
+    )
     # per-step values follow DINOv2's schedules; the teacher got the scheduled momentum
     rows = _steps(tmp_path)
     for r in rows:
@@ -159,8 +182,9 @@ def test_schedules_freeze_and_step_budget(images, tmp_path):
 
 
 def test_time_budget_stops_and_checkpoints(images, tmp_path):
-    summary = Trainer(make_method(0), _data(images), _cfg(tmp_path, time_budget_s=1e-3),
-                      progress=False).fit()
+    summary = Trainer(
+        make_method(0), _data(images), _cfg(tmp_path, time_budget_s=1e-3), progress=False
+    ).fit()
     assert summary["stopped"] == "time_budget" and summary["step"] == 1
     assert summary["checkpoint"] == str(checkpoint_path(tmp_path, 1))
     assert json.loads((checkpoint_path(tmp_path, 1) / STATE_FILE).read_text())["step"] == 1
@@ -181,8 +205,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(images, tmp_path):
     assert [r["step"] for r in _steps(tmp_path)] == [1, 2, 3, 4]
     fresh = make_method(0)
     fresh_trainer = Trainer(fresh, _data(images), _cfg(tmp_path), progress=False)
-    meta = load_checkpoint(latest_checkpoint(tmp_path),
-                           {"model": fresh, "optimizer": fresh_trainer.optimizer})
+    meta = load_checkpoint(
+        latest_checkpoint(tmp_path), {"model": fresh, "optimizer": fresh_trainer.optimizer}
+    )
     assert meta["step"] == 4
     # the run stopped before the optimizer step: memory and checkpoint hold the same state
     now, loaded = _state(method), _state(fresh)
@@ -194,8 +219,15 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(images, tmp_path):
 def test_metrics_jsonl_and_knn_monitor_on_the_teacher(cifar, images, tmp_path):
     from vssl.evaluate.monitor import KNNMonitor
 
-    monitor = KNNMonitor(cifar / "train", cifar / "test", every_n_steps=2, k=5, max_per_split=30,
-                         resolution=32, num_workers=0)
+    monitor = KNNMonitor(
+        cifar / "train",
+        cifar / "test",
+        every_n_steps=2,
+        k=5,
+        max_per_split=30,
+        resolution=32,
+        num_workers=0,
+    )
     seen, run = [], monitor.maybe_run
 
     def recording(step, model):
@@ -204,16 +236,33 @@ def test_metrics_jsonl_and_knn_monitor_on_the_teacher(cifar, images, tmp_path):
 
     monitor.maybe_run = recording
     method = make_method(0)
-    Trainer(method, _data(images), _cfg(tmp_path, epochs=2, log_every=3), monitors=[monitor],
-            progress=False).fit()
+    Trainer(
+        method,
+        _data(images),
+        _cfg(tmp_path, epochs=2, log_every=3),
+        monitors=[monitor],
+        progress=False,
+    ).fit()
     assert all(model is method.teacher["backbone"] for _, model in seen)
     assert [s for s, _ in seen] == [0, 1, 2, 3, 4]
     lines = _lines(tmp_path)
     assert [r["step"] for r in lines] == [0, 2, 3, 4]  # monitor steps 0, 2, 4; log steps 3, 4
     assert set(lines[0]) == {"step", "epoch", "knn_top1", "knn_top5", "knn_seconds"}
     assert set(lines[1]) == {"step", "epoch", "knn_top1", "knn_top5", "knn_seconds"}
-    full = {"step", "epoch", "loss", "global_loss", "local_loss", "lr", "wd", "momentum",
-            "teacher_temp", "grad_norm", "images_per_s", "seconds"}
+    full = {
+        "step",
+        "epoch",
+        "loss",
+        "global_loss",
+        "local_loss",
+        "lr",
+        "wd",
+        "momentum",
+        "teacher_temp",
+        "grad_norm",
+        "images_per_s",
+        "seconds",
+    }
     assert set(lines[2]) == full
     assert set(lines[3]) == full | {"knn_top1", "knn_top5", "knn_seconds"}
     assert [r["epoch"] for r in lines[2:]] == [1, 1]
@@ -232,9 +281,14 @@ def test_grad_checkpointing_recomputes_blocks_and_keeps_the_math(images, tmp_pat
         count = [0]
         # a pre-hook: the recomputation stops early, before a forward hook would fire
         method.student["backbone"].blocks[0].register_forward_pre_hook(
-            lambda *_: count.__setitem__(0, count[0] + 1))
-        trainer = Trainer(method, _data(images), _cfg(tmp_path / str(flag), max_steps=2,
-                                                      grad_checkpointing=flag), progress=False)
+            lambda *_, count=count: count.__setitem__(0, count[0] + 1)
+        )
+        trainer = Trainer(
+            method,
+            _data(images),
+            _cfg(tmp_path / str(flag), max_steps=2, grad_checkpointing=flag),
+            progress=False,
+        )
         assert method.student["backbone"].grad_checkpointing is flag
         assert method.teacher["backbone"].grad_checkpointing is False  # no backward there
         trainer.fit()
@@ -242,7 +296,8 @@ def test_grad_checkpointing_recomputes_blocks_and_keeps_the_math(images, tmp_pat
     # 2 steps x (global + local forward); checkpointing runs each block forward again in backward
     assert calls == {False: 4, True: 8}
     assert [r["loss"] for r in results[True][0]] == pytest.approx(
-        [r["loss"] for r in results[False][0]], rel=1e-6)
+        [r["loss"] for r in results[False][0]], rel=1e-6
+    )
     for k, v in results[False][1].items():
         torch.testing.assert_close(results[True][1][k], v, rtol=0, atol=1e-6, msg=k)
     with pytest.raises(RuntimeError, match="already ran fit"):
@@ -262,8 +317,9 @@ def test_config_errors_name_the_key():
 
 def test_trainer_rejects_mismatched_batch_size(images, tmp_path):
     with pytest.raises(ValueError, match="batch_size_per_rank"):
-        Trainer(make_method(0), _data(images), _cfg(tmp_path, batch_size_per_rank=16),
-                progress=False)
+        Trainer(
+            make_method(0), _data(images), _cfg(tmp_path, batch_size_per_rank=16), progress=False
+        )
 
 
 # ---------------------------------------------------------------------------------- TrainData
@@ -324,7 +380,9 @@ def test_train_data_over_shards_resumes_at_a_batch_boundary(cifar, tmp_path):
     assert data.stream is not None and data.batches_per_epoch == 48 // B
     full = list(data.batches(0))
     assert len(full) == 6
-    resumed = list(TrainData(tmp_path / "shards", batch_size=B, **data_kwargs(), **kw).batches(0, 4))
+    resumed = list(
+        TrainData(tmp_path / "shards", batch_size=B, **data_kwargs(), **kw).batches(0, 4)
+    )
     assert len(resumed) == 2 and all(_same(x, y) for x, y in zip(resumed, full[4:]))
     labels = torch.cat([b["label"] for b in full])
     assert sorted(labels.tolist()) == [0] * 24 + [1] * 24  # every image once per epoch
@@ -349,8 +407,9 @@ def test_checkpoint_save_is_atomic_when_it_fails_midway(tmp_path, monitorpatch=N
 
     model, opt = _tiny_state(0)
     good = {k: v.clone() for k, v in model.state_dict().items()}
-    save_checkpoint(checkpoint_path(tmp_path, 1), {"model": model, "optimizer": opt,
-                                                   "meta": {"step": 1}})
+    save_checkpoint(
+        checkpoint_path(tmp_path, 1), {"model": model, "optimizer": opt, "meta": {"step": 1}}
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
@@ -368,8 +427,10 @@ def test_checkpoint_save_is_atomic_when_it_fails_midway(tmp_path, monitorpatch=N
         else:
             mp.setattr(ck, "_write_state", lambda *a: (_ for _ in ()).throw(OSError("killed")))
         with pytest.raises(OSError):
-            save_checkpoint(checkpoint_path(tmp_path, 2), {"model": model, "optimizer": opt,
-                                                           "meta": {"step": 2}})
+            save_checkpoint(
+                checkpoint_path(tmp_path, 2),
+                {"model": model, "optimizer": opt, "meta": {"step": 2}},
+            )
         mp.undo()
         assert latest_checkpoint(tmp_path) == checkpoint_path(tmp_path, 1), where
         assert (tmp_path / "ckpt" / "step_00000002.tmp").is_dir(), where
@@ -377,17 +438,22 @@ def test_checkpoint_save_is_atomic_when_it_fails_midway(tmp_path, monitorpatch=N
             load_checkpoint(tmp_path / "ckpt" / "step_00000002.tmp", {"model": model})
 
     fresh, fresh_opt = _tiny_state(1)
-    assert load_checkpoint(latest_checkpoint(tmp_path), {"model": fresh, "optimizer": fresh_opt}) \
-        == {"step": 1}
+    assert load_checkpoint(
+        latest_checkpoint(tmp_path), {"model": fresh, "optimizer": fresh_opt}
+    ) == {"step": 1}
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, good[k]), k
-    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"],
-                       opt.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(
+        fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
+    )
 
     # a later good save replaces the leftovers and keeps only the newest `keep_last`
     for step in (2, 3, 4):
-        save_checkpoint(checkpoint_path(tmp_path, step),
-                        {"model": model, "optimizer": opt, "meta": {"step": step}}, keep_last=2)
+        save_checkpoint(
+            checkpoint_path(tmp_path, step),
+            {"model": model, "optimizer": opt, "meta": {"step": step}},
+            keep_last=2,
+        )
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
     assert not list((tmp_path / "ckpt").glob("*.tmp"))
 
@@ -413,18 +479,34 @@ def test_trainer_runs_dinov2(images, tmp_path):
 
     def build():
         torch.manual_seed(0)
-        vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                                layerscale=1e-5, drop_path_rate=0.1)
-        return DINOv2(vit, DINOv2Config(n_prototypes=64, bottleneck_dim=16, hidden_dim=32,
-                                        warmup_teacher_temp_epochs=1,
-                                        ibot_n_prototypes=64, centering="sinkhorn_knopp"))
+        vit = VisionTransformer(
+            img_size=32,
+            patch_size=8,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            layerscale=1e-5,
+            drop_path_rate=0.1,
+        )
+        return DINOv2(
+            vit,
+            DINOv2Config(
+                n_prototypes=64,
+                bottleneck_dim=16,
+                hidden_dim=32,
+                warmup_teacher_temp_epochs=1,
+                ibot_n_prototypes=64,
+                centering="sinkhorn_knopp",
+            ),
+        )
 
     method = build()
     init = _state(method)
     trainer = Trainer(method, _data(images), _cfg(tmp_path, max_steps=2), progress=False)
     assert trainer.frozen[0][1] == 2  # DINOv2Config's freeze_last_layer_epochs=1 of 2 iterations
     assert {id(p) for p in method.prototype_parameters()} == {
-        id(p) for g in trainer.optimizer.param_groups if g["frozen_until"] for p in g["params"]}
+        id(p) for g in trainer.optimizer.param_groups if g["frozen_until"] for p in g["params"]
+    }
     summary = trainer.fit()
     assert summary["step"] == 2
     rows = _steps(tmp_path)
@@ -435,9 +517,13 @@ def test_trainer_runs_dinov2(images, tmp_path):
     after = _state(method)
     protos = [k for k in after if k.startswith("student.") and "last_layer" in k]
     assert protos and all(torch.equal(after[k], init[k]) for k in protos)
-    assert any(not torch.equal(after[k], init[k]) for k in after if k.startswith("teacher.backbone"))
+    assert any(
+        not torch.equal(after[k], init[k]) for k in after if k.startswith("teacher.backbone")
+    )
     fresh = build()
     fresh_trainer = Trainer(fresh, _data(images), _cfg(tmp_path), progress=False)
-    load_checkpoint(latest_checkpoint(tmp_path), {"model": fresh, "optimizer": fresh_trainer.optimizer})
+    load_checkpoint(
+        latest_checkpoint(tmp_path), {"model": fresh, "optimizer": fresh_trainer.optimizer}
+    )
     for k, v in _state(fresh).items():
         assert torch.equal(v, after[k]), k

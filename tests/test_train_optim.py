@@ -13,7 +13,6 @@ from vssl.models.vit import VisionTransformer
 from vssl.train.optim import build_optimizer, clean_name, param_groups
 from vssl.train.schedules import CosineSchedule
 
-
 # ------------------------------------------------------------------------------- param groups
 
 
@@ -33,8 +32,15 @@ class _Decoder(nn.Module):
 
 
 def _student() -> nn.ModuleDict:
-    vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2,
-                            layerscale=1e-5, num_register_tokens=1)
+    vit = VisionTransformer(
+        img_size=16,
+        patch_size=8,
+        embed_dim=16,
+        depth=2,
+        num_heads=2,
+        layerscale=1e-5,
+        num_register_tokens=1,
+    )
     student = nn.ModuleDict({"backbone": vit, "dino_head": _Head(), "decoder": _Decoder()})
     student["backbone"].norm.bias.requires_grad_(False)  # frozen parameters are left out
     return student
@@ -44,10 +50,20 @@ def _student() -> nn.ModuleDict:
 # layer 0 (tokens, patch embed) -> 0.5**3, block i -> 0.5**(2-i), the rest -> 1; the patch embed
 # additionally x0.2; no weight decay on biases, norms, LayerScale gammas.
 _BLOCK_PARAMS = {  # suffix -> wd multiplier
-    "norm1.weight": 0.0, "norm1.bias": 0.0, "attn.qkv.weight": 1.0, "attn.qkv.bias": 0.0,
-    "attn.proj.weight": 1.0, "attn.proj.bias": 0.0, "ls1.gamma": 0.0, "norm2.weight": 0.0,
-    "norm2.bias": 0.0, "mlp.fc1.weight": 1.0, "mlp.fc1.bias": 0.0, "mlp.fc2.weight": 1.0,
-    "mlp.fc2.bias": 0.0, "ls2.gamma": 0.0,
+    "norm1.weight": 0.0,
+    "norm1.bias": 0.0,
+    "attn.qkv.weight": 1.0,
+    "attn.qkv.bias": 0.0,
+    "attn.proj.weight": 1.0,
+    "attn.proj.bias": 0.0,
+    "ls1.gamma": 0.0,
+    "norm2.weight": 0.0,
+    "norm2.bias": 0.0,
+    "mlp.fc1.weight": 1.0,
+    "mlp.fc1.bias": 0.0,
+    "mlp.fc2.weight": 1.0,
+    "mlp.fc2.bias": 0.0,
+    "ls2.gamma": 0.0,
 }
 HAND_TABLE = {  # name -> (lr multiplier, wd multiplier, frozen_until)
     "backbone.cls_token": (0.125, 1.0, 0),
@@ -81,8 +97,13 @@ def _table(groups) -> dict:
 
 def test_param_groups_match_hand_table():
     student = _student()
-    groups = param_groups(student, layer_decay=0.5, patch_embed_lr_mult=0.2, num_layers=2,
-                          frozen=[([student["dino_head"].last_layer.weight], 7)])
+    groups = param_groups(
+        student,
+        layer_decay=0.5,
+        patch_embed_lr_mult=0.2,
+        num_layers=2,
+        frozen=[([student["dino_head"].last_layer.weight], 7)],
+    )
     got = _table(groups)
     assert set(got) == set(HAND_TABLE)
     for name, (lr, wd, last) in HAND_TABLE.items():
@@ -103,11 +124,15 @@ def test_param_groups_on_the_backbone_itself_and_wrapped_names():
     got = _table(param_groups(vit, layer_decay=0.5, patch_embed_lr_mult=0.2, num_layers=2))
     for name, row in HAND_TABLE.items():
         if name.startswith("backbone."):
-            assert got[name[len("backbone."):]] == pytest.approx(row), name
-    assert clean_name("module.backbone._orig_mod.blocks.3.attn.qkv.weight") == \
-        "backbone.blocks.3.attn.qkv.weight"
-    assert clean_name("_fsdp_wrapped_module.blocks.0._checkpoint_wrapped_module.ls1.gamma") == \
-        "blocks.0.ls1.gamma"
+            assert got[name[len("backbone.") :]] == pytest.approx(row), name
+    assert (
+        clean_name("module.backbone._orig_mod.blocks.3.attn.qkv.weight")
+        == "backbone.blocks.3.attn.qkv.weight"
+    )
+    assert (
+        clean_name("_fsdp_wrapped_module.blocks.0._checkpoint_wrapped_module.ls1.gamma")
+        == "blocks.0.ls1.gamma"
+    )
 
 
 def test_frozen_parameters_come_from_the_method_not_from_names():
@@ -115,8 +140,9 @@ def test_frozen_parameters_come_from_the_method_not_from_names():
 
     student = _student()
     head = student["dino_head"]
-    groups = param_groups(student, num_layers=2, frozen=[Freeze([head.mlp[2].weight], 5),
-                                                         ([head.mlp[0].weight], 3)])
+    groups = param_groups(
+        student, num_layers=2, frozen=[Freeze([head.mlp[2].weight], 5), ([head.mlp[0].weight], 3)]
+    )
     got = _table(groups)
     assert got["dino_head.mlp.2.weight"][2] == 5 and got["dino_head.mlp.0.weight"][2] == 3
     assert got["dino_head.last_layer.weight"][2] == 0  # no rule by name: the method says
@@ -148,18 +174,26 @@ def _dinov2_reference(base, final, total, warmup=0, start_warmup=0.0, freeze=0):
     return np.concatenate((freeze_schedule, warmup_schedule, cosine))
 
 
-@pytest.mark.parametrize("kw", [
-    dict(base=4e-3, final=1e-6, total=40, warmup=10),
-    dict(base=0.04, final=0.4, total=25),
-    dict(base=0.992, final=1.0, total=17),
-    dict(base=1e-3, final=1e-5, total=30, warmup=6, start_warmup=1e-4, freeze=5),
-    dict(base=2.0, final=0.5, total=9, warmup=1, start_warmup=0.25),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(base=4e-3, final=1e-6, total=40, warmup=10),
+        dict(base=0.04, final=0.4, total=25),
+        dict(base=0.992, final=1.0, total=17),
+        dict(base=1e-3, final=1e-5, total=30, warmup=6, start_warmup=1e-4, freeze=5),
+        dict(base=2.0, final=0.5, total=9, warmup=1, start_warmup=0.25),
+    ],
+)
 def test_cosine_schedule_matches_dinov2(kw):
     ref = _dinov2_reference(**kw)
-    s = CosineSchedule(kw["base"], kw["final"], kw["total"], warmup_iters=kw.get("warmup", 0),
-                       start_warmup_value=kw.get("start_warmup", 0.0),
-                       freeze_iters=kw.get("freeze", 0))
+    s = CosineSchedule(
+        kw["base"],
+        kw["final"],
+        kw["total"],
+        warmup_iters=kw.get("warmup", 0),
+        start_warmup_value=kw.get("start_warmup", 0.0),
+        freeze_iters=kw.get("freeze", 0),
+    )
     assert len(s) == len(ref) == kw["total"]
     for i, want in enumerate(ref):
         assert s[i] == pytest.approx(want, rel=1e-12, abs=1e-15), i

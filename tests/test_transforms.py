@@ -93,7 +93,9 @@ def test_matches_hf_bit_processor_on_photos():
         else:
             shifted += 1
             full = hf_uncropped(img, return_tensors="np")["pixel_values"][0]
-            assert full.shape[1:] == (h, w), f"{f.name}: HF resized to {full.shape[1:]}, we to {(h, w)}"
+            assert full.shape[1:] == (h, w), (
+                f"{f.name}: HF resized to {full.shape[1:]}, we to {(h, w)}"
+            )
             ours_crop = full[:, top : top + 224, left : left + 224]
             diff = float(np.abs(mine - ours_crop).max())
             assert diff <= TOL, f"{f.name}: max abs diff {diff} vs HF resize + torchvision crop"

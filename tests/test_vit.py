@@ -1,4 +1,5 @@
 """Forward semantics of the ViT: DINOv2's output dict, masks, intermediate layers, interpolation."""
+
 from __future__ import annotations
 
 import math
@@ -6,16 +7,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import perturb_
 
 import vssl
-from conftest import perturb_
 
 
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return perturb_(vssl.create_model("dinov2-vits14-reg", random_init=True, depth=3, embed_dim=48,
-                                      num_heads=3, img_size=56)).eval()
+    return perturb_(
+        vssl.create_model(
+            "dinov2-vits14-reg", random_init=True, depth=3, embed_dim=48, num_heads=3, img_size=56
+        )
+    ).eval()
 
 
 def test_forward_features_dict(model):
@@ -26,7 +30,10 @@ def test_forward_features_dict(model):
     assert out["x_prenorm"].shape == (2, 1 + 4 + 24, 48)
     assert out["masks"] is None
     torch.testing.assert_close(model.norm(out["x_prenorm"])[:, 0], out["x_norm_clstoken"])
-    torch.testing.assert_close(model(torch.zeros(1, 3, 56, 56)), model.forward_features(torch.zeros(1, 3, 56, 56))["x_norm_clstoken"])
+    torch.testing.assert_close(
+        model(torch.zeros(1, 3, 56, 56)),
+        model.forward_features(torch.zeros(1, 3, 56, 56))["x_norm_clstoken"],
+    )
 
 
 def test_masked_patches_ignore_their_pixels(model):
@@ -76,8 +83,9 @@ def naive_attention(attn, x):
 def test_sdpa_attention_matches_textbook_formula(model):
     x = torch.randn(2, 21, 48)
     with torch.no_grad():
-        torch.testing.assert_close(model.blocks[0].attn(x), naive_attention(model.blocks[0].attn, x),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model.blocks[0].attn(x), naive_attention(model.blocks[0].attn, x), atol=1e-5, rtol=1e-5
+        )
 
 
 def dinov2_reference_pos(pos_embed, h0, w0, offset, antialias):
@@ -85,8 +93,12 @@ def dinov2_reference_pos(pos_embed, h0, w0, offset, antialias):
     n = pos_embed.shape[1] - 1
     m = int(math.sqrt(n))
     kw = {"scale_factor": ((h0 + offset) / m, (w0 + offset) / m)} if offset else {"size": (h0, w0)}
-    grid = F.interpolate(pos_embed[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2), mode="bicubic",
-                         antialias=antialias, **kw)
+    grid = F.interpolate(
+        pos_embed[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2),
+        mode="bicubic",
+        antialias=antialias,
+        **kw,
+    )
     return torch.cat((pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h0 * w0, -1)), dim=1)
 
 
@@ -113,10 +125,19 @@ def test_offset_mode_differs_from_resize_mode(model):
 def test_non_square_input_with_native_patch_count_is_resampled(model):
     """DINOv2 and transformers skip resampling only for square inputs: 2x8 patches != 4x4 grid."""
     got = model.interpolate_pos_encoding(16, 2 * 14, 8 * 14, torch.float32)
-    ref = dinov2_reference_pos(model.pos_embed.detach(), 2, 8, model.config.interpolate_offset,
-                               model.config.interpolate_antialias)
+    ref = dinov2_reference_pos(
+        model.pos_embed.detach(),
+        2,
+        8,
+        model.config.interpolate_offset,
+        model.config.interpolate_antialias,
+    )
     torch.testing.assert_close(got, ref)
-    assert model.forward_features(torch.randn(1, 3, 28, 112))["x_norm_patchtokens"].shape == (1, 16, 48)
+    assert model.forward_features(torch.randn(1, 3, 28, 112))["x_norm_patchtokens"].shape == (
+        1,
+        16,
+        48,
+    )
 
 
 def test_gradient_checkpointing_same_gradients(model):

@@ -1,4 +1,5 @@
 """PCA maps of patch features and the HTML report pieces (vssl.viz)."""
+
 from __future__ import annotations
 
 import base64
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from vssl.models.zoo import create_model
-from vssl.viz.pca import pca_components, pca_maps, pca_rgb, patch_tokens
+from vssl.viz.pca import patch_tokens, pca_components, pca_maps, pca_rgb
 from vssl.viz.report import (
     image_table,
     line_chart,
@@ -62,7 +63,7 @@ def test_pca_rgb_shape_range_and_tiny_width():
 def _two_region_image(size=32):
     a = np.zeros((size, size, 3), np.uint8)
     a[:, : size // 2] = (220, 40, 30)
-    a[:, size // 2:] = (30, 60, 210)
+    a[:, size // 2 :] = (30, 60, 210)
     return Image.fromarray(a)
 
 
@@ -109,7 +110,7 @@ def test_foreground_threshold_blacks_out_the_background():
     tok = np.empty((2, h, w, d))
     tok[:, border] = bg
     inner = np.argwhere(~border)
-    for i, (r, c) in enumerate(inner):
+    for r, c in inner:
         tok[:, r, c] = fg1 if c < w // 2 else fg2
     tok += rng.normal(scale=0.05, size=tok.shape)
     rgb = pca_rgb(tok.reshape(2, h * w, d), (h, w), foreground_threshold=0.5)
@@ -117,8 +118,8 @@ def test_foreground_threshold_blacks_out_the_background():
     inside = rgb[:, ~border]
     assert np.all(inside.max(axis=-1) > 0)  # every foreground patch coloured
     # the foreground PCA separates the two parts on its first component (red)
-    left = rgb[:, 1:-1, 1:w // 2, 0]
-    right = rgb[:, 1:-1, w // 2:-1, 0]
+    left = rgb[:, 1:-1, 1 : w // 2, 0]
+    right = rgb[:, 1:-1, w // 2 : -1, 0]
     assert left.max() < right.min() or right.max() < left.min()
     # the same when the raw first component has the opposite sign (orientation by the borders)
     rgb_neg = pca_rgb(-tok.reshape(2, h * w, d), (h, w), foreground_threshold=0.5)
@@ -129,8 +130,11 @@ def test_foreground_threshold_blacks_out_the_background():
 
 # --------------------------------------------------------------------------------------- report
 def test_line_chart_is_valid_svg_with_points_in_order():
-    svg = line_chart({"loss": [(0, 3.0), (10, 1.0), (20, 2.0)], "other": [(5, 0.5)]},
-                     title="t & <x>", ylabel="loss")
+    svg = line_chart(
+        {"loss": [(0, 3.0), (10, 1.0), (20, 2.0)], "other": [(5, 0.5)]},
+        title="t & <x>",
+        ylabel="loss",
+    )
     root = ET.fromstring(svg)  # well-formed XML, title escaped
     ns = "{http://www.w3.org/2000/svg}"
     lines = root.findall(f"{ns}polyline")
@@ -160,32 +164,51 @@ def test_png_data_uri_round_trips_pixels():
 
 def test_training_report_sections_follow_the_metrics(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    rows = [{"step": 0, "knn_top1": 0.1, "knn_top5": 0.5},
-            {"step": 5, "loss": 9.0, "dino_local_crops_loss": 4.0, "ibot_loss": 1.0, "lr": 1e-4,
-             "images_per_s": 20.0},
-            {"step": 10, "loss": 8.0, "dino_local_crops_loss": 3.5, "ibot_loss": 0.9, "lr": 2e-4,
-             "images_per_s": 22.0, "knn_top1": 0.3, "knn_top5": 0.7}]
+    rows = [
+        {"step": 0, "knn_top1": 0.1, "knn_top5": 0.5},
+        {
+            "step": 5,
+            "loss": 9.0,
+            "dino_local_crops_loss": 4.0,
+            "ibot_loss": 1.0,
+            "lr": 1e-4,
+            "images_per_s": 20.0,
+        },
+        {
+            "step": 10,
+            "loss": 8.0,
+            "dino_local_crops_loss": 3.5,
+            "ibot_loss": 0.9,
+            "lr": 2e-4,
+            "images_per_s": 22.0,
+            "knn_top1": 0.3,
+            "knn_top5": 0.7,
+        },
+    ]
     path.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows) + '{"step": 11, "lo')
     got = read_metrics(path)
     assert got == rows  # the torn last line is dropped
     series = loss_series(got)
     assert series["loss"] == [(5.0, 9.0), (10.0, 8.0)]
     assert set(series) == {"loss", "dino_local_crops_loss", "ibot_loss"}
-    page = training_report(got, title="run", extra_sections=[
-        ("Maps", image_table(["a"], [("image", [np.zeros((2, 2, 3), np.uint8)])]))])
+    page = training_report(
+        got,
+        title="run",
+        extra_sections=[("Maps", image_table(["a"], [("image", [np.zeros((2, 2, 3), np.uint8)])]))],
+    )
     for heading in ("Loss", "kNN accuracy during training", "Schedule and throughput", "Maps"):
         assert f"<h2>{heading}</h2>" in page
     assert len(re.findall(r"<svg ", page)) == 5  # loss, terms, kNN, lr, throughput
     assert page.count("data:image/png;base64,") == 1
     with_ref = training_report(got, knn_baselines={"raw pixels": 0.2})
-    knn_svg = re.search(r"<h2>kNN accuracy during training</h2>(<svg .*?</svg>)", with_ref,
-                        flags=re.S).group(1)
+    knn_svg = re.search(
+        r"<h2>kNN accuracy during training</h2>(<svg .*?</svg>)", with_ref, flags=re.S
+    ).group(1)
     ns = "{http://www.w3.org/2000/svg}"
     lines = ET.fromstring(knn_svg).findall(f"{ns}polyline")
     ref = [ln for ln in lines if ln.find(f"{ns}title").text == "raw pixels"]
     assert len(ref) == 1 and "raw pixels" in knn_svg
     (x_a, y_a), (x_b, y_b) = (tuple(map(float, p.split(","))) for p in ref[0].get("points").split())
     assert y_a == y_b and x_a < x_b  # flat, across the curve's step range
-    no_knn = training_report([{k: v for k, v in r.items() if not k.startswith("knn")}
-                              for r in got])
+    no_knn = training_report([{k: v for k, v in r.items() if not k.startswith("knn")} for r in got])
     assert "kNN accuracy" not in no_knn and "<h2>Loss</h2>" in no_knn

@@ -1,8 +1,9 @@
 """vssl: language-free visual representation learning (Web-SSL, DINOv2, MAE)."""
+
 from .models import (
     CheckpointError,
-    ViTConfig,
     VisionTransformer,
+    ViTConfig,
     count_params,
     create_model,
     export_hf,
@@ -16,7 +17,16 @@ from .models import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ViTConfig", "VisionTransformer", "count_params", "create_model",
-    "export_hf", "export_native", "get_config", "list_models", "read_checkpoint", "save_vssl",
+    "CheckpointError",
+    "ViTConfig",
+    "VisionTransformer",
+    "count_params",
+    "create_model",
+    "export_hf",
+    "export_native",
+    "get_config",
+    "list_models",
+    "read_checkpoint",
+    "save_vssl",
     "__version__",
 ]

@@ -14,8 +14,12 @@ def parse_overrides(items: list[str] | None) -> dict:
 
     YAML scalar values, as recipe overrides; Python spellings (``None``, ``1e-5``) work too.
     """
-    return {key: value for key, value, _ in parse_key_values(
-        items, example="depth=2, img_size=518", python_literals=True)}
+    return {
+        key: value
+        for key, value, _ in parse_key_values(
+            items, example="depth=2, img_size=518", python_literals=True
+        )
+    }
 
 
 # -- vssl models --------------------------------------------------------------------------------
@@ -31,15 +35,20 @@ def _cmd_models(args) -> int:
     print("-" * len(header))
     for n in names:
         c = get_entry(n).config
-        print(f"{n:<28} {count_params(c):>15,} {c.patch_size:>5} {c.img_size:>4} {c.embed_dim:>5} "
-              f"{c.depth:>5} {c.num_heads:>5} {c.ffn:<6} {c.num_register_tokens:>3}")
+        print(
+            f"{n:<28} {count_params(c):>15,} {c.patch_size:>5} {c.img_size:>4} {c.embed_dim:>5} "
+            f"{c.depth:>5} {c.num_heads:>5} {c.ffn:<6} {c.num_register_tokens:>3}"
+        )
     return 0
 
 
 def _add_models(sub):
-    p = sub.add_parser("models", help="list the model zoo",
-                       description="List zoo models with exact parameter counts (computed on the "
-                                   "meta device: nothing is allocated).")
+    p = sub.add_parser(
+        "models",
+        help="list the model zoo",
+        description="List zoo models with exact parameter counts (computed on the "
+        "meta device: nothing is allocated).",
+    )
     p.add_argument("pattern", nargs="?", help="substring or glob, e.g. 'webssl-dino*' or 'mae'")
     p.set_defaults(func=_cmd_models)
 
@@ -51,11 +60,17 @@ def _cmd_convert(args) -> int:
 
     overrides = parse_overrides(args.set)
     if args.model:
-        model = create_model(args.model, weights=args.input, dtype=args.dtype,
-                             checkpoint_key=args.checkpoint_key, **overrides)
+        model = create_model(
+            args.model,
+            weights=args.input,
+            dtype=args.dtype,
+            checkpoint_key=args.checkpoint_key,
+            **overrides,
+        )
     else:
-        model = create_model(args.input, dtype=args.dtype, checkpoint_key=args.checkpoint_key,
-                             **overrides)
+        model = create_model(
+            args.input, dtype=args.dtype, checkpoint_key=args.checkpoint_key, **overrides
+        )
     if args.to == "hf":
         out = ck.export_hf(model, args.output)
     elif args.to == "native":
@@ -69,29 +84,52 @@ def _cmd_convert(args) -> int:
 
 def _add_convert(sub):
     p = sub.add_parser(
-        "convert", help="convert a checkpoint between native .pth, transformers and vssl formats",
+        "convert",
+        help="convert a checkpoint between native .pth, transformers and vssl formats",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Load a checkpoint strictly (format detected) and write it in another format.",
         epilog="examples:\n"
-               "  vssl convert webssl_dino1b_full2b_224.pth out_hf/ --model webssl-dino1b-full2b-224 --to hf\n"
-               "  vssl convert hf_dir/ dinov2_vitb14.pth --to native\n"
-               "  vssl convert teacher_checkpoint.pth model.safetensors --model dinov2-vits14 --to vssl",
+        "  vssl convert webssl_dino1b_full2b_224.pth out_hf/ --model webssl-dino1b-full2b-224 --to hf\n"
+        "  vssl convert hf_dir/ dinov2_vitb14.pth --to native\n"
+        "  vssl convert teacher_checkpoint.pth model.safetensors --model dinov2-vits14 --to vssl",
     )
     p.add_argument("input", help="checkpoint: .pth/.bin, .safetensors, or a transformers directory")
     p.add_argument("output", help="output file (.pth / .safetensors) or directory (--to hf)")
-    p.add_argument("--to", choices=("hf", "native", "vssl"), required=True,
-                   help="hf: transformers directory (Dinov2Model / ViTModel); native: DINOv2 .pth; "
-                        "vssl: .safetensors with the config inside")
-    p.add_argument("--model", help="zoo name describing the input's architecture (needed for a "
-                                   ".pth whose shapes fit several zoo entries)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="architecture override, e.g. --set img_size=518 (repeatable)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="store weights in this dtype (default: fp32)")
-    p.add_argument("--block-chunks", type=int, default=0,
-                   help="native only: write Web-SSL's chunked layout blocks.<chunk>.<i> (Web-SSL uses 4)")
-    p.add_argument("--checkpoint-key", help="entry of a training checkpoint that holds the weights "
-                                            "(default: teacher, then model, state_dict)")
+    p.add_argument(
+        "--to",
+        choices=("hf", "native", "vssl"),
+        required=True,
+        help="hf: transformers directory (Dinov2Model / ViTModel); native: DINOv2 .pth; "
+        "vssl: .safetensors with the config inside",
+    )
+    p.add_argument(
+        "--model",
+        help="zoo name describing the input's architecture (needed for a "
+        ".pth whose shapes fit several zoo entries)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="architecture override, e.g. --set img_size=518 (repeatable)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default=None,
+        help="store weights in this dtype (default: fp32)",
+    )
+    p.add_argument(
+        "--block-chunks",
+        type=int,
+        default=0,
+        help="native only: write Web-SSL's chunked layout blocks.<chunk>.<i> (Web-SSL uses 4)",
+    )
+    p.add_argument(
+        "--checkpoint-key",
+        help="entry of a training checkpoint that holds the weights "
+        "(default: teacher, then model, state_dict)",
+    )
     p.set_defaults(func=_cmd_convert)
 
 
@@ -102,13 +140,17 @@ def _cmd_info(args) -> int:
     c = ck.read_checkpoint(args.checkpoint, checkpoint_key=args.checkpoint_key)
     n = sum(t.numel() for t in c.state_dict.values())
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in c.state_dict.values()})
-    print(f"path:        {c.source}\nformat:      {c.format}\ntensors:     {len(c.state_dict)} "
-          f"({n:,} parameters, {', '.join(dtypes)})")
+    print(
+        f"path:        {c.source}\nformat:      {c.format}\ntensors:     {len(c.state_dict)} "
+        f"({n:,} parameters, {', '.join(dtypes)})"
+    )
     arch = ck.infer_architecture(c.state_dict)
     print("shapes say:  " + ", ".join(f"{k}={v}" for k, v in arch.items()))
     if c.config is not None:
-        print(f"config:      {c.config.embed_dim}-d, depth {c.config.depth}, heads {c.config.num_heads}, "
-              f"family {c.config.family}")
+        print(
+            f"config:      {c.config.embed_dim}-d, depth {c.config.depth}, heads {c.config.num_heads}, "
+            f"family {c.config.family}"
+        )
     names = ck.matching_zoo_names(arch)
     print("zoo match:   " + (", ".join(names) if names else "none"))
     if c.heads:
@@ -118,9 +160,12 @@ def _cmd_info(args) -> int:
 
 
 def _add_info(sub):
-    p = sub.add_parser("info", help="describe a checkpoint without building a model",
-                       description="Detect a checkpoint's format, infer its architecture from the "
-                                   "shapes, and list the zoo entries it fits.")
+    p = sub.add_parser(
+        "info",
+        help="describe a checkpoint without building a model",
+        description="Detect a checkpoint's format, infer its architecture from the "
+        "shapes, and list the zoo entries it fits.",
+    )
     p.add_argument("checkpoint")
     p.add_argument("--checkpoint-key")
     p.set_defaults(func=_cmd_info)
@@ -131,11 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(
-        prog="vssl", description="Language-free visual representation learning: Web-SSL, DINOv2 "
-                                 "and MAE models, checkpoints, features, data, evaluation and "
-                                 "pretraining.")
+        prog="vssl",
+        description="Language-free visual representation learning: Web-SSL, DINOv2 "
+        "and MAE models, checkpoints, features, data, evaluation and "
+        "pretraining.",
+    )
     parser.add_argument("--version", action="version", version=f"vssl {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and skipped")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log what is loaded and skipped"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_models(sub)
     from .embed import add_embed_parser
@@ -162,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="vssl: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="vssl: %(message)s"
+    )
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -25,9 +25,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,11 @@ from .data.decode import DEFAULT_MAX_PIXELS
 from .data.listing import list_inputs
 from .data.transforms import EvalTransform
 from .extract import (
-    ImageDataset, autocast_context, check_resolution, make_loader, model_resolution,
+    ImageDataset,
+    autocast_context,
+    check_resolution,
+    make_loader,
+    model_resolution,
 )
 
 __all__ = ["EmbedResult", "add_embed_parser", "embed_images", "list_inputs", "run_embed"]
@@ -48,6 +52,7 @@ LAYERS = "layers.npy"
 AVGPOOL = "avgpool.npy"
 MANIFEST = "manifest.parquet"
 ERRORS = "errors.jsonl"
+
 
 # ------------------------------------------------------------------------------------ outputs
 def _truncate_npy(path: Path, rows: int) -> None:
@@ -68,7 +73,7 @@ def _truncate_npy(path: Path, rows: int) -> None:
         header_len = data_start - 6 - 2 - len_size  # magic (6) + version (2) + length field
         new_shape = (rows,) + tuple(shape[1:])
         header = (
-            "{'descr': %r, 'fortran_order': %r, 'shape': %r, }"
+            "{'descr': %r, 'fortran_order': %r, 'shape': %r, }"  # noqa: UP031 (numpy's own header)
             % (np.lib.format.dtype_to_descr(dtype), fortran, new_shape)
         )
         if len(header) + 1 > header_len:  # cannot happen for a smaller row count
@@ -117,11 +122,13 @@ def _write_manifest(path: Path, rows: list[tuple[str, str | None]]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({
-        "row": pa.array(range(len(rows)), type=pa.int64()),
-        "path": pa.array([p for p, _ in rows], type=pa.string()),
-        "label": pa.array([lab for _, lab in rows], type=pa.string()),
-    })
+    table = pa.table(
+        {
+            "row": pa.array(range(len(rows)), type=pa.int64()),
+            "path": pa.array([p for p, _ in rows], type=pa.string()),
+            "label": pa.array([lab for _, lab in rows], type=pa.string()),
+        }
+    )
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
@@ -149,8 +156,11 @@ class EmbedResult:
 
     def summary(self) -> str:
         files = [f"{EMBEDDINGS} {self.embeddings_shape}"]
-        for name, shape in ((PATCH_TOKENS, self.patch_tokens_shape), (LAYERS, self.layers_shape),
-                            (AVGPOOL, self.avgpool_shape)):
+        for name, shape in (
+            (PATCH_TOKENS, self.patch_tokens_shape),
+            (LAYERS, self.layers_shape),
+            (AVGPOOL, self.avgpool_shape),
+        ):
             if shape is not None:
                 files.append(f"{name} {shape}")
         files += [MANIFEST, ERRORS]
@@ -175,8 +185,9 @@ def _feature_fn(model: torch.nn.Module, layers: int, avgpool: bool, patch_tokens
         if not hasattr(model, "get_intermediate_layers"):
             raise ValueError("layers= needs a model with get_intermediate_layers (a vssl ViT)")
         if depth and layers > depth:
-            raise ValueError(f"layers={layers} but the model has only {depth} blocks: use "
-                             f"layers <= {depth}")
+            raise ValueError(
+                f"layers={layers} but the model has only {depth} blocks: use layers <= {depth}"
+            )
 
         def fn(x):
             pairs = model.get_intermediate_layers(x, layers, return_class_token=True, norm=True)
@@ -188,6 +199,7 @@ def _feature_fn(model: torch.nn.Module, layers: int, avgpool: bool, patch_tokens
                 out["avgpool"] = last_patch.float().mean(dim=1)
             return out
     else:
+
         def fn(x):
             f = model.forward_features(x)
             out = {"cls": f["x_norm_clstoken"]}
@@ -196,6 +208,7 @@ def _feature_fn(model: torch.nn.Module, layers: int, avgpool: bool, patch_tokens
             if avgpool:
                 out["avgpool"] = f["x_norm_patchtokens"].float().mean(dim=1)
             return out
+
     return fn
 
 
@@ -234,7 +247,8 @@ def embed_images(
     ``verbose`` prints the summary line at the end.
     """
     items = [
-        (Path(os.path.abspath(x[0])), x[1]) if isinstance(x, tuple)
+        (Path(os.path.abspath(x[0])), x[1])
+        if isinstance(x, tuple)
         else (Path(os.path.abspath(x)), None)
         for x in inputs
     ]
@@ -262,10 +276,12 @@ def embed_images(
     was_training = model.training
     model.eval()
 
-    dataset = ImageDataset([p for p, _ in items], EvalTransform(resolution), draft=draft,
-                           max_pixels=max_pixels)
-    loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers,
-                         pin_memory=device.type == "cuda")
+    dataset = ImageDataset(
+        [p for p, _ in items], EvalTransform(resolution), draft=draft, max_pixels=max_pixels
+    )
+    loader = make_loader(
+        dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
 
     forward = torch.compile(features) if compile else features
 
@@ -281,8 +297,14 @@ def embed_images(
     manifest: list[tuple[str, str | None]] = []
     errors: list[dict] = []
     start = time.perf_counter()
-    bar = tqdm(total=len(items), unit="img", desc="embed", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(items),
+        unit="img",
+        desc="embed",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     try:
         with torch.inference_mode(), autocast:
             for indices, images, batch_errors in loader:
@@ -309,8 +331,12 @@ def embed_images(
     dim = int(getattr(cfg, "embed_dim", 0) or 0)
     h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
     patch = int(getattr(cfg, "patch_size", 1) or 1)
-    empty_shapes = {"cls": (dim,), "patch": ((h // patch) * (w // patch), dim),
-                    "layers": (layers, dim), "avgpool": (dim,)}
+    empty_shapes = {
+        "cls": (dim,),
+        "patch": ((h // patch) * (w // patch), dim),
+        "layers": (layers, dim),
+        "avgpool": (dim,),
+    }
     shapes = {name: writer.close(empty_shapes[name]) for name, writer in writers.items()}
     _write_manifest(out_dir / MANIFEST, manifest)
     _write_errors(out_dir / ERRORS, errors)
@@ -355,7 +381,7 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "embed",
         help="extract features (CLS embeddings, optionally patch tokens, last-block CLS tokens, "
-             "avgpool) from images",
+        "avgpool) from images",
         description="Embed images with a vision model: one row per image in OUTPUT/embeddings.npy\n"
         "(the normalized CLS token), the image paths and labels in OUTPUT/manifest.parquet, skipped\n"
         "files with the reason in OUTPUT/errors.jsonl. Images are resized to resolution*256/224 and\n"
@@ -364,41 +390,99 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", metavar="MODEL",
-                   help="a zoo name (see `vssl models`), or a checkpoint: a .pth/.safetensors file "
-                   "or a transformers directory")
-    p.add_argument("--weights", metavar="PATH", default=None,
-                   help="weights for a zoo-name MODEL (.pth / .safetensors)")
-    p.add_argument("--input", "-i", metavar="PATH", default=None,
-                   help="folder, .txt/.lst list of paths, or one image (default: the bundled "
-                   "sample images)")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a zoo name (see `vssl models`), or a checkpoint: a .pth/.safetensors file "
+        "or a transformers directory",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="PATH",
+        default=None,
+        help="weights for a zoo-name MODEL (.pth / .safetensors)",
+    )
+    p.add_argument(
+        "--input",
+        "-i",
+        metavar="PATH",
+        default=None,
+        help="folder, .txt/.lst list of paths, or one image (default: the bundled sample images)",
+    )
     p.add_argument("--output", "-o", metavar="DIR", required=True, help="folder for the outputs")
-    p.add_argument("--resolution", type=int, default=None, metavar="PX",
-                   help="center-crop size in pixels, a multiple of the patch size (default: the "
-                   "model's img_size); images are first resized to resolution*256/224")
-    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass (default 64)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
-                   help="weights and compute dtype (default fp32); bf16 is fast on GPUs")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
-    p.add_argument("--patch-tokens", action="store_true",
-                   help="also write patch_tokens.npy (N, num_patches, D); large")
-    p.add_argument("--layers", type=int, default=0, metavar="L",
-                   help="also write layers.npy (N, L, D): the normalized CLS tokens of the last L "
-                   "blocks, oldest first (DINOv2 linear probes use 4; default 0 = none)")
-    p.add_argument("--avgpool", action="store_true",
-                   help="also write avgpool.npy (N, D): the mean of the last block's normalized "
-                   "patch tokens (DINOv2 linear probes)")
-    p.add_argument("--num-workers", type=int, default=None, metavar="N",
-                   help="decoding processes (default: min(4, CPU count); 0 = in the main process)")
-    p.add_argument("--random-init", action="store_true",
-                   help="allow a zoo model without --weights (random weights: smoke tests only)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (about 1.07x on CPU, more on GPU; 20-40 s to "
-                        "compile, worth it for thousands of images)")
-    p.add_argument("--no-draft", action="store_true",
-                   help="decode JPEGs at full size (slower; bit-exact with full-decode pipelines)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
-                   help=f"refuse larger images as decompression bombs (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="center-crop size in pixels, a multiple of the patch size (default: the "
+        "model's img_size); images are first resized to resolution*256/224",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        metavar="N",
+        help="images per forward pass (default 64)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("bf16", "fp16", "fp32"),
+        default=None,
+        help="weights and compute dtype (default fp32); bf16 is fast on GPUs",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)"
+    )
+    p.add_argument(
+        "--patch-tokens",
+        action="store_true",
+        help="also write patch_tokens.npy (N, num_patches, D); large",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=0,
+        metavar="L",
+        help="also write layers.npy (N, L, D): the normalized CLS tokens of the last L "
+        "blocks, oldest first (DINOv2 linear probes use 4; default 0 = none)",
+    )
+    p.add_argument(
+        "--avgpool",
+        action="store_true",
+        help="also write avgpool.npy (N, D): the mean of the last block's normalized "
+        "patch tokens (DINOv2 linear probes)",
+    )
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="decoding processes (default: min(4, CPU count); 0 = in the main process)",
+    )
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="allow a zoo model without --weights (random weights: smoke tests only)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (about 1.07x on CPU, more on GPU; 20-40 s to "
+        "compile, worth it for thousands of images)",
+    )
+    p.add_argument(
+        "--no-draft",
+        action="store_true",
+        help="decode JPEGs at full size (slower; bit-exact with full-decode pipelines)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help=f"refuse larger images as decompression bombs (default {DEFAULT_MAX_PIXELS})",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_embed)
     return p
@@ -415,8 +499,11 @@ def run_embed(args: argparse.Namespace) -> int:
         from .assets import sample_images_dir
 
         input_path: Path = sample_images_dir()
-        print(f"vssl embed: no --input given, using the bundled sample images in {input_path}",
-              file=sys.stderr, flush=True)
+        print(
+            f"vssl embed: no --input given, using the bundled sample images in {input_path}",
+            file=sys.stderr,
+            flush=True,
+        )
     else:
         input_path = Path(args.input)
     try:
@@ -441,19 +528,30 @@ def run_embed(args: argparse.Namespace) -> int:
     from .models import create_model, list_models
 
     try:
-        model = create_model(args.model, args.weights, dtype=args.dtype, device=args.device,
-                             random_init=args.random_init)
+        model = create_model(
+            args.model,
+            args.weights,
+            dtype=args.dtype,
+            device=args.device,
+            random_init=args.random_init,
+        )
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - any load failure: say what it was, no traceback
         return _fail(f"cannot load model {args.model!r}: {exc}")
     if args.weights is None and args.model in list_models():
-        print(f"WARNING: {args.model} has RANDOM weights (no --weights given); these embeddings "
-              "are meaningless except as a smoke test", file=sys.stderr, flush=True)
+        print(
+            f"WARNING: {args.model} has RANDOM weights (no --weights given); these embeddings "
+            "are meaningless except as a smoke test",
+            file=sys.stderr,
+            flush=True,
+        )
 
     try:
         result = embed_images(
-            model, inputs, out,
+            model,
+            inputs,
+            out,
             resolution=args.resolution,
             batch_size=args.batch_size,
             num_workers=args.num_workers,

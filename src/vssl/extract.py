@@ -17,15 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
 
 __all__ = [
-    "ImageDataset", "autocast_context", "check_resolution", "collate_skipping_errors",
-    "cpu_count", "default_num_workers", "init_decode_worker", "make_loader", "model_resolution",
+    "ImageDataset",
+    "autocast_context",
+    "check_resolution",
+    "collate_skipping_errors",
+    "cpu_count",
+    "default_num_workers",
+    "init_decode_worker",
+    "make_loader",
+    "model_resolution",
 ]
 
 
@@ -39,8 +46,14 @@ class ImageDataset(torch.utils.data.Dataset):
     larger images are refused as decompression bombs.
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike], transform: Callable, *,
-                 draft: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        transform: Callable,
+        *,
+        draft: bool = True,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
         self.paths = [str(p) for p in paths]
         self.transform = transform
         self.draft_size = getattr(transform, "draft_size", None) if draft else None
@@ -74,8 +87,11 @@ def collate_skipping_errors(batch):
     samples = [x for _, x in good]
     if isinstance(samples[0], tuple):
         fields = list(zip(*samples))
-        return indices, tuple(torch.stack(f) if isinstance(f[0], torch.Tensor) else list(f)
-                              for f in fields), errors
+        return (
+            indices,
+            tuple(torch.stack(f) if isinstance(f[0], torch.Tensor) else list(f) for f in fields),
+            errors,
+        )
     return indices, torch.stack(samples), errors
 
 
@@ -97,9 +113,13 @@ def init_decode_worker(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int,
-                num_workers: int | None = None, pin_memory: bool = False
-                ) -> torch.utils.data.DataLoader:
+def make_loader(
+    dataset: torch.utils.data.Dataset,
+    *,
+    batch_size: int,
+    num_workers: int | None = None,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
     """An in-order DataLoader over ``dataset`` (items as ``collate_skipping_errors`` wants them).
 
     ``num_workers``: None means ``default_num_workers()``; never more workers than batches (an
@@ -121,9 +141,13 @@ def make_loader(dataset: torch.utils.data.Dataset, *, batch_size: int,
 
 
 # ------------------------------------------------------------------------------------ model
-def autocast_context(device_type: str, dtype: str | torch.dtype | None, *,
-                     param_dtype: torch.dtype = torch.float32,
-                     isolate: bool = False) -> contextlib.AbstractContextManager:
+def autocast_context(
+    device_type: str,
+    dtype: str | torch.dtype | None,
+    *,
+    param_dtype: torch.dtype = torch.float32,
+    isolate: bool = False,
+) -> contextlib.AbstractContextManager:
     """``torch.autocast(device_type, dtype)`` when ``dtype`` (``"bf16"``, ``torch.float16``, ...)
     is bf16/fp16 and the weights (``param_dtype``) are fp32; otherwise no autocast: a null context,
     or with ``isolate`` an autocast-disabled region, so that an enclosing one (the trainer's

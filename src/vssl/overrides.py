@@ -9,7 +9,8 @@ which then checks the section and key). Values are YAML scalars: ``10``, ``2.5``
 from __future__ import annotations
 
 import ast
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["parse_key_values", "parse_value"]
 
@@ -35,8 +36,13 @@ def parse_value(raw: str, *, python_literals: bool = False) -> Any:
     return value
 
 
-def parse_key_values(items: Sequence[str] | None, *, example: str, python_literals: bool = False,
-                     error: type[Exception] = ValueError) -> list[tuple[str, Any, str]]:
+def parse_key_values(
+    items: Sequence[str] | None,
+    *,
+    example: str,
+    python_literals: bool = False,
+    error: type[Exception] = ValueError,
+) -> list[tuple[str, Any, str]]:
     """``["depth=2", "ffn=swiglu"]`` -> ``[(key, value, raw_text)]`` in the given order.
 
     Keys are stripped; values are :func:`parse_value` of the text after the first ``=`` (the raw

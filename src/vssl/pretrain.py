@@ -14,21 +14,21 @@ RUN/backbone.safetensors ...`` uses it). ``vssl quickstart`` lives in :mod:`vssl
 from __future__ import annotations
 
 import argparse
-import copy
-import itertools
-import json
-import math
 import os
-import statistics
 import sys
-import time
-import types
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = [
-    "BACKBONE_FILE", "add_pretrain_parser", "build_data", "build_method", "build_monitor",
-    "export_encoder", "run_backbone", "run_pretrain", "schedule_summary",
+    "BACKBONE_FILE",
+    "add_pretrain_parser",
+    "build_data",
+    "build_method",
+    "build_monitor",
+    "export_encoder",
+    "run_backbone",
+    "run_pretrain",
+    "schedule_summary",
 ]
 
 
@@ -64,8 +64,9 @@ def build_method(recipe, *, meta: bool = False):
     if not name_is_zoo and not Path(m.name).exists():
         create_model(m.name)  # raises "unknown model ... did you mean ..."
     if m.weights is not None and not name_is_zoo:
-        raise ValueError(f"model.name={m.name!r} is a checkpoint itself: give model.weights only "
-                         "with a zoo name")
+        raise ValueError(
+            f"model.name={m.name!r} is a checkpoint itself: give model.weights only with a zoo name"
+        )
     if m.weights is not None and not meta and not Path(m.weights).exists():
         raise FileNotFoundError(f"model.weights: {m.weights} does not exist")
 
@@ -94,24 +95,31 @@ def _check_source(spec: Any) -> None:
         raise ValueError(
             "data.train is not set: pass the training images, e.g. `vssl pretrain CONFIG "
             "data.train=/path/to/images` (an image folder, a .txt list, a parquet manifest, or "
-            "shards such as data.train=shards/{000000..000099}.tar)")
+            "shards such as data.train=shards/{000000..000099}.tar)"
+        )
     specs = spec if isinstance(spec, (list, tuple)) else [spec]
     for s in specs:
         s = str(s)
         if URL_SCHEME.match(s) and not s.startswith("file:"):
             continue  # remote shards: the stream reports what it cannot open
         if is_shard_spec(s):
-            missing = [p for p in expand_shards(s) if not URL_SCHEME.match(p) and not Path(p).exists()]
+            missing = [
+                p for p in expand_shards(s) if not URL_SCHEME.match(p) and not Path(p).exists()
+            ]
             if missing:
                 raise FileNotFoundError(
-                    f"data.train: {len(missing)} shard(s) of {s!r} do not exist, e.g. {missing[0]}")
+                    f"data.train: {len(missing)} shard(s) of {s!r} do not exist, e.g. {missing[0]}"
+                )
         elif not Path(s).exists():
-            raise FileNotFoundError(f"data.train: {s} does not exist (give an image folder, a "
-                                    ".txt list, a parquet manifest or tar shards)")
+            raise FileNotFoundError(
+                f"data.train: {s} does not exist (give an image folder, a "
+                ".txt list, a parquet manifest or tar shards)"
+            )
 
 
-def build_data(recipe, views, *, device: Any = "cpu", rank: int | None = None,
-               world_size: int | None = None):
+def build_data(
+    recipe, views, *, device: Any = "cpu", rank: int | None = None, world_size: int | None = None
+):
     """:class:`TrainData` for ``recipe`` making the ``views`` the method declares
     (``method.views()``: a :class:`~vssl.data.views.ViewSpec`)."""
     from .train.data import TrainData
@@ -121,12 +129,25 @@ def build_data(recipe, views, *, device: Any = "cpu", rank: int | None = None,
     source = d.train if not isinstance(d.train, list) else [str(x) for x in d.train]
     kwargs = {} if d.photometric else {"photometric": None}
     return TrainData(
-        source, batch_size=t.batch_size_per_rank, global_size=d.global_size,
-        local_size=d.local_size, n_local=d.n_local, global_scale=d.global_scale,
-        local_scale=d.local_scale, views=views, seed=t.seed,
-        num_workers=d.num_workers, device=device, rank=rank, world_size=world_size,
-        batches_per_epoch=d.batches_per_epoch, epoch_len=d.epoch_len,
-        shuffle_buffer=d.shuffle_buffer, resampled=d.resampled, **kwargs)
+        source,
+        batch_size=t.batch_size_per_rank,
+        global_size=d.global_size,
+        local_size=d.local_size,
+        n_local=d.n_local,
+        global_scale=d.global_scale,
+        local_scale=d.local_scale,
+        views=views,
+        seed=t.seed,
+        num_workers=d.num_workers,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        batches_per_epoch=d.batches_per_epoch,
+        epoch_len=d.epoch_len,
+        shuffle_buffer=d.shuffle_buffer,
+        resampled=d.resampled,
+        **kwargs,
+    )
 
 
 def build_monitor(recipe, *, num_workers: int | None = None):
@@ -139,18 +160,29 @@ def build_monitor(recipe, *, num_workers: int | None = None):
     for split in ("train", "test"):
         path = getattr(e, split)
         if not Path(path).exists():
-            raise FileNotFoundError(f"eval.{split}: {path} does not exist (labelled images: "
-                                    "class subfolders or a 'path<TAB>label' list)")
-    monitor = KNNMonitor(e.train, e.test, e.every_n_steps, k=e.k, temperature=e.temperature,
-                         resolution=e.resolution, max_per_split=e.max_per_split,
-                         batch_size=e.batch_size, num_workers=num_workers)
+            raise FileNotFoundError(
+                f"eval.{split}: {path} does not exist (labelled images: "
+                "class subfolders or a 'path<TAB>label' list)"
+            )
+    monitor = KNNMonitor(
+        e.train,
+        e.test,
+        e.every_n_steps,
+        k=e.k,
+        temperature=e.temperature,
+        resolution=e.resolution,
+        max_per_split=e.max_per_split,
+        batch_size=e.batch_size,
+        num_workers=num_workers,
+    )
     monitor.name = "knn"
     return monitor
 
 
 # ------------------------------------------------------------------------------------ schedules
-def schedule_summary(train_cfg, iters_per_epoch: int, world_size: int = 1,
-                     method=None) -> list[str]:
+def schedule_summary(
+    train_cfg, iters_per_epoch: int, world_size: int = 1, method=None
+) -> list[str]:
     """Lines describing the per-step schedules: the trainer's (lr, wd) and, with ``method``, the
     method's own (its ``scheduled(step)`` values, and its ``schedule_lines()`` when it has them)."""
     from .methods.base import StepPlan
@@ -162,8 +194,11 @@ def schedule_summary(train_cfg, iters_per_epoch: int, world_size: int = 1,
     batch = train_cfg.batch_size_per_rank * world_size
     warm = int(round(train_cfg.warmup_epochs * iters_per_epoch))
     stop = total if train_cfg.max_steps is None else min(total, train_cfg.max_steps)
-    rule = {"sqrt": f"x sqrt({batch}/{train_cfg.lr_base_batch})",
-            "linear": f"x {batch}/{train_cfg.lr_base_batch}", "none": "unscaled"}
+    rule = {
+        "sqrt": f"x sqrt({batch}/{train_cfg.lr_base_batch})",
+        "linear": f"x {batch}/{train_cfg.lr_base_batch}",
+        "none": "unscaled",
+    }
     lines = [
         f"schedule: {total:,} steps = {train_cfg.epochs} epochs x {iters_per_epoch:,} iterations; "
         f"{batch:,} images/step ({train_cfg.batch_size_per_rank}/rank x {world_size} rank"
@@ -186,8 +221,10 @@ def schedule_summary(train_cfg, iters_per_epoch: int, world_size: int = 1,
     lines.append(f"  {'step':>10} {'lr':>10} {'wd':>8}" + "".join(f" {k[:12]:>12}" for k in own))
     for p in points:
         vals = method.scheduled(p) if own else {}
-        lines.append(f"  {p:>10,} {s.lr[p]:>10.3g} {s.wd[p]:>8.4f}" +
-                     "".join(f" {vals[k]:>12.5g}" for k in own))
+        lines.append(
+            f"  {p:>10,} {s.lr[p]:>10.3g} {s.wd[p]:>8.4f}"
+            + "".join(f" {vals[k]:>12.5g}" for k in own)
+        )
     return lines
 
 
@@ -222,13 +259,20 @@ def _write_config(recipe, out_dir: Path) -> None:
             old = {}
         new = yaml.safe_load(recipe_to_yaml(recipe))
         budget_keys = {"max_steps", "time_budget_s", "log_every", "checkpoint_every"}
-        changed = [f"{sec}.{k}" for sec, body in new.items() if isinstance(body, dict)
-                   for k, v in body.items()
-                   if not (sec == "train" and k in budget_keys)
-                   and (old.get(sec) or {}).get(k, v) != v]
+        changed = [
+            f"{sec}.{k}"
+            for sec, body in new.items()
+            if isinstance(body, dict)
+            for k, v in body.items()
+            if not (sec == "train" and k in budget_keys) and (old.get(sec) or {}).get(k, v) != v
+        ]
         if changed:
-            print(f"warning: {path} (an earlier run) differs in {', '.join(changed)}; a resumed "
-                  "run continues with the new values", file=sys.stderr, flush=True)
+            print(
+                f"warning: {path} (an earlier run) differs in {', '.join(changed)}; a resumed "
+                "run continues with the new values",
+                file=sys.stderr,
+                flush=True,
+            )
     save_recipe(recipe, path)
 
 
@@ -244,8 +288,9 @@ def export_encoder(method, out_dir: Path, strategy: str, is_main: bool) -> Path 
 
         from .models.vit import VisionTransformer
 
-        sd = get_model_state_dict(backbone, options=StateDictOptions(full_state_dict=True,
-                                                                     cpu_offload=True))
+        sd = get_model_state_dict(
+            backbone, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         if not is_main:
             return None
         with torch.device("meta"):
@@ -257,23 +302,21 @@ def export_encoder(method, out_dir: Path, strategy: str, is_main: bool) -> Path 
     return save_vssl(backbone, out_dir / BACKBONE_FILE)
 
 
-#: The trained encoder in every run folder; runs before the method contract wrote the older name.
+#: The trained encoder in every run folder (``models.checkpoints.RUN_BACKBONE_FILES[0]``; runs
+#: from before the method contract wrote ``teacher_backbone.safetensors``, which is still read).
 BACKBONE_FILE = "backbone.safetensors"
-LEGACY_BACKBONE_FILES = ("teacher_backbone.safetensors",)
 
 
 def run_backbone(run_dir: str | os.PathLike) -> Path | None:
-    """The exported encoder of a run folder (``backbone.safetensors``, or an older run's
-    ``teacher_backbone.safetensors``); None when there is none."""
-    for name in (BACKBONE_FILE,) + LEGACY_BACKBONE_FILES:
-        p = Path(run_dir) / name
-        if p.is_file():
-            return p
-    return None
+    """The exported encoder of a run folder, or None (``models.checkpoints.run_backbone``)."""
+    from .models.checkpoints import run_backbone as find
+
+    return find(run_dir)
 
 
-def run_pretrain(recipe, *, dry_run: bool = False, progress: bool = True,
-                 world_size: int | None = None) -> dict:
+def run_pretrain(
+    recipe, *, dry_run: bool = False, progress: bool = True, world_size: int | None = None
+) -> dict:
     """Build everything ``recipe`` describes and train (or, with ``dry_run``, only describe)."""
     import torch
 
@@ -298,8 +341,10 @@ def run_pretrain(recipe, *, dry_run: bool = False, progress: bool = True,
             print(data_note)
         print("\n".join(schedule_summary(recipe.train, ipe, ws, method)))
         if recipe.eval.enabled:
-            print(f"kNN monitor: every {recipe.eval.every_n_steps} steps, k={recipe.eval.k}, "
-                  f"{recipe.eval.train} -> {recipe.eval.test}")
+            print(
+                f"kNN monitor: every {recipe.eval.every_n_steps} steps, k={recipe.eval.k}, "
+                f"{recipe.eval.train} -> {recipe.eval.test}"
+            )
         return {"dry_run": True, "iters_per_epoch": ipe}
 
     from .train import distributed as tdist
@@ -312,21 +357,25 @@ def run_pretrain(recipe, *, dry_run: bool = False, progress: bool = True,
         torch.manual_seed(recipe.train.seed)  # the same initial weights on every rank
         method, report = build_method(recipe)
         backbone = method.student["backbone"]
-        data = build_data(recipe, method.views(), device=info.device,
-                          rank=info.rank, world_size=info.world_size)
+        data = build_data(
+            recipe, method.views(), device=info.device, rank=info.rank, world_size=info.world_size
+        )
         monitor = build_monitor(recipe) if main or recipe.train.strategy == "fsdp2" else None
         out_dir = Path(recipe.train.output_dir)
         if main:
             out_dir.mkdir(parents=True, exist_ok=True)
             _write_config(recipe, out_dir)
-            _say(f"vssl pretrain: {recipe.model.name} ({_count(backbone):,} backbone "
-                 f"parameters), {recipe.method_name}, {data!r}")
+            _say(
+                f"vssl pretrain: {recipe.model.name} ({_count(backbone):,} backbone "
+                f"parameters), {recipe.method_name}, {data!r}"
+            )
             if report is not None:
                 loaded = [k for k in ("backbone", "dino_head", "ibot_head") if report.get(k)]
                 _say(f"initialized from {report['source']}: {', '.join(loaded)}")
             _say(f"run folder: {out_dir}")
-        trainer = Trainer(method, data, recipe.train, monitors=[monitor] if monitor else [],
-                          progress=progress)
+        trainer = Trainer(
+            method, data, recipe.train, monitors=[monitor] if monitor else [], progress=progress
+        )
         summary = trainer.fit()
         strategy = trainer.strategy
         del trainer
@@ -338,15 +387,25 @@ def run_pretrain(recipe, *, dry_run: bool = False, progress: bool = True,
             from .viz.report import read_metrics, training_report, write_page
 
             rows = read_metrics(summary["metrics"]) if Path(summary["metrics"]).exists() else []
-            summary["report"] = str(write_page(out_dir / "report.html", training_report(
-                rows, title=f"vssl pretrain: {recipe.model.name} ({out_dir.name})")))
+            summary["report"] = str(
+                write_page(
+                    out_dir / "report.html",
+                    training_report(
+                        rows, title=f"vssl pretrain: {recipe.model.name} ({out_dir.name})"
+                    ),
+                )
+            )
             if summary.get("resumed_from"):
                 _say(f"resumed from {summary['resumed_from']}")
-            _say(f"stopped: {summary['stopped']} at step {summary['step']:,} of "
-                 f"{summary['total_steps']:,} ({summary['seconds']:.1f} s, "
-                 f"{summary['images_per_s']:.1f} images/s)")
-            _say(f"metrics: {summary['metrics']} (curves: {summary['report']})\n"
-                 f"checkpoint: {summary['checkpoint']}")
+            _say(
+                f"stopped: {summary['stopped']} at step {summary['step']:,} of "
+                f"{summary['total_steps']:,} ({summary['seconds']:.1f} s, "
+                f"{summary['images_per_s']:.1f} images/s)"
+            )
+            _say(
+                f"metrics: {summary['metrics']} (curves: {summary['report']})\n"
+                f"checkpoint: {summary['checkpoint']}"
+            )
             if exported is not None:
                 _say(f"trained encoder: {exported} (vssl embed {exported} --input ...)")
         return summary
@@ -361,8 +420,9 @@ def _pretrain_cmd(args) -> int:
 
     recipe = load_recipe(args.config, args.overrides)
     try:
-        run_pretrain(recipe, dry_run=args.dry_run, progress=not args.no_progress,
-                     world_size=args.world_size)
+        run_pretrain(
+            recipe, dry_run=args.dry_run, progress=not args.no_progress, world_size=args.world_size
+        )
     except NonFiniteLossError as e:
         print(f"vssl pretrain: stopped: {e}", file=sys.stderr, flush=True)
         return 1
@@ -412,21 +472,37 @@ last checkpoint.
 def add_pretrain_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``vssl pretrain``."""
     p = subparsers.add_parser(
-        "pretrain", help="self-supervised pretraining from a YAML recipe (DINOv2 / Web-DINO, "
-                         "MAE / Web-MAE)",
+        "pretrain",
+        help="self-supervised pretraining from a YAML recipe (DINOv2 / Web-DINO, MAE / Web-MAE)",
         description="Pretrain a ViT with a recipe: data (folders, lists, parquet, shards), "
-                    "method (dinov2: DINO + iBOT + KoLeo, EMA teacher; mae: masked autoencoder "
-                    "on normalized pixels), trainer (AdamW, cosine "
-                    "schedules, DDP/FSDP2 under torchrun, exact resume), optional kNN monitor.",
-        epilog=_PRETRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="recipe YAML file, or a shipped recipe name (e.g. cpu_tiny32, "
-                                  "webdino_vitl14)")
-    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
-                   help="recipe overrides, e.g. train.epochs=10 data.train=/data/images")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved recipe, parameter counts and the schedules; no training")
-    p.add_argument("--world-size", type=int, default=None, metavar="N",
-                   help="with --dry-run: show the schedules for N ranks (default: WORLD_SIZE or 1)")
+        "method (dinov2: DINO + iBOT + KoLeo, EMA teacher; mae: masked autoencoder "
+        "on normalized pixels), trainer (AdamW, cosine "
+        "schedules, DDP/FSDP2 under torchrun, exact resume), optional kNN monitor.",
+        epilog=_PRETRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "config",
+        help="recipe YAML file, or a shipped recipe name (e.g. cpu_tiny32, webdino_vitl14)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="SECTION.KEY=VALUE",
+        help="recipe overrides, e.g. train.epochs=10 data.train=/data/images",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved recipe, parameter counts and the schedules; no training",
+    )
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --dry-run: show the schedules for N ranks (default: WORLD_SIZE or 1)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_pretrain_cmd)
     return _intermixed(p)

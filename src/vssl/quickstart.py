@@ -15,8 +15,8 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .pretrain import BACKBONE_FILE, _count, _intermixed, _say, build_data, build_method
 
@@ -27,15 +27,30 @@ QUICKSTART_RECIPE = "cpu_tiny32"
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
 #: Files a quickstart writes into its folder; a rerun on the same folder replaces exactly these.
-_QUICKSTART_FILES = ("ckpt", "metrics.jsonl", "config.yaml", "report.html", "quickstart.json",
-                     BACKBONE_FILE, "teacher_backbone.safetensors", "train.txt", "test.txt")
+_QUICKSTART_FILES = (
+    "ckpt",
+    "metrics.jsonl",
+    "config.yaml",
+    "report.html",
+    "quickstart.json",
+    BACKBONE_FILE,
+    "teacher_backbone.safetensors",
+    "train.txt",
+    "test.txt",
+)
 
 
 class _QuickstartData:
     """Where the quickstart's images come from: pretraining source, kNN splits, a description."""
 
-    def __init__(self, train: str, knn_train: str | None, knn_test: str | None, note: str,
-                 pca_images: list[Path]):
+    def __init__(
+        self,
+        train: str,
+        knn_train: str | None,
+        knn_test: str | None,
+        note: str,
+        pca_images: list[Path],
+    ):
         self.train, self.knn_train, self.knn_test = train, knn_train, knn_test
         self.note, self.pca_images = note, pca_images
 
@@ -51,8 +66,9 @@ def _one_per_class(items: list[tuple[Path, str | None]], n: int) -> list[Path]:
         by_class.setdefault(lab, []).append(p)
     out, rank = [], 0
     while len(out) < n and any(rank < len(v) for v in by_class.values()):
-        out += [v[rank] for _, v in sorted(by_class.items(), key=lambda kv: str(kv[0]))
-                if rank < len(v)]
+        out += [
+            v[rank] for _, v in sorted(by_class.items(), key=lambda kv: str(kv[0])) if rank < len(v)
+        ]
         rank += 1
     return out[:n]
 
@@ -72,11 +88,18 @@ def _quickstart_data(data: str | None, out: Path, seed: int, n_pca: int) -> _Qui
         t = time.perf_counter()
         root = toy_dataset(n_train=300, n_test=50)
         took = time.perf_counter() - t
-        note = (f"generated toy shapes: {len(CLASSES)} classes, 300 train + 50 test images per "
-                f"class, 32 px ({root}{f', made in {took:.0f} s' if took > 1 else ', cached'})")
+        note = (
+            f"generated toy shapes: {len(CLASSES)} classes, 300 train + 50 test images per "
+            f"class, 32 px ({root}{f', made in {took:.0f} s' if took > 1 else ', cached'})"
+        )
         test = _images(list_inputs(root / "test"))
-        return _QuickstartData(str(root / "train"), str(root / "train"), str(root / "test"),
-                               note, _one_per_class(test, n_pca))
+        return _QuickstartData(
+            str(root / "train"),
+            str(root / "train"),
+            str(root / "test"),
+            note,
+            _one_per_class(test, n_pca),
+        )
     root = Path(data).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"--data {data}: not a folder of images")
@@ -84,18 +107,28 @@ def _quickstart_data(data: str | None, out: Path, seed: int, n_pca: int) -> _Qui
         if (root / "train").is_dir() and (root / test_name).is_dir():
             train_items = _images(list_inputs(root / "train"))
             test_items = _images(list_inputs(root / test_name))
-            labelled = bool(train_items) and all(l is not None for _, l in train_items + test_items)
-            note = f"{root}: train/ ({len(train_items)} images) and {test_name}/ ({len(test_items)})"
-            return _QuickstartData(str(root / "train"), str(root / "train") if labelled else None,
-                                   str(root / test_name) if labelled else None, note,
-                                   _one_per_class(test_items, n_pca))
+            labelled = bool(train_items) and all(
+                lab is not None for _, lab in train_items + test_items
+            )
+            note = (
+                f"{root}: train/ ({len(train_items)} images) and {test_name}/ ({len(test_items)})"
+            )
+            return _QuickstartData(
+                str(root / "train"),
+                str(root / "train") if labelled else None,
+                str(root / test_name) if labelled else None,
+                note,
+                _one_per_class(test_items, n_pca),
+            )
     items = _images(list_inputs(root))
     if not items:
         raise FileNotFoundError(f"--data {data}: no images found (jpg, png, webp, ...)")
     classes = sorted({lab for _, lab in items if lab is not None})
     if len(classes) < 2 or any(lab is None for _, lab in items):
-        note = (f"{root}: {len(items)} images without class subfolders: pretraining only, no kNN "
-                "evaluation (put images in <class>/ subfolders to get one)")
+        note = (
+            f"{root}: {len(items)} images without class subfolders: pretraining only, no kNN "
+            "evaluation (put images in <class>/ subfolders to get one)"
+        )
         return _QuickstartData(str(root), None, None, note, _one_per_class(items, n_pca))
     # class subfolders: a seeded 80/20 split per class, written as 'path<TAB>class' lists
     rng = random.Random(seed)
@@ -108,10 +141,17 @@ def _quickstart_data(data: str | None, out: Path, seed: int, n_pca: int) -> _Qui
         train += [(p, c) for p in paths[n_test:]]
     for name, rows in (("train.txt", train), ("test.txt", test)):
         (out / name).write_text("".join(f"{p}\t{c}\n" for p, c in rows), encoding="utf-8")
-    note = (f"{root}: {len(classes)} classes, split 80/20 per class into {len(train)} train and "
-            f"{len(test)} test images (train.txt / test.txt)")
-    return _QuickstartData(str(out / "train.txt"), str(out / "train.txt"), str(out / "test.txt"),
-                           note, _one_per_class(test, n_pca))
+    note = (
+        f"{root}: {len(classes)} classes, split 80/20 per class into {len(train)} train and "
+        f"{len(test)} test images (train.txt / test.txt)"
+    )
+    return _QuickstartData(
+        str(out / "train.txt"),
+        str(out / "train.txt"),
+        str(out / "test.txt"),
+        note,
+        _one_per_class(test, n_pca),
+    )
 
 
 class _FirstResult:
@@ -143,11 +183,18 @@ def _pixel_knn(monitor, k: int) -> float:
 
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    feats = {s: ((monitor.images[s].float() / 255.0 - mean) / std).flatten(1)
-             for s in ("train", "test")}
-    r = knn_classify(feats["train"], monitor.labels["train"], feats["test"],
-                     monitor.labels["test"], ks=(k,), temperature=monitor.temperature,
-                     num_classes=len(monitor.classes))
+    feats = {
+        s: ((monitor.images[s].float() / 255.0 - mean) / std).flatten(1) for s in ("train", "test")
+    }
+    r = knn_classify(
+        feats["train"],
+        monitor.labels["train"],
+        feats["test"],
+        monitor.labels["test"],
+        ks=(k,),
+        temperature=monitor.temperature,
+        num_classes=len(monitor.classes),
+    )
     return r.top1[r.ks[0]]
 
 
@@ -192,14 +239,23 @@ def _rescale_schedule(recipe, steps: int):
 
     train_cfg = recipe.train
     f = steps / train_cfg.epochs
-    recipe.method = dataclasses.replace(recipe.method, **{
-        fl.name: getattr(recipe.method, fl.name) * f for fl in dataclasses.fields(recipe.method)
-        if fl.name.endswith("_epochs")})
+    recipe.method = dataclasses.replace(
+        recipe.method,
+        **{
+            fl.name: getattr(recipe.method, fl.name) * f
+            for fl in dataclasses.fields(recipe.method)
+            if fl.name.endswith("_epochs")
+        },
+    )
     return dataclasses.replace(
-        train_cfg, epochs=steps, iters_per_epoch=1,
+        train_cfg,
+        epochs=steps,
+        iters_per_epoch=1,
         warmup_epochs=train_cfg.warmup_epochs * f,
-        log_every=max(1, min(train_cfg.log_every, steps // 50 or 1)), max_steps=None,
-        checkpoint_every=None)
+        log_every=max(1, min(train_cfg.log_every, steps // 50 or 1)),
+        max_steps=None,
+        checkpoint_every=None,
+    )
 
 
 def _clear_quickstart(out: Path) -> None:
@@ -212,16 +268,27 @@ def _clear_quickstart(out: Path) -> None:
     entries = [p for p in out.iterdir() if not p.name.startswith(".")]
     foreign = [p.name for p in entries if p.name not in _QUICKSTART_FILES]
     if foreign:
-        raise ValueError(f"--output {out} already holds other files ({', '.join(sorted(foreign)[:5])}"
-                         "): choose an empty or new folder")
+        raise ValueError(
+            f"--output {out} already holds other files ({', '.join(sorted(foreign)[:5])}"
+            "): choose an empty or new folder"
+        )
     for p in entries:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def run_quickstart(data: str | None = None, output: str | os.PathLike = "vssl-quickstart",
-                   minutes: float = 5.0, overrides: Sequence[str] = (), *, seed: int = 0,
-                   progress: bool = True, n_pca: int = 8, knn_images: int = 1000,
-                   k: int = 20, recipe: str = QUICKSTART_RECIPE) -> dict:
+def run_quickstart(
+    data: str | None = None,
+    output: str | os.PathLike = "vssl-quickstart",
+    minutes: float = 5.0,
+    overrides: Sequence[str] = (),
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    n_pca: int = 8,
+    knn_images: int = 1000,
+    k: int = 20,
+    recipe: str = QUICKSTART_RECIPE,
+) -> dict:
     """Pretrain a CPU recipe (default ``cpu_tiny32``; ``cpu_mae32`` works the same) within
     ``minutes`` (everything included), evaluate and report.
 
@@ -267,8 +334,10 @@ def run_quickstart(data: str | None = None, output: str | os.PathLike = "vssl-qu
     initial = copy.deepcopy(encoder).eval()  # the random-init baseline: this run's start
     n_train = len(_images(list_inputs(src.train)))
     if n_train < recipe.train.batch_size_per_rank:
-        _say(f"only {n_train} training images: batch size {n_train} instead of "
-             f"{recipe.train.batch_size_per_rank}")
+        _say(
+            f"only {n_train} training images: batch size {n_train} instead of "
+            f"{recipe.train.batch_size_per_rank}"
+        )
         recipe.train = dataclasses.replace(recipe.train, batch_size_per_rank=max(1, n_train))
     data_obj = build_data(recipe, method.views(), device="cpu")
 
@@ -278,17 +347,26 @@ def run_quickstart(data: str | None = None, output: str | os.PathLike = "vssl-qu
     if src.labelled:
         from .evaluate.monitor import KNNMonitor
 
-        monitor = KNNMonitor(src.knn_train, src.knn_test, every_n_steps=1, k=k,
-                             max_per_split=knn_images, num_workers=0, seed=seed)
+        monitor = KNNMonitor(
+            src.knn_train,
+            src.knn_test,
+            every_n_steps=1,
+            k=k,
+            max_per_split=knn_images,
+            num_workers=0,
+            seed=seed,
+        )
         t = time.perf_counter()
         monitor.prepare(initial.config.img_size)  # decode once; each evaluation is then forwards
         random_init = monitor.run(initial)
         t_eval = random_init["seconds"]
         knn["random_init"] = random_init["knn_top1"]
         knn["raw_pixels"] = _pixel_knn(monitor, k)
-        _say(f"kNN (k={k}) before training: random init {knn['random_init']:.3f}, raw pixels "
-             f"{knn['raw_pixels']:.3f} ({len(monitor.labels['train'])} train / "
-             f"{len(monitor.labels['test'])} test images, {time.perf_counter() - t:.1f} s)")
+        _say(
+            f"kNN (k={k}) before training: random init {knn['random_init']:.3f}, raw pixels "
+            f"{knn['raw_pixels']:.3f} ({len(monitor.labels['train'])} train / "
+            f"{len(monitor.labels['test'])} test images, {time.perf_counter() - t:.1f} s)"
+        )
 
     # plan the run so that training, evaluations and the report fit the budget
     batches = _endless(data_obj)
@@ -306,11 +384,14 @@ def run_quickstart(data: str | None = None, output: str | os.PathLike = "vssl-qu
     every = max(1, math.ceil(steps / n_evals)) if n_evals else None
     if monitor is not None:
         monitor.every_n_steps = every
-    recipe.train = dataclasses.replace(_rescale_schedule(recipe, steps),
-                                       time_budget_s=max(train_seconds + t_eval * n_evals, 1.0))
+    recipe.train = dataclasses.replace(
+        _rescale_schedule(recipe, steps), time_budget_s=max(train_seconds + t_eval * n_evals, 1.0)
+    )
     save_recipe(recipe, out / "config.yaml")
-    _say(f"plan: {steps} steps of {recipe.train.batch_size_per_rank} images (~{t_step:.2f} s "
-         f"each) in {max(train_seconds, 0):.0f} s of a {budget:.0f} s budget")
+    _say(
+        f"plan: {steps} steps of {recipe.train.batch_size_per_rank} images (~{t_step:.2f} s "
+        f"each) in {max(train_seconds, 0):.0f} s of a {budget:.0f} s budget"
+    )
 
     monitors = [_FirstResult(monitor, random_init)] if monitor is not None else []
     trainer = Trainer(method, data_obj, recipe.train, monitors=monitors, progress=progress)
@@ -323,32 +404,52 @@ def run_quickstart(data: str | None = None, output: str | os.PathLike = "vssl-qu
 
     if monitor is not None:
         last = monitors[0].last
-        trained = last[1] if last is not None and last[0] == summary["step"] else \
-            monitor.run(encoder)
+        trained = (
+            last[1] if last is not None and last[0] == summary["step"] else monitor.run(encoder)
+        )
         knn["trained"] = trained["knn_top1"]
         if last is None or last[0] != summary["step"]:  # put the final point on the curve
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": summary["step"], "knn_top1": trained["knn_top1"],
-                                    "knn_top5": trained.get("knn_top5")}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "step": summary["step"],
+                            "knn_top1": trained["knn_top1"],
+                            "knn_top5": trained.get("knn_top5"),
+                        }
+                    )
+                    + "\n"
+                )
 
     # the report
     rows = read_metrics(out / "metrics.jsonl")
     extra = []
     if knn:
-        extra.append((f"kNN top-1 (k={k}, same images, same evaluator)", table(
-            ["features", "kNN top-1"],
-            [["pretrained encoder", f"{knn['trained']:.3f}"],
-             ["same architecture, random init", f"{knn['random_init']:.3f}"],
-             ["raw pixels", f"{knn['raw_pixels']:.3f}"]]) +
-            f'<p class="note">{len(monitor.labels["train"])} train / '
-            f'{len(monitor.labels["test"])} test images, DINOv2\'s weighted vote '
-            f'(T={monitor.temperature}) on L2-normalized CLS tokens.</p>'))
+        extra.append(
+            (
+                f"kNN top-1 (k={k}, same images, same evaluator)",
+                table(
+                    ["features", "kNN top-1"],
+                    [
+                        ["pretrained encoder", f"{knn['trained']:.3f}"],
+                        ["same architecture, random init", f"{knn['random_init']:.3f}"],
+                        ["raw pixels", f"{knn['raw_pixels']:.3f}"],
+                    ],
+                )
+                + f'<p class="note">{len(monitor.labels["train"])} train / '
+                f"{len(monitor.labels['test'])} test images, DINOv2's weighted vote "
+                f"(T={monitor.temperature}) on L2-normalized CLS tokens.</p>",
+            )
+        )
     else:
-        extra.append(("kNN", '<p class="note">skipped: the images have no class labels (put '
-                             'them in &lt;class&gt;/ subfolders to get a kNN evaluation)</p>'))
+        extra.append(
+            (
+                "kNN",
+                '<p class="note">skipped: the images have no class labels (put '
+                "them in &lt;class&gt;/ subfolders to get a kNN evaluation)</p>",
+            )
+        )
     if src.pca_images:
-        from PIL import Image
-
         from .data.decode import open_image
         from .data.transforms import EvalTransform
 
@@ -358,69 +459,114 @@ def run_quickstart(data: str | None = None, output: str | os.PathLike = "vssl-qu
         maps_trained = pca_maps(encoder, src.pca_images)
         maps_random = pca_maps(initial, src.pca_images)
         cols = [Path(p).parent.name if src.labelled else Path(p).stem for p in src.pca_images]
-        extra.append(("PCA of patch features", image_table(
-            cols, [("image", crops), ("pretrained", maps_trained), ("random init", maps_random)],
-            scale=max(1, 96 // res)) + '<p class="note">First three principal components of the '
-            'patch tokens of these images (fitted jointly) as red, green, blue; parts the model '
-            'represents alike share a colour (DINOv2\'s visualization).</p>'))
+        extra.append(
+            (
+                "PCA of patch features",
+                image_table(
+                    cols,
+                    [("image", crops), ("pretrained", maps_trained), ("random init", maps_random)],
+                    scale=max(1, 96 // res),
+                )
+                + '<p class="note">First three principal components of the '
+                "patch tokens of these images (fitted jointly) as red, green, blue; parts the model "
+                "represents alike share a colour (DINOv2's visualization).</p>",
+            )
+        )
     elapsed = time.perf_counter() - t0
-    intro = (f'<p>{src.note}.<br>Recipe <code>{recipe_name}</code>: '
-             f'{recipe.model.name} ({_count(encoder):,} parameters), {summary["step"]} steps of '
-             f'{recipe.train.batch_size_per_rank} images in {summary["seconds"]:.0f} s '
-             f'({summary["images_per_s"]:.1f} images/s); {elapsed:.0f} s in all, stopped: '
-             f'{summary["stopped"]}.</p>')
-    baselines = {"random init": knn["random_init"], "raw pixels": knn["raw_pixels"]} if knn \
-        else None
-    page = training_report(rows, title="vssl quickstart", intro=intro, extra_sections=extra,
-                           knn_baselines=baselines)
+    intro = (
+        f"<p>{src.note}.<br>Recipe <code>{recipe_name}</code>: "
+        f"{recipe.model.name} ({_count(encoder):,} parameters), {summary['step']} steps of "
+        f"{recipe.train.batch_size_per_rank} images in {summary['seconds']:.0f} s "
+        f"({summary['images_per_s']:.1f} images/s); {elapsed:.0f} s in all, stopped: "
+        f"{summary['stopped']}.</p>"
+    )
+    baselines = (
+        {"random init": knn["random_init"], "raw pixels": knn["raw_pixels"]} if knn else None
+    )
+    page = training_report(
+        rows, title="vssl quickstart", intro=intro, extra_sections=extra, knn_baselines=baselines
+    )
     report = write_page(out / "report.html", page)
     result = {
-        "data": src.note, "output": str(out), "report": str(report), "steps": summary["step"],
-        "stopped": summary["stopped"], "train_seconds": summary["seconds"],
-        "images_per_s": summary["images_per_s"], "seconds": time.perf_counter() - t0,
-        "budget_seconds": budget, "knn_k": k if knn else None,
-        "knn_top1": knn or None, "checkpoint": summary["checkpoint"],
+        "data": src.note,
+        "output": str(out),
+        "report": str(report),
+        "steps": summary["step"],
+        "stopped": summary["stopped"],
+        "train_seconds": summary["seconds"],
+        "images_per_s": summary["images_per_s"],
+        "seconds": time.perf_counter() - t0,
+        "budget_seconds": budget,
+        "knn_k": k if knn else None,
+        "knn_top1": knn or None,
+        "checkpoint": summary["checkpoint"],
         "backbone": str(exported),
     }
     (out / "quickstart.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if knn:
-        _say(f"kNN top-1 (k={k}): trained {knn['trained']:.3f} | random init "
-             f"{knn['random_init']:.3f} | raw pixels {knn['raw_pixels']:.3f}")
+        _say(
+            f"kNN top-1 (k={k}): trained {knn['trained']:.3f} | random init "
+            f"{knn['random_init']:.3f} | raw pixels {knn['raw_pixels']:.3f}"
+        )
     _say(f"report: {report} ({result['seconds']:.0f} s)")
     return result
 
 
 def _quickstart_cmd(args) -> int:
-    run_quickstart(args.data, args.output, args.minutes, args.overrides, seed=args.seed,
-                   progress=not args.no_progress, recipe=args.recipe)
+    run_quickstart(
+        args.data,
+        args.output,
+        args.minutes,
+        args.overrides,
+        seed=args.seed,
+        progress=not args.no_progress,
+        recipe=args.recipe,
+    )
     return 0
 
 
 def add_quickstart_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``vssl quickstart``."""
     p = subparsers.add_parser(
-        "quickstart", help="pretrain a small ViT in minutes on CPU and see what it learned",
+        "quickstart",
+        help="pretrain a small ViT in minutes on CPU and see what it learned",
         description="Pretrain the CPU recipe (cpu_tiny32: DINOv2 on 32-px images) on a generated "
-                    "toy dataset of shapes (no download) or on --data, within --minutes on CPU; "
-                    "then compare kNN accuracy (k=20) of the trained model, the same model at "
-                    "random init, and raw pixels, and write report.html with loss and kNN curves "
-                    "and PCA maps of patch features.",
+        "toy dataset of shapes (no download) or on --data, within --minutes on CPU; "
+        "then compare kNN accuracy (k=20) of the trained model, the same model at "
+        "random init, and raw pixels, and write report.html with loss and kNN curves "
+        "and PCA maps of patch features.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  vssl quickstart\n  vssl quickstart --minutes 2 --output qs/\n"
-               "  vssl quickstart --data photos/ --minutes 10      # class subfolders -> kNN\n"
-               "  vssl quickstart train.batch_size_per_rank=32     # recipe overrides")
-    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
-                   help="overrides of the recipe (cpu_tiny32 unless --recipe)")
-    p.add_argument("--data", metavar="FOLDER",
-                   help="images to use instead of the toy shapes: train/ + test/ (or val/), class "
-                        "subfolders (split 80/20), or plain images (no kNN)")
-    p.add_argument("--output", default="vssl-quickstart", metavar="DIR",
-                   help="run folder (default: ./vssl-quickstart; a previous quickstart there is "
-                        "replaced)")
-    p.add_argument("--minutes", type=float, default=5.0,
-                   help="wall-clock budget for everything (default 5)")
-    p.add_argument("--recipe", default=QUICKSTART_RECIPE, metavar="NAME",
-                   help="the CPU recipe to run (default cpu_tiny32, DINOv2; cpu_mae32: MAE)")
+        "  vssl quickstart --data photos/ --minutes 10      # class subfolders -> kNN\n"
+        "  vssl quickstart train.batch_size_per_rank=32     # recipe overrides",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="SECTION.KEY=VALUE",
+        help="overrides of the recipe (cpu_tiny32 unless --recipe)",
+    )
+    p.add_argument(
+        "--data",
+        metavar="FOLDER",
+        help="images to use instead of the toy shapes: train/ + test/ (or val/), class "
+        "subfolders (split 80/20), or plain images (no kNN)",
+    )
+    p.add_argument(
+        "--output",
+        default="vssl-quickstart",
+        metavar="DIR",
+        help="run folder (default: ./vssl-quickstart; a previous quickstart there is replaced)",
+    )
+    p.add_argument(
+        "--minutes", type=float, default=5.0, help="wall-clock budget for everything (default 5)"
+    )
+    p.add_argument(
+        "--recipe",
+        default=QUICKSTART_RECIPE,
+        metavar="NAME",
+        help="the CPU recipe to run (default cpu_tiny32, DINOv2; cpu_mae32: MAE)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_quickstart_cmd)

@@ -29,14 +29,29 @@ __all__ = ["CLASSES", "VERSION", "default_toy_dir", "draw_shape", "make_toy_data
 
 #: Bump when the drawing changes, so a cached copy of an older version is not reused.
 VERSION = 1
-CLASSES = ("circle", "cross", "diamond", "frame", "plus", "ring", "square", "star", "triangle",
-           "hexagon")
+CLASSES = (
+    "circle",
+    "cross",
+    "diamond",
+    "frame",
+    "plus",
+    "ring",
+    "square",
+    "star",
+    "triangle",
+    "hexagon",
+)
 _SUPERSAMPLE = 4  # draw at 4x and average down (box filter): antialiased edges at 32 px
 
 
 def _regular_polygon(cx: float, cy: float, r: float, n: int, phase: float) -> list[tuple]:
-    return [(cx + r * math.cos(phase + 2 * math.pi * k / n),
-             cy + r * math.sin(phase + 2 * math.pi * k / n)) for k in range(n)]
+    return [
+        (
+            cx + r * math.cos(phase + 2 * math.pi * k / n),
+            cy + r * math.sin(phase + 2 * math.pi * k / n),
+        )
+        for k in range(n)
+    ]
 
 
 def _star(cx: float, cy: float, r: float, phase: float) -> list[tuple]:
@@ -52,8 +67,10 @@ def _bar_polygon(cx, cy, length, width, angle) -> list[tuple]:
     """A rectangle of ``length x width`` centred on (cx, cy), rotated by ``angle``."""
     c, s = math.cos(angle), math.sin(angle)
     hl, hw = length / 2, width / 2
-    return [(cx + x * c - y * s, cy + x * s + y * c)
-            for x, y in ((-hl, -hw), (hl, -hw), (hl, hw), (-hl, hw))]
+    return [
+        (cx + x * c - y * s, cy + x * s + y * c)
+        for x, y in ((-hl, -hw), (hl, -hw), (hl, hw), (-hl, hw))
+    ]
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -66,7 +83,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     elif kind == 1:  # linear gradient to a second colour
         other = rng.integers(0, 256, 3)
         a = rng.uniform(0, 2 * math.pi)
-        t = (np.cos(a) * xx + np.sin(a) * yy)
+        t = np.cos(a) * xx + np.sin(a) * yy
         t = (t - t.min()) / max(t.max() - t.min(), 1e-6)
         arr = base * (1 - t[..., None]) + other * t[..., None]
     elif kind == 2:  # soft stripes
@@ -133,8 +150,9 @@ def draw_shape(name: str, rng: np.random.Generator, size: int = 32) -> Image.Ima
     return img.resize((size, size), Image.Resampling.BOX)
 
 
-def make_toy_dataset(root: str | os.PathLike, *, n_train: int = 400, n_test: int = 100,
-                     size: int = 32, seed: int = 0) -> Path:
+def make_toy_dataset(
+    root: str | os.PathLike, *, n_train: int = 400, n_test: int = 100, size: int = 32, seed: int = 0
+) -> Path:
     """Write ``root/{train,test}/<class>/<i>.png``: ``n_train``/``n_test`` images per class.
 
     Deterministic: image ``i`` of class ``c`` in split ``s`` depends only on (seed, s, c, i).
@@ -170,8 +188,14 @@ def default_toy_dir() -> Path:
     return Path(base).expanduser() / "vssl" / "toy"
 
 
-def toy_dataset(cache_dir: str | os.PathLike | None = None, *, n_train: int = 400,
-                n_test: int = 100, size: int = 32, seed: int = 0) -> Path:
+def toy_dataset(
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    n_train: int = 400,
+    n_test: int = 100,
+    size: int = 32,
+    seed: int = 0,
+) -> Path:
     """The toy dataset's folder, generated on first use (a few seconds) and reused afterwards."""
     base = Path(cache_dir) if cache_dir is not None else default_toy_dir()
     root = base / f"shapes-v{VERSION}-{size}px-{n_train}+{n_test}-seed{seed}"

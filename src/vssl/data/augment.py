@@ -136,7 +136,10 @@ def _crop_into(
 ) -> None:
     top, left, h, w = sample_resized_crop(img.width, img.height, scale, ratio, rng)
     crop = img.resize(
-        (size, size), resample=resample, box=(left, top, left + w, top + h), reducing_gap=reducing_gap
+        (size, size),
+        resample=resample,
+        box=(left, top, left + w, top + h),
+        reducing_gap=reducing_gap,
     )
     a = np.asarray(crop)
     if rng.random() < flip_p:
@@ -187,8 +190,9 @@ def _torch_crop_into(
     # a contiguous channels-last copy takes torch's AVX2 uint8 resize path: 1.3-1.5x faster than
     # resizing the strided slice, bit-identical output (measured on 500x375 crops)
     crop = t[:, :, top : top + h, left : left + w].contiguous(memory_format=torch.channels_last)
-    r = torch.nn.functional.interpolate(crop, size=(size, size), mode=mode, antialias=True,
-                                        align_corners=False)
+    r = torch.nn.functional.interpolate(
+        crop, size=(size, size), mode=mode, antialias=True, align_corners=False
+    )
     if rng.random() < flip_p:
         r = r.flip(-1)
     out.copy_(r[0])
@@ -268,7 +272,9 @@ class MultiCropGeometry:
         return (s, s)
 
     def __call__(
-        self, img: Image.Image | np.ndarray, generator: torch.Generator | random.Random | None = None
+        self,
+        img: Image.Image | np.ndarray,
+        generator: torch.Generator | random.Random | None = None,
     ) -> dict[str, torch.Tensor]:
         rng = python_rng(generator)
         G, L = self.global_size, self.local_size
@@ -287,12 +293,30 @@ class MultiCropGeometry:
         img = _as_rgb(img)
         g = np.empty((self.n_global, G, G, 3), dtype=np.uint8)
         for k in range(self.n_global):
-            _crop_into(img, g[k], G, self.global_scale, self.ratio, self.flip_p, self._resample,
-                       self.reducing_gap, rng)
+            _crop_into(
+                img,
+                g[k],
+                G,
+                self.global_scale,
+                self.ratio,
+                self.flip_p,
+                self._resample,
+                self.reducing_gap,
+                rng,
+            )
         loc = np.empty((self.n_local, L, L, 3), dtype=np.uint8)
         for k in range(self.n_local):
-            _crop_into(img, loc[k], L, self.local_scale, self.ratio, self.flip_p, self._resample,
-                       self.reducing_gap, rng)
+            _crop_into(
+                img,
+                loc[k],
+                L,
+                self.local_scale,
+                self.ratio,
+                self.flip_p,
+                self._resample,
+                self.reducing_gap,
+                rng,
+            )
         return {
             "global": torch.from_numpy(np.ascontiguousarray(g.transpose(0, 3, 1, 2))),
             "local": torch.from_numpy(np.ascontiguousarray(loc.transpose(0, 3, 1, 2))),
@@ -341,12 +365,29 @@ class MAEView:
         rng = python_rng(generator)
         if self.backend == "torch":
             out_t = torch.empty((3, self.size, self.size), dtype=torch.uint8)
-            _torch_crop_into(_as_chw_uint8(img), out_t, self.size, self.scale, self.ratio,
-                             self.flip_p, _TORCH_MODES[self.interpolation], rng)
+            _torch_crop_into(
+                _as_chw_uint8(img),
+                out_t,
+                self.size,
+                self.scale,
+                self.ratio,
+                self.flip_p,
+                _TORCH_MODES[self.interpolation],
+                rng,
+            )
             return out_t
         out = np.empty((self.size, self.size, 3), dtype=np.uint8)
-        _crop_into(_as_rgb(img), out, self.size, self.scale, self.ratio, self.flip_p,
-                   self._resample, self.reducing_gap, rng)
+        _crop_into(
+            _as_rgb(img),
+            out,
+            self.size,
+            self.scale,
+            self.ratio,
+            self.flip_p,
+            self._resample,
+            self.reducing_gap,
+            rng,
+        )
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
 
     def __repr__(self) -> str:
@@ -447,8 +488,9 @@ def _hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     delta = maxc - torch.minimum(torch.minimum(r, g), b)
     inv = 1.0 / delta.clamp(min=1e-12)
     # hue in sextants [0, 6): from the channel holding the max (ties: R before G before B)
-    h6 = torch.where(maxc == r, (g - b) * inv, torch.where(maxc == g, (b - r) * inv + 2.0,
-                                                           (r - g) * inv + 4.0))
+    h6 = torch.where(
+        maxc == r, (g - b) * inv, torch.where(maxc == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0)
+    )
     h6.add_(f.to(x.dtype).view(-1, 1, 1) * 6.0)
     out = torch.empty_like(x)
     for c, n in enumerate((5.0, 3.0, 1.0)):
@@ -493,12 +535,17 @@ def apply_photometric(
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"expected (n, 3, H, W), got {tuple(x.shape)}")
     n = x.shape[0]
-    x = x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
+    x = (
+        x.to(torch.float32).div_(255.0)
+        if x.dtype == torch.uint8
+        else x.to(torch.float32, copy=True)
+    )
     g = generator
 
     # colour jitter: apply?, factors, and a random order per image (torchvision's ColorJitter)
-    strengths = torch.cat([torch.tensor([p.jitter], dtype=torch.float32).expand(c, 4)
-                           for p, c in zip(params, counts)])
+    strengths = torch.cat(
+        [torch.tensor([p.jitter], dtype=torch.float32).expand(c, 4) for p, c in zip(params, counts)]
+    )
     lo = torch.cat([(1.0 - strengths[:, :3]).clamp(min=0.0), -strengths[:, 3:]], dim=1)
     hi = torch.cat([1.0 + strengths[:, :3], strengths[:, 3:]], dim=1)
     factors = _uniform(lo, hi, g)
@@ -589,14 +636,17 @@ class MultiCropPhotometric:
         out = dict(batch)
         glob = batch["global"]
         if glob.shape[0] % self.n_global:
-            raise ValueError(f"global batch {glob.shape[0]} is not a multiple of n_global={self.n_global}")
+            raise ValueError(
+                f"global batch {glob.shape[0]} is not a multiple of n_global={self.n_global}"
+            )
         b = glob.shape[0] // self.n_global
         params, counts = self.global_params(b)
         out["global"] = apply_photometric(glob, params, counts, generator, self.mean, self.std)
         if "local" in batch and batch["local"] is not None and batch["local"].shape[0]:
             loc = batch["local"]
-            out["local"] = apply_photometric(loc, [self.local], [loc.shape[0]], generator,
-                                             self.mean, self.std)
+            out["local"] = apply_photometric(
+                loc, [self.local], [loc.shape[0]], generator, self.mean, self.std
+            )
         return out
 
     def __repr__(self) -> str:

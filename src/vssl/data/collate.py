@@ -52,7 +52,9 @@ def _crop_major(crops: Sequence[torch.Tensor]) -> torch.Tensor:
     first = crops[0]
     k, shape, b = first.shape[0], tuple(first.shape[1:]), len(crops)
     if any(tuple(c.shape) != tuple(first.shape) for c in crops):
-        raise ValueError(f"crops of different shapes cannot be batched: {sorted({tuple(c.shape) for c in crops})}")
+        raise ValueError(
+            f"crops of different shapes cannot be batched: {sorted({tuple(c.shape) for c in crops})}"
+        )
     if torch.utils.data.get_worker_info() is not None:
         storage = first._typed_storage()._new_shared(k * b * first[0].numel(), device=first.device)
         out = first.new(storage).view(k * b, *shape)

@@ -43,7 +43,7 @@ __all__ = ["DEFAULT_MAX_PIXELS", "ImageDecodeError", "open_image"]
 #: PIL's own default ``Image.MAX_IMAGE_PIXELS`` (a 1024x1024x3 24-bit bomb guard: ~179 M pixels).
 DEFAULT_MAX_PIXELS = 178_956_970
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO]
+ImageSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO]  # noqa: UP007 (runtime alias)
 
 
 class ImageDecodeError(Exception):
@@ -96,7 +96,7 @@ def open_image(
     if isinstance(source, (bytes, bytearray)):
         if len(source) == 0:
             raise ImageDecodeError(name, "zero bytes")
-        fp: Union[str, BinaryIO] = io.BytesIO(source)
+        fp: str | BinaryIO = io.BytesIO(source)
     elif isinstance(source, (str, os.PathLike)):
         try:
             if os.path.getsize(source) == 0:
@@ -175,9 +175,13 @@ def _jpeg_bytes(source: ImageSource, fp) -> bytes | None:
 
 # EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose).
 _ORIENTATION = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
 }
 
 
@@ -215,8 +219,9 @@ def _decode_jpeg_turbo(data: bytes, name: str, draft_size, max_pixels) -> np.nda
         fit = min(w // max(int(dw), 1), h // max(int(dh), 1))
         scale = next((s for s in (8, 4, 2, 1) if fit >= s), 1)
     try:
-        pixels = _simplejpeg.decode_jpeg(data, "RGB", min_width=-(-w // scale),
-                                         min_height=-(-h // scale), strict=True)
+        pixels = _simplejpeg.decode_jpeg(
+            data, "RGB", min_width=-(-w // scale), min_height=-(-h // scale), strict=True
+        )
     except Exception:  # noqa: BLE001 - truncated/corrupt: Pillow raises with the usual reason
         return None
     if orientation in _ORIENTATION:  # rare: let Pillow do the transpose it is known for
@@ -268,7 +273,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     elif mode == "PA":
         img = img.convert("RGBA")
         mode = "RGBA"
-    if mode in ("RGBA", "LA", "La", "RGBa") or (mode in ("L", "RGB") and "transparency" in img.info):
+    if mode in ("RGBA", "LA", "La", "RGBa") or (
+        mode in ("L", "RGB") and "transparency" in img.info
+    ):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -306,4 +313,3 @@ def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
     else:
         a = np.zeros_like(a)
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
-

@@ -81,14 +81,20 @@ class PackStats:
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
-        return {"shards": dict(self.shards), "samples": self.samples, "bytes": self.bytes,
-                "formats": dict(self.formats), "skipped": [list(s) for s in self.skipped],
-                "seconds": round(self.seconds, 3)}
+        return {
+            "shards": dict(self.shards),
+            "samples": self.samples,
+            "bytes": self.bytes,
+            "formats": dict(self.formats),
+            "skipped": [list(s) for s in self.skipped],
+            "seconds": round(self.seconds, 3),
+        }
 
 
 class _ShardWriter:
-    def __init__(self, out_dir: Path, prefix: str, samples_per_shard: int,
-                 max_shard_bytes: int | None):
+    def __init__(
+        self, out_dir: Path, prefix: str, samples_per_shard: int, max_shard_bytes: int | None
+    ):
         self.out_dir, self.prefix = out_dir, prefix
         self.samples_per_shard, self.max_bytes = samples_per_shard, max_shard_bytes
         self.index = -1
@@ -118,8 +124,11 @@ class _ShardWriter:
         need = sum(_member_bytes(len(v)) for v in members.values())
         if self.tar is not None and (
             self.count >= self.samples_per_shard
-            or (self.max_bytes is not None and self.count > 0
-                and _tar_file_size(self.size + need) > self.max_bytes)
+            or (
+                self.max_bytes is not None
+                and self.count > 0
+                and _tar_file_size(self.size + need) > self.max_bytes
+            )
         ):
             self.close()
         if self.tar is None:
@@ -142,10 +151,16 @@ def _safe_key(key: str) -> str | None:
     return key
 
 
-def pack(source, out_dir: str | os.PathLike, samples_per_shard: int = 1000,
-         max_shard_bytes: int | str | None = "1GB", prefix: str = "shard",
-         max_pixels: int | None = DEFAULT_MAX_PIXELS, verify: bool = True,
-         progress: bool = False) -> PackStats:
+def pack(
+    source,
+    out_dir: str | os.PathLike,
+    samples_per_shard: int = 1000,
+    max_shard_bytes: int | str | None = "1GB",
+    prefix: str = "shard",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    verify: bool = True,
+    progress: bool = False,
+) -> PackStats:
     """Write ``source`` (a folder, list, parquet manifest, shards, or a source object) as
     WebDataset tars ``out_dir/{prefix}-000000.tar`` ... plus ``sizes.json``; return the stats.
 
@@ -162,8 +177,10 @@ def pack(source, out_dir: str | os.PathLike, samples_per_shard: int = 1000,
     out.mkdir(parents=True, exist_ok=True)
     stale = [p.name for p in out.glob(f"{prefix}-*.tar")]
     if stale:
-        raise FileExistsError(f"{out} already holds {len(stale)} '{prefix}-*.tar' shards "
-                              f"(e.g. {stale[0]}): pick an empty folder or another --prefix")
+        raise FileExistsError(
+            f"{out} already holds {len(stale)} '{prefix}-*.tar' shards "
+            f"(e.g. {stale[0]}): pick an empty folder or another --prefix"
+        )
     t0 = time.perf_counter()
     stats = PackStats()
     writer = _ShardWriter(out, prefix, samples_per_shard, max_bytes)
@@ -196,8 +213,9 @@ def pack(source, out_dir: str | os.PathLike, samples_per_shard: int = 1000,
             if s.caption is not None:
                 members["txt"] = s.caption.encode("utf-8")
             if s.metadata:
-                members["json"] = json.dumps(s.metadata, ensure_ascii=False,
-                                             sort_keys=True).encode("utf-8")
+                members["json"] = json.dumps(s.metadata, ensure_ascii=False, sort_keys=True).encode(
+                    "utf-8"
+                )
             writer.write(key, members)
             seen.add(key)
             stats.samples += 1
@@ -225,8 +243,9 @@ def _write_json(path: Path, obj) -> None:
 
 
 # ----------------------------------------------------------------------------------- inspect
-def inspect_shards(shards, decode: bool = True,
-                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
+def inspect_shards(
+    shards, decode: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> dict:
     """Report on shards: per shard ``samples`` (readable), ``members``, ``bytes``, ``formats``,
     ``labels`` (samples with a .cls), ``captions``, ``unreadable`` [(key, reason)] (bad images,
     refused member names, a cut-off shard); and ``totals``. ``decode``: fully decode each image
@@ -237,8 +256,16 @@ def inspect_shards(shards, decode: bool = True,
     fmts: Counter = Counter()
     for shard in names:
         skipped = SkipLog()
-        row = {"shard": shard, "samples": 0, "members": 0, "bytes": 0, "formats": Counter(),
-               "labels": 0, "captions": 0, "unreadable": []}
+        row = {
+            "shard": shard,
+            "samples": 0,
+            "members": 0,
+            "bytes": 0,
+            "formats": Counter(),
+            "labels": 0,
+            "captions": 0,
+            "unreadable": [],
+        }
         try:
             row["bytes"] = os.path.getsize(shard)
         except OSError:
@@ -250,20 +277,23 @@ def inspect_shards(shards, decode: bool = True,
                 ext = next(e for e in IMAGE_EXTS if e in rec.files)
                 real = image_ext(s.image)
                 if real is None:
-                    raise ImageDecodeError(f"{os.path.basename(shard)}:{rec.key}",
-                                           "not an image (cannot identify)")
+                    raise ImageDecodeError(
+                        f"{os.path.basename(shard)}:{rec.key}", "not an image (cannot identify)"
+                    )
                 if decode:
                     try:
                         open_image(s.image, draft_size=(1, 1), max_pixels=max_pixels)
                     except ImageDecodeError as exc:
-                        raise ImageDecodeError(f"{os.path.basename(shard)}:{rec.key}",
-                                               exc.reason) from None
+                        raise ImageDecodeError(
+                            f"{os.path.basename(shard)}:{rec.key}", exc.reason
+                        ) from None
             except ImageDecodeError as exc:
                 row["unreadable"].append((exc.path, exc.reason))
                 continue
             row["samples"] += 1
-            row["formats"][real if real == ext or (real, ext) == ("jpg", "jpeg") else
-                           f"{real} (as .{ext})"] += 1
+            row["formats"][
+                real if real == ext or (real, ext) == ("jpg", "jpeg") else f"{real} (as .{ext})"
+            ] += 1
             row["labels"] += s.label is not None
             row["captions"] += s.caption is not None
         row["unreadable"] = list(skipped) + row["unreadable"]
@@ -293,16 +323,36 @@ def _human(n: int) -> str:
 def format_report(report: dict, max_errors: int = 20) -> str:
     rows = [("shard", "samples", "size", "formats", "labels", "captions", "unreadable")]
     for r in report["shards"]:
-        rows.append((os.path.basename(r["shard"]), str(r["samples"]), _human(r["bytes"]),
-                     ",".join(f"{k}:{v}" for k, v in sorted(r["formats"].items())) or "-",
-                     str(r["labels"]), str(r["captions"]), str(len(r["unreadable"]))))
+        rows.append(
+            (
+                os.path.basename(r["shard"]),
+                str(r["samples"]),
+                _human(r["bytes"]),
+                ",".join(f"{k}:{v}" for k, v in sorted(r["formats"].items())) or "-",
+                str(r["labels"]),
+                str(r["captions"]),
+                str(len(r["unreadable"])),
+            )
+        )
     t = report["totals"]
-    rows.append((f"TOTAL ({t['shards']} shards)", str(t["samples"]), _human(t["bytes"]),
-                 ",".join(f"{k}:{v}" for k, v in sorted(t["formats"].items())) or "-",
-                 str(t["labels"]), str(t["captions"]), str(t["unreadable"])))
+    rows.append(
+        (
+            f"TOTAL ({t['shards']} shards)",
+            str(t["samples"]),
+            _human(t["bytes"]),
+            ",".join(f"{k}:{v}" for k, v in sorted(t["formats"].items())) or "-",
+            str(t["labels"]),
+            str(t["captions"]),
+            str(t["unreadable"]),
+        )
+    )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i in (0, 3) else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i in (0, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+        ).rstrip()
+        for r in rows
+    ]
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
     errors = [e for r in report["shards"] for e in r["unreadable"]]
@@ -338,40 +388,70 @@ Exit code 1 when no readable sample is found.
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``data`` (with ``pack`` and ``inspect``) on an argparse subparsers object."""
     p = subparsers.add_parser(
-        "data", help="pack images into WebDataset shards; inspect shards",
+        "data",
+        help="pack images into WebDataset shards; inspect shards",
         description="Data tools: pack folders / lists / parquet manifests into WebDataset tar "
-                    "shards, and inspect shards.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "shards, and inspect shards.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="data_command", metavar="{pack,inspect}")
     sub.required = True
 
     pk = sub.add_parser(
-        "pack", help="write WebDataset tar shards from a folder, list or parquet manifest",
+        "pack",
+        help="write WebDataset tar shards from a folder, list or parquet manifest",
         description="Pack images into WebDataset tar shards, keeping the original encoded bytes.",
-        epilog=PACK_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    pk.add_argument("src", metavar="SRC",
-                    help="image folder (class subfolders = labels), .txt/.lst list, .parquet "
-                         "manifest (path|url, text columns), or existing shards")
+        epilog=PACK_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pk.add_argument(
+        "src",
+        metavar="SRC",
+        help="image folder (class subfolders = labels), .txt/.lst list, .parquet "
+        "manifest (path|url, text columns), or existing shards",
+    )
     pk.add_argument("out", metavar="OUT", help="output folder (created; must hold no PREFIX-*.tar)")
-    pk.add_argument("--samples-per-shard", type=int, default=1000, metavar="N",
-                    help="samples per shard (default: %(default)s)")
-    pk.add_argument("--max-shard-size", default="1GB", metavar="SIZE",
-                    help="start a new shard before this size, e.g. 500MB, 1GB, 2GiB; 0 = no limit "
-                         "(default: %(default)s)")
+    pk.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="samples per shard (default: %(default)s)",
+    )
+    pk.add_argument(
+        "--max-shard-size",
+        default="1GB",
+        metavar="SIZE",
+        help="start a new shard before this size, e.g. 500MB, 1GB, 2GiB; 0 = no limit "
+        "(default: %(default)s)",
+    )
     pk.add_argument("--prefix", default="shard", help="shard name prefix (default: %(default)s)")
-    pk.add_argument("--no-verify", action="store_true",
-                    help="do not decode images before packing (faster; bad files get packed)")
+    pk.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not decode images before packing (faster; bad files get packed)",
+    )
     pk.add_argument("--quiet", action="store_true", help="no progress bar")
     pk.set_defaults(func=_cmd_pack)
 
     ins = sub.add_parser(
-        "inspect", help="count samples, formats, sizes and unreadable members of shards",
+        "inspect",
+        help="count samples, formats, sizes and unreadable members of shards",
         description="Report per-shard sample counts, formats, sizes and unreadable members.",
-        epilog=INSPECT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ins.add_argument("shards", metavar="SHARDS", nargs="+",
-                     help="tar files, brace patterns ('a-{000..009}.tar') or folders of tars")
-    ins.add_argument("--no-decode", action="store_true",
-                     help="only identify image formats, do not decode (faster)")
+        epilog=INSPECT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ins.add_argument(
+        "shards",
+        metavar="SHARDS",
+        nargs="+",
+        help="tar files, brace patterns ('a-{000..009}.tar') or folders of tars",
+    )
+    ins.add_argument(
+        "--no-decode",
+        action="store_true",
+        help="only identify image formats, do not decode (faster)",
+    )
     ins.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
     ins.set_defaults(func=_cmd_inspect)
     return p
@@ -380,15 +460,23 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
 def _cmd_pack(args: argparse.Namespace) -> int:
     try:
         max_bytes = parse_size(args.max_shard_size)
-        stats = pack(args.src, args.out, samples_per_shard=args.samples_per_shard,
-                     max_shard_bytes=max_bytes, prefix=args.prefix, verify=not args.no_verify,
-                     progress=not args.quiet and sys.stderr.isatty())
+        stats = pack(
+            args.src,
+            args.out,
+            samples_per_shard=args.samples_per_shard,
+            max_shard_bytes=max_bytes,
+            prefix=args.prefix,
+            verify=not args.no_verify,
+            progress=not args.quiet and sys.stderr.isatty(),
+        )
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     fm = ", ".join(f"{k}:{v}" for k, v in sorted(stats.formats.items())) or "-"
-    print(f"packed {stats.samples} samples into {len(stats.shards)} shards in {args.out} "
-          f"({_human(stats.bytes)} of images; {fm}) in {stats.seconds:.1f}s")
+    print(
+        f"packed {stats.samples} samples into {len(stats.shards)} shards in {args.out} "
+        f"({_human(stats.bytes)} of images; {fm}) in {stats.seconds:.1f}s"
+    )
     if stats.skipped:
         print(f"skipped {len(stats.skipped)}:", file=sys.stderr)
         for k, why in stats.skipped[:20]:

@@ -34,10 +34,10 @@ import os
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Union
 from urllib.parse import unquote, urlparse
 
 from PIL import Image
@@ -123,7 +123,7 @@ class SkipLog:
                 f.write(line)
 
     @classmethod
-    def read(cls, path: str | os.PathLike, max_entries: int = 100_000) -> "SkipLog":
+    def read(cls, path: str | os.PathLike, max_entries: int = 100_000) -> SkipLog:
         """The skips every process appended to ``path`` (an empty log when there is no file)."""
         out = cls(max_entries=max_entries)
         try:
@@ -199,8 +199,16 @@ def image_ext(data: bytes) -> str | None:
             fmt = (img.format or "").upper()
     except Exception:  # noqa: BLE001 - unidentifiable: the caller reports it
         return None
-    return {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp",
-            "TIFF": "tiff", "PPM": "ppm"}.get(fmt, fmt.lower() or None)
+    return {
+        "JPEG": "jpg",
+        "MPO": "jpg",
+        "PNG": "png",
+        "WEBP": "webp",
+        "GIF": "gif",
+        "BMP": "bmp",
+        "TIFF": "tiff",
+        "PPM": "ppm",
+    }.get(fmt, fmt.lower() or None)
 
 
 def _parse_label(value: Any) -> int | None:
@@ -244,9 +252,15 @@ class FileSource:
     ``skipped``; ``len()`` and ``get(i)`` give map-style access (``get`` raises ImageDecodeError).
     """
 
-    def __init__(self, path: str | os.PathLike, *, decode: bool = True,
-                 draft_size: tuple[int, int] | int | None = None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, as_array: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        decode: bool = True,
+        draft_size: tuple[int, int] | int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        as_array: bool = False,
+    ):
         self.path = Path(os.path.abspath(os.fspath(path)))
         self.decode = decode
         self.draft_size = draft_size
@@ -267,7 +281,8 @@ class FileSource:
         base = root if root.is_dir() else root.parent
         names = sorted({lab for _, lab in entries if lab is not None})
         numeric = root.suffix.lower() in LIST_SUFFIXES and all(
-            _parse_label(n) is not None for n in names)
+            _parse_label(n) is not None for n in names
+        )
         if not numeric:
             self.classes = names
         index = {n: i for i, n in enumerate(names)}
@@ -279,8 +294,11 @@ class FileSource:
                 rels.append(Path(*p.parts[1:]))
         keys = _unique([make_key(r) for r in rels])
         return [
-            _Item(key=k, path=str(p),
-                  label=None if lab is None else (_parse_label(lab) if numeric else index[lab]))
+            _Item(
+                key=k,
+                path=str(p),
+                label=None if lab is None else (_parse_label(lab) if numeric else index[lab]),
+            )
             for k, (p, lab) in zip(keys, entries)
         ]
 
@@ -301,14 +319,23 @@ class FileSource:
         width = max(6, len(str(len(rows))))
         keys, items = [], []
         for i, row in enumerate(rows):
-            keys.append(make_key(str(row[keycol])) if keycol and row[keycol] is not None
-                        else f"{i:0{width}d}")
+            keys.append(
+                make_key(str(row[keycol]))
+                if keycol and row[keycol] is not None
+                else f"{i:0{width}d}"
+            )
             where, err = _resolve_location(row[loc], path.parent)
             meta = {k: v for k, v in row.items() if k not in special}
-            items.append(_Item(key="", path=where, error=err,
-                               label=_parse_label(row[lab]) if lab else None,
-                               caption=None if text is None or row[text] is None else str(row[text]),
-                               metadata=_jsonable(meta)))
+            items.append(
+                _Item(
+                    key="",
+                    path=where,
+                    error=err,
+                    label=_parse_label(row[lab]) if lab else None,
+                    caption=None if text is None or row[text] is None else str(row[text]),
+                    metadata=_jsonable(meta),
+                )
+            )
         for it, k in zip(items, _unique(keys)):
             it.key = k
         return items
@@ -323,8 +350,12 @@ class FileSource:
         if it.path is None:
             raise ImageDecodeError(it.key, it.error or "no readable location")
         if self.decode:
-            image: Any = open_image(it.path, draft_size=self.draft_size, max_pixels=self.max_pixels,
-                                    as_array=self.as_array)
+            image: Any = open_image(
+                it.path,
+                draft_size=self.draft_size,
+                max_pixels=self.max_pixels,
+                as_array=self.as_array,
+            )
         else:
             try:
                 image = _read_local(it.path)
@@ -332,8 +363,14 @@ class FileSource:
                 raise ImageDecodeError(it.path, f"cannot read: {exc.strerror or exc}") from None
             if not image:
                 raise ImageDecodeError(it.path, "zero bytes")
-        return Sample(image=image, key=it.key, label=it.label, caption=it.caption,
-                      metadata=dict(it.metadata), source=it.path)
+        return Sample(
+            image=image,
+            key=it.key,
+            label=it.label,
+            caption=it.caption,
+            metadata=dict(it.metadata),
+            source=it.path,
+        )
 
     def __iter__(self) -> Iterator[Sample]:
         for i in range(len(self.items)):
@@ -383,15 +420,26 @@ def expand_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> li
         if s.startswith("file://"):
             s = unquote(urlparse(s).path)
         if os.path.isdir(s):
-            out.extend(sorted(str(p) for p in Path(s).iterdir()
-                              if p.suffix in (".tar", ".tgz") or p.name.endswith(".tar.gz")))
+            out.extend(
+                sorted(
+                    str(p)
+                    for p in Path(s).iterdir()
+                    if p.suffix in (".tar", ".tgz") or p.name.endswith(".tar.gz")
+                )
+            )
             continue
         if s.endswith(LIST_SUFFIXES) and os.path.isfile(s):
             base = Path(s).parent
             with open(s, encoding="utf-8") as f:
                 lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
-            out.extend(expand_shards([ln if os.path.isabs(ln) or URL_SCHEME.match(ln)
-                                      else str(base / ln) for ln in lines]))
+            out.extend(
+                expand_shards(
+                    [
+                        ln if os.path.isabs(ln) or URL_SCHEME.match(ln) else str(base / ln)
+                        for ln in lines
+                    ]
+                )
+            )
             continue
         out.extend(braceexpand(s))
     return out
@@ -409,7 +457,9 @@ def read_sizes(shards: Sequence[str]) -> dict[str, int] | None:
             return None
         d = s.rsplit("/", 1)[0] if remote else os.path.dirname(os.path.abspath(s))
         if d not in cache:
-            cache[d] = _read_sizes_file(f"{d}/{SIZES_FILE}" if remote else os.path.join(d, SIZES_FILE))
+            cache[d] = _read_sizes_file(
+                f"{d}/{SIZES_FILE}" if remote else os.path.join(d, SIZES_FILE)
+            )
         n = cache[d].get(s.rsplit("/", 1)[-1] if remote else os.path.basename(s))
         if not isinstance(n, int):
             return None
@@ -494,9 +544,14 @@ def iter_tar_records(shard: str, skipped: SkipLog | None = None) -> Iterator[Rec
         yield cur
 
 
-def record_to_sample(rec: Record, *, decode: bool = True,
-                     draft_size: tuple[int, int] | int | None = None,
-                     max_pixels: int | None = DEFAULT_MAX_PIXELS, as_array: bool = False) -> Sample:
+def record_to_sample(
+    rec: Record,
+    *,
+    decode: bool = True,
+    draft_size: tuple[int, int] | int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    as_array: bool = False,
+) -> Sample:
     """Turn a raw record into a Sample; raises ImageDecodeError(``shard:key``, reason).
     ``as_array``: the image as an (H, W, 3) uint8 array instead of PIL (see ``open_image``)."""
     where = f"{os.path.basename(rec.shard)}:{rec.key}"
@@ -506,8 +561,9 @@ def record_to_sample(rec: Record, *, decode: bool = True,
     data = rec.files[ext]
     if decode:
         try:
-            image: Any = open_image(data, draft_size=draft_size, max_pixels=max_pixels,
-                                    as_array=as_array)
+            image: Any = open_image(
+                data, draft_size=draft_size, max_pixels=max_pixels, as_array=as_array
+            )
         except ImageDecodeError as exc:
             raise ImageDecodeError(where, exc.reason) from None
     else:
@@ -532,8 +588,9 @@ def record_to_sample(rec: Record, *, decode: bool = True,
             raise ImageDecodeError(where, "bad .json member") from None
         if not isinstance(metadata, dict):
             metadata = {"json": metadata}
-    return Sample(image=image, key=rec.key, label=label, caption=caption, metadata=metadata,
-                  source=rec.shard)
+    return Sample(
+        image=image, key=rec.key, label=label, caption=caption, metadata=metadata, source=rec.shard
+    )
 
 
 class ShardSource:
@@ -543,9 +600,15 @@ class ShardSource:
     refused member names and unreadable shards go to ``skipped``.
     """
 
-    def __init__(self, shards, *, decode: bool = True,
-                 draft_size: tuple[int, int] | int | None = None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, as_array: bool = False):
+    def __init__(
+        self,
+        shards,
+        *,
+        decode: bool = True,
+        draft_size: tuple[int, int] | int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        as_array: bool = False,
+    ):
         self.shards = expand_shards(shards)
         if not self.shards:
             raise ValueError(f"no shards in {shards!r}")
@@ -562,8 +625,13 @@ class ShardSource:
     def to_sample(self, rec: Record) -> Sample | None:
         """The decoded sample, or None (recorded in ``skipped``) for a bad one."""
         try:
-            return record_to_sample(rec, decode=self.decode, draft_size=self.draft_size,
-                                    max_pixels=self.max_pixels, as_array=self.as_array)
+            return record_to_sample(
+                rec,
+                decode=self.decode,
+                draft_size=self.draft_size,
+                max_pixels=self.max_pixels,
+                as_array=self.as_array,
+            )
         except ImageDecodeError as exc:
             self.skipped.add(exc.path, exc.reason)
             return None
@@ -575,7 +643,7 @@ class ShardSource:
                 yield s
 
 
-Source = Union[FileSource, ShardSource]
+Source = Union[FileSource, ShardSource]  # noqa: UP007 (runtime alias)
 
 
 def is_shard_spec(src: Any) -> bool:
@@ -589,8 +657,10 @@ def is_shard_spec(src: Any) -> bool:
         return True
     if os.path.isdir(s):
         entries = [p for p in Path(s).iterdir() if not p.name.startswith(".")]
-        return bool(entries) and all(p.is_file() and (p.suffix == ".tar" or p.name == SIZES_FILE
-                                                      or p.name == "classes.json") for p in entries)
+        return bool(entries) and all(
+            p.is_file() and (p.suffix == ".tar" or p.name == SIZES_FILE or p.name == "classes.json")
+            for p in entries
+        )
     return False
 
 

@@ -119,21 +119,36 @@ class ShardStream(IterableDataset):
     for sample-level shuffling per worker (0: off). ``rank``/``world_size``: override detection.
     """
 
-    def __init__(self, shards, *, epoch_len: int | None = None, batch_size: int = 1,
-                 transform: Callable | None = None, output: str = "sample", seed: int = 0,
-                 shuffle: bool = True, shuffle_buffer: int = 1000, resampled: bool = False,
-                 rank: int | None = None, world_size: int | None = None, decode: bool = True,
-                 draft_size: tuple[int, int] | int | None = None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        shards,
+        *,
+        epoch_len: int | None = None,
+        batch_size: int = 1,
+        transform: Callable | None = None,
+        output: str = "sample",
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        decode: bool = True,
+        draft_size: tuple[int, int] | int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
         super().__init__()
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, not {output!r}")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        self.source = ShardSource(shards, decode=decode,
-                                  draft_size=draft_size or transform_draft_size(transform),
-                                  max_pixels=max_pixels,
-                                  as_array=decode and transform_accepts_array(transform))
+        self.source = ShardSource(
+            shards,
+            decode=decode,
+            draft_size=draft_size or transform_draft_size(transform),
+            max_pixels=max_pixels,
+            as_array=decode and transform_accepts_array(transform),
+        )
         self.shards = self.source.shards
         self.rank, self.world_size = dist_info(rank, world_size)
         self.batch_size = batch_size
@@ -147,11 +162,14 @@ class ShardStream(IterableDataset):
             raise ValueError(
                 "ShardStream needs the epoch length for world_size > 1 (every rank must yield the "
                 "same number of batches): write sizes.json next to the shards (`vssl data pack` "
-                "does) or pass epoch_len=<samples per epoch>")
+                "does) or pass epoch_len=<samples per epoch>"
+            )
         self.epoch_len = epoch_len
         if epoch_len is not None and self.batches_per_rank == 0:
-            raise ValueError(f"epoch_len {epoch_len} is smaller than one batch per rank "
-                             f"({self.world_size} ranks x batch {batch_size})")
+            raise ValueError(
+                f"epoch_len {epoch_len} is smaller than one batch per rank "
+                f"({self.world_size} ranks x batch {batch_size})"
+            )
 
     @property
     def skipped(self) -> SkipLog:
@@ -243,10 +261,12 @@ class ShardStream(IterableDataset):
         if stale[1] > self.buffer_size + 10_000:
             raise RuntimeError(
                 f"rank {self.rank}: {stale[1]} records read without one usable sample; the "
-                f"shards are unreadable ({self.skipped.summary()})")
+                f"shards are unreadable ({self.skipped.summary()})"
+            )
 
-    def _epoch_records(self, worker: int, num_workers: int, state: dict,
-                       quota: int | None) -> Iterator[Record]:
+    def _epoch_records(
+        self, worker: int, num_workers: int, state: dict, quota: int | None
+    ) -> Iterator[Record]:
         shards, mod, res = self.worker_split(worker, num_workers)
         if not shards:
             if quota:
@@ -262,8 +282,7 @@ class ShardStream(IterableDataset):
             # yields every sample of the worker's share exactly once
             mine = (rec for i, rec in enumerate(self.source.records(order)) if i % mod == res)
             rng = _rng(self.seed, self.epoch, self.rank, worker, "samples", pass_no)
-            for rec in shuffle_buffer(mine, self._buffer(), rng):
-                yield rec
+            yield from shuffle_buffer(mine, self._buffer(), rng)
             # here the consumer has handled every record of the pass (it resumed us after each)
             if quota is None:
                 return
@@ -271,7 +290,8 @@ class ShardStream(IterableDataset):
                 raise RuntimeError(
                     f"rank {self.rank} worker {worker}: a whole pass over its shards gave no "
                     f"usable sample, so it cannot fill its quota of {quota} "
-                    f"({self.skipped.summary()})")
+                    f"({self.skipped.summary()})"
+                )
             pass_no += 1
             if pass_no == 1:
                 log.debug("rank %d worker %d wraps around its shards", self.rank, worker)
@@ -289,8 +309,10 @@ class ShardStream(IterableDataset):
                     yield rec
                 empty = 0 if n else empty + 1
                 if empty > 100 + 10 * len(self.shards):
-                    raise RuntimeError(f"rank {self.rank}: {empty} shard draws in a row gave no "
-                                       f"record ({self.skipped.summary()})")
+                    raise RuntimeError(
+                        f"rank {self.rank}: {empty} shard draws in a row gave no "
+                        f"record ({self.skipped.summary()})"
+                    )
 
         buf_rng = _rng(self.seed, self.epoch, self.rank, worker, "samples")
         for rec in shuffle_buffer(draws(), self._buffer(), buf_rng):
@@ -305,14 +327,28 @@ class FileDataset(Dataset):
     """Map-style dataset over a folder (class subfolders = labels), ``.txt`` list or parquet
     manifest; item ``i`` is a Sample (or ``(image, label)``), see the module doc."""
 
-    def __init__(self, path, *, transform: Callable | None = None, output: str = "sample",
-                 draft_size: tuple[int, int] | int | None = None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, max_retries: int = 100):
+    def __init__(
+        self,
+        path,
+        *,
+        transform: Callable | None = None,
+        output: str = "sample",
+        draft_size: tuple[int, int] | int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_retries: int = 100,
+    ):
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, not {output!r}")
-        self.source = path if isinstance(path, FileSource) else FileSource(
-            path, draft_size=draft_size or transform_draft_size(transform), max_pixels=max_pixels,
-            as_array=transform_accepts_array(transform))
+        self.source = (
+            path
+            if isinstance(path, FileSource)
+            else FileSource(
+                path,
+                draft_size=draft_size or transform_draft_size(transform),
+                max_pixels=max_pixels,
+                as_array=transform_accepts_array(transform),
+            )
+        )
         self.transform, self.output, self.max_retries = transform, output, max_retries
 
     @property
@@ -338,8 +374,10 @@ class FileDataset(Dataset):
             out = _finish(s, self.transform, self.output, self.skipped)
             if out is not None:
                 return out
-        raise RuntimeError(f"no readable image in {min(self.max_retries, n)} items from index {i} "
-                           f"({self.skipped.summary()})")
+        raise RuntimeError(
+            f"no readable image in {min(self.max_retries, n)} items from index {i} "
+            f"({self.skipped.summary()})"
+        )
 
 
 FolderDataset = FileDataset

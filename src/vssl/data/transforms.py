@@ -80,7 +80,9 @@ class EvalTransform:
                 f"resize_ratio must be >= 1 (resize at least to the crop size), got {resize_ratio}"
             )
         if interpolation not in _RESAMPLE:
-            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}")
+            raise ValueError(
+                f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}"
+            )
         if len(mean) != 3 or len(std) != 3:
             raise ValueError("mean and std need 3 values (RGB)")
         self.crop_size = (crop_h, crop_w)

@@ -26,12 +26,15 @@ PROTOCOLS = [
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     epilog = "protocols:\n" + "\n".join(f"  {name:<10} {text}" for name, text in PROTOCOLS)
     p = subparsers.add_parser(
-        "eval", help="evaluate frozen features: knn, linear, logreg, zeroshot, retrieval, align, seg",
+        "eval",
+        help="evaluate frozen features: knn, linear, logreg, zeroshot, retrieval, align, seg",
         description="Evaluate a model's frozen features with DINOv2's protocols. Features come from "
-                    "a `vssl embed` output folder, or are embedded on the fly (and cached) when "
-                    "--model is given. Every run prints a table and appends JSON lines to a "
-                    "results file; `vssl eval report` puts runs side by side.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
+        "a `vssl embed` output folder, or are embedded on the fly (and cached) when "
+        "--model is given. Every run prints a table and appends JSON lines to a "
+        "results file; `vssl eval report` puts runs side by side.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=epilog,
+    )
     sub = p.add_subparsers(dest="protocol", metavar="PROTOCOL")
     for name, _ in PROTOCOLS:
         importlib.import_module(f"{__package__}.{name}").add_parser(sub)

@@ -33,7 +33,11 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "Features", "add_feature_args", "default_cache_dir", "features_cache_key", "features_from_args",
+    "Features",
+    "add_feature_args",
+    "default_cache_dir",
+    "features_cache_key",
+    "features_from_args",
     "load_features",
 ]
 
@@ -79,7 +83,8 @@ class Features:
             if a is not None and (a.ndim != ndim or a.shape[0] != n or a.shape[-1] != d):
                 raise ValueError(
                     f"{name} has shape {a.shape}, expected {ndim} dims with {n} rows and width {d} "
-                    f"like the CLS features{_where(self)}")
+                    f"like the CLS features{_where(self)}"
+                )
 
     def __len__(self) -> int:
         return self.cls.shape[0]
@@ -88,32 +93,46 @@ class Features:
     def num_classes(self) -> int | None:
         return None if self.classes is None else len(self.classes)
 
-    def require(self, *, labels: bool = False, layers: int = 0, avgpool: bool = False,
-                patch_tokens: bool = False) -> "Features":
+    def require(
+        self,
+        *,
+        labels: bool = False,
+        layers: int = 0,
+        avgpool: bool = False,
+        patch_tokens: bool = False,
+    ) -> Features:
         """Check that what a protocol needs is here (else a ValueError saying how to make it);
         returns these features with ``layers`` cut to the last ``layers`` blocks."""
         hint = " (or pass --model to embed the images on the fly)"
         if labels and self.labels is None:
             raise ValueError(
                 f"{self.source or 'the features'} have no labels: classification needs the images "
-                "in class subfolders (DIR/<class>/<image>), which `vssl embed` records as labels")
+                "in class subfolders (DIR/<class>/<image>), which `vssl embed` records as labels"
+            )
         out = self
         if layers:
             if self.layers is None:
-                raise ValueError(f"{self.source} has no {LAYERS}: re-run `vssl embed` with "
-                                 f"--layers {layers}{hint}")
+                raise ValueError(
+                    f"{self.source} has no {LAYERS}: re-run `vssl embed` with "
+                    f"--layers {layers}{hint}"
+                )
             have = self.layers.shape[1]
             if have < layers:
-                raise ValueError(f"{self.source}/{LAYERS} holds the last {have} blocks, {layers} "
-                                 f"are needed: re-run `vssl embed` with --layers {layers}{hint}")
+                raise ValueError(
+                    f"{self.source}/{LAYERS} holds the last {have} blocks, {layers} "
+                    f"are needed: re-run `vssl embed` with --layers {layers}{hint}"
+                )
             if have > layers:
-                out = dataclasses.replace(out, layers=self.layers[:, have - layers:])
+                out = dataclasses.replace(out, layers=self.layers[:, have - layers :])
         if avgpool and self.avgpool is None:
-            raise ValueError(f"{self.source} has no {AVGPOOL}: re-run `vssl embed` with "
-                             f"--avgpool{hint}")
+            raise ValueError(
+                f"{self.source} has no {AVGPOOL}: re-run `vssl embed` with --avgpool{hint}"
+            )
         if patch_tokens and self.patch_tokens is None:
-            raise ValueError(f"{self.source} has no {PATCH_TOKENS}: re-run `vssl embed` with "
-                             f"--patch-tokens{hint}")
+            raise ValueError(
+                f"{self.source} has no {PATCH_TOKENS}: re-run `vssl embed` with "
+                f"--patch-tokens{hint}"
+            )
         return out
 
 
@@ -130,7 +149,8 @@ def _label_indices(raw: list[str | None], classes: list[str] | None, where: str)
     if missing:
         raise ValueError(
             f"{len(missing)} of {len(raw)} images in {where} have no label (files directly in the "
-            f"input folder, e.g. row {missing[0]}): put every image in a class subfolder, or none")
+            f"input folder, e.g. row {missing[0]}): put every image in a class subfolder, or none"
+        )
     if classes is None:
         classes = sorted(set(raw))
     index = {c: i for i, c in enumerate(classes)}
@@ -139,20 +159,24 @@ def _label_indices(raw: list[str | None], classes: list[str] | None, where: str)
         shown = ", ".join(repr(u) for u in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise ValueError(
             f"{where}: label(s) {shown} not among the {len(classes)} training classes: the splits "
-            "must use the same class subfolder names")
+            "must use the same class subfolder names"
+        )
     return np.fromiter((index[lab] for lab in raw), dtype=np.int64, count=len(raw)), list(classes)
 
 
 def _load_rows(path: Path, n: int, what: str, mmap: bool) -> np.ndarray:
     a = np.load(path, mmap_mode="r" if mmap else None)
     if a.shape[0] != n:
-        raise ValueError(f"{path} has {a.shape[0]} rows but {EMBEDDINGS} has {n}: the folder "
-                         f"mixes two runs; re-run `vssl embed` (with {what}) into a clean folder")
+        raise ValueError(
+            f"{path} has {a.shape[0]} rows but {EMBEDDINGS} has {n}: the folder "
+            f"mixes two runs; re-run `vssl embed` (with {what}) into a clean folder"
+        )
     return a
 
 
-def load_features(path: str | os.PathLike, *, classes: list[str] | None = None,
-                  source: str | None = None) -> Features:
+def load_features(
+    path: str | os.PathLike, *, classes: list[str] | None = None, source: str | None = None
+) -> Features:
     """Read a ``vssl embed`` output folder.
 
     ``classes`` (e.g. the train split's) fixes the label indices, so a test split maps to the same
@@ -168,10 +192,13 @@ def load_features(path: str | os.PathLike, *, classes: list[str] | None = None,
     if not d.is_dir() or not (d / EMBEDDINGS).is_file():
         raise ValueError(
             f"{d} is not a `vssl embed` output folder (no {EMBEDDINGS}): run `vssl embed MODEL "
-            f"--input IMAGES --output DIR` and pass DIR, or pass --model to embed on the fly")
+            f"--input IMAGES --output DIR` and pass DIR, or pass --model to embed on the fly"
+        )
     if not (d / MANIFEST).is_file():
-        raise ValueError(f"{d} has {EMBEDDINGS} but no {MANIFEST}: the embed run did not finish; "
-                         "re-run `vssl embed`")
+        raise ValueError(
+            f"{d} has {EMBEDDINGS} but no {MANIFEST}: the embed run did not finish; "
+            "re-run `vssl embed`"
+        )
     cls = np.load(d / EMBEDDINGS)
     if cls.ndim != 2:
         raise ValueError(f"{d / EMBEDDINGS} has shape {cls.shape}, expected (N, D)")
@@ -182,21 +209,32 @@ def load_features(path: str | os.PathLike, *, classes: list[str] | None = None,
         if col not in table:
             raise ValueError(f"{d / MANIFEST} has no {col!r} column: not written by `vssl embed`")
     if len(table["path"]) != n:
-        raise ValueError(f"{d / EMBEDDINGS} has {n} rows but {MANIFEST} lists "
-                         f"{len(table['path'])} images: the folder mixes two runs; re-run "
-                         "`vssl embed` into a clean folder")
+        raise ValueError(
+            f"{d / EMBEDDINGS} has {n} rows but {MANIFEST} lists "
+            f"{len(table['path'])} images: the folder mixes two runs; re-run "
+            "`vssl embed` into a clean folder"
+        )
     if table["row"] != list(range(n)):
         raise ValueError(f"{d / MANIFEST}: the row column is not 0..{n - 1} in order")
     labels, classes = _label_indices(table["label"], classes, str(d))
+
     def optional(name: str, option: str, mmap: bool) -> np.ndarray | None:
         return _load_rows(d / name, n, option, mmap) if (d / name).is_file() else None
 
     layers = optional(LAYERS, "--layers", mmap=True)
     avgpool = optional(AVGPOOL, "--avgpool", mmap=False)
     tokens = optional(PATCH_TOKENS, "--patch-tokens", mmap=True)
-    return Features(cls=cls, paths=list(table["path"]), labels=labels, classes=classes,
-                    layers=layers, avgpool=avgpool, patch_tokens=tokens,
-                    source=str(d) if source is None else source, features_dir=str(d))
+    return Features(
+        cls=cls,
+        paths=list(table["path"]),
+        labels=labels,
+        classes=classes,
+        layers=layers,
+        avgpool=avgpool,
+        patch_tokens=tokens,
+        source=str(d) if source is None else source,
+        features_dir=str(d),
+    )
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -216,8 +254,10 @@ def add_feature_args(parser: argparse.ArgumentParser, splits=("train", "test")) 
     and shared with embedding rather than added twice (argparse would refuse the duplicate).
     """
     g = parser.add_argument_group(
-        "features", "the splits are `vssl embed` output folders; with --model they are image\n"
-        "folders or list files, embedded on the fly and cached in --cache")
+        "features",
+        "the splits are `vssl embed` output folders; with --model they are image\n"
+        "folders or list files, embedded on the fly and cached in --cache",
+    )
     have = parser._option_string_actions  # argparse keeps no public list of defined options
 
     def add(flag, **kw):
@@ -225,27 +265,61 @@ def add_feature_args(parser: argparse.ArgumentParser, splits=("train", "test")) 
             g.add_argument(flag, **kw)
 
     for split in splits:
-        add(f"--{split}", required=True, metavar="DIR",
+        add(
+            f"--{split}",
+            required=True,
+            metavar="DIR",
             help=f"{split} split: a `vssl embed` output folder, or with --model an image folder "
-                 "(class subfolders = labels) or .txt list")
-    add("--model", default=None, metavar="MODEL",
+            "(class subfolders = labels) or .txt list",
+        )
+    add(
+        "--model",
+        default=None,
+        metavar="MODEL",
         help="embed the splits with this model: a zoo name (`vssl models`) or a checkpoint "
-             "(default: the splits are already `vssl embed` folders)")
+        "(default: the splits are already `vssl embed` folders)",
+    )
     add("--weights", default=None, metavar="PATH", help="weights for a zoo-name --model")
-    add("--random-init", action="store_true",
-        help="allow a zoo --model without --weights (random weights: smoke tests only)")
-    add("--resolution", type=int, default=None, metavar="PX",
-        help="center-crop size for embedding (default: the model's img_size)")
-    add("--batch-size", type=int, default=64, metavar="N",
-        help="images per forward pass when embedding (default 64)")
+    add(
+        "--random-init",
+        action="store_true",
+        help="allow a zoo --model without --weights (random weights: smoke tests only)",
+    )
+    add(
+        "--resolution",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="center-crop size for embedding (default: the model's img_size)",
+    )
+    add(
+        "--batch-size",
+        type=int,
+        default=64,
+        metavar="N",
+        help="images per forward pass when embedding (default 64)",
+    )
     add("--device", default="cpu", help="torch device, e.g. cpu, cuda (default cpu)")
-    add("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
-        help="compute dtype for embedding (default fp32)")
-    add("--num-workers", type=int, default=None, metavar="N",
-        help="decoding processes when embedding (default: min(4, CPU count))")
-    add("--cache", default=str(default_cache_dir()), metavar="DIR",
+    add(
+        "--dtype",
+        choices=("bf16", "fp16", "fp32"),
+        default=None,
+        help="compute dtype for embedding (default fp32)",
+    )
+    add(
+        "--num-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="decoding processes when embedding (default: min(4, CPU count))",
+    )
+    add(
+        "--cache",
+        default=str(default_cache_dir()),
+        metavar="DIR",
         help="folder for embedded features, re-used across runs (default %(default)s; "
-             "$VSSL_CACHE moves it)")
+        "$VSSL_CACHE moves it)",
+    )
 
 
 # ------------------------------------------------------------------------------------ cache
@@ -253,16 +327,20 @@ def _fingerprint(path: Path) -> list:
     """Identity of a file or folder by paths, sizes and mtimes (cheap; contents are not hashed)."""
     path = Path(os.path.abspath(path))
     if path.is_dir():
-        return [str(path)] + [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
-                              for p in sorted(path.rglob("*")) if p.is_file()]
+        return [str(path)] + [
+            [str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in sorted(path.rglob("*"))
+            if p.is_file()
+        ]
     if not path.exists():  # loading will fail with a better message; no cache folder can match
         return [str(path)]
     st = path.stat()
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-def features_cache_key(model: str, weights: str | None, resolution: int | None, dtype: str | None,
-                       inputs) -> str:
+def features_cache_key(
+    model: str, weights: str | None, resolution: int | None, dtype: str | None, inputs
+) -> str:
     """Hex digest of what decides the feature values: model and weights files (path, size, mtime),
     resolution, dtype, and every input (path, label, size, mtime) in row order."""
     from ..models import list_models
@@ -270,10 +348,14 @@ def features_cache_key(model: str, weights: str | None, resolution: int | None, 
     h = hashlib.sha256()
     is_zoo_name = model in list_models() and not Path(model).exists()
     model_id = model if is_zoo_name else _fingerprint(Path(model))
-    head = {"format": CACHE_FORMAT, "model": model_id,
-            "weights": None if weights is None else _fingerprint(Path(weights)),
-            "resolution": resolution, "dtype": dtype or "fp32",
-            "transform": "EvalTransform resize 256/224 bicubic, center crop, JPEG draft"}
+    head = {
+        "format": CACHE_FORMAT,
+        "model": model_id,
+        "weights": None if weights is None else _fingerprint(Path(weights)),
+        "resolution": resolution,
+        "dtype": dtype or "fp32",
+        "transform": "EvalTransform resize 256/224 bicubic, center crop, JPEG draft",
+    }
     h.update(json.dumps(head, sort_keys=True).encode())
     for p, label in inputs:
         try:
@@ -297,7 +379,8 @@ def _cached_has(d: Path, layers: int, avgpool: bool, patch_tokens: bool) -> bool
         if not (d / LAYERS).is_file() or np.load(d / LAYERS, mmap_mode="r").shape[1] < layers:
             return False
     return (not avgpool or (d / AVGPOOL).is_file()) and (
-        not patch_tokens or (d / PATCH_TOKENS).is_file())
+        not patch_tokens or (d / PATCH_TOKENS).is_file()
+    )
 
 
 def _model_for(args):
@@ -307,28 +390,40 @@ def _model_for(args):
         from ..models import create_model, list_models
 
         try:
-            model = create_model(args.model, args.weights, dtype=args.dtype, device=args.device,
-                                 random_init=getattr(args, "random_init", False))
+            model = create_model(
+                args.model,
+                args.weights,
+                dtype=args.dtype,
+                device=args.device,
+                random_init=getattr(args, "random_init", False),
+            )
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - any load failure is a user error: say what it was
             raise ValueError(f"cannot load model {args.model!r}: {exc}") from exc
         if args.weights is None and args.model in list_models():
-            print(f"WARNING: {args.model} has RANDOM weights (no --weights given); these features "
-                  "are meaningless except as a smoke test", file=sys.stderr, flush=True)
+            print(
+                f"WARNING: {args.model} has RANDOM weights (no --weights given); these features "
+                "are meaningless except as a smoke test",
+                file=sys.stderr,
+                flush=True,
+            )
         args._features_model = model
     return model
 
 
-def _embed_cached(args, split: str, path: str, layers: int, avgpool: bool, patch_tokens: bool,
-                  classes) -> Features:
+def _embed_cached(
+    args, split: str, path: str, layers: int, avgpool: bool, patch_tokens: bool, classes
+) -> Features:
     from ..data.listing import list_inputs
     from ..embed import ERRORS, embed_images
 
     src = Path(path)
     if (src / EMBEDDINGS).is_file():
-        raise ValueError(f"--{split} {src} is a `vssl embed` output folder; with --model it must "
-                         "be images: drop --model to use these features")
+        raise ValueError(
+            f"--{split} {src} is a `vssl embed` output folder; with --model it must "
+            "be images: drop --model to use these features"
+        )
     try:
         inputs = list_inputs(src)
     except FileNotFoundError:
@@ -340,8 +435,9 @@ def _embed_cached(args, split: str, path: str, layers: int, avgpool: bool, patch
     name = f"{_slug(Path(args.model).name)}_{_slug(src.name)}_{key[:20]}"
     final = cache / name
     if _cached_has(final, layers, avgpool, patch_tokens):
-        print(f"vssl eval: re-using cached {split} features in {final}", file=sys.stderr,
-              flush=True)
+        print(
+            f"vssl eval: re-using cached {split} features in {final}", file=sys.stderr, flush=True
+        )
         return load_features(final, classes=classes, source=str(src))
 
     # Embed everything this folder should hold: what is asked now plus what earlier runs put there.
@@ -353,27 +449,51 @@ def _embed_cached(args, split: str, path: str, layers: int, avgpool: bool, patch
     model = _model_for(args)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    print(f"vssl eval: embedding {len(inputs)} {split} images from {src} with {args.model} into "
-          f"{final}", file=sys.stderr, flush=True)
+    print(
+        f"vssl eval: embedding {len(inputs)} {split} images from {src} with {args.model} into "
+        f"{final}",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         result = embed_images(
-            model, inputs, tmp, resolution=args.resolution, batch_size=args.batch_size,
-            num_workers=args.num_workers, device=args.device, dtype=args.dtype,
-            patch_tokens=patch_tokens, layers=layers, avgpool=avgpool,
-            progress=sys.stderr.isatty())
+            model,
+            inputs,
+            tmp,
+            resolution=args.resolution,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=args.device,
+            dtype=args.dtype,
+            patch_tokens=patch_tokens,
+            layers=layers,
+            avgpool=avgpool,
+            progress=sys.stderr.isatty(),
+        )
         if result.num_embedded == 0:
             first = "; ".join(f"{e['path']}: {e['error']}" for e in result.errors[:3])
             raise ValueError(f"no image of --{split} {src} could be embedded ({first})")
-        info = {"model": args.model, "weights": args.weights, "resolution": args.resolution,
-                "dtype": args.dtype, "input": str(src), "images": result.num_embedded,
-                "skipped": result.num_skipped, "key": key}
+        info = {
+            "model": args.model,
+            "weights": args.weights,
+            "resolution": args.resolution,
+            "dtype": args.dtype,
+            "input": str(src),
+            "images": result.num_embedded,
+            "skipped": result.num_skipped,
+            "key": key,
+        }
         (tmp / CACHE_INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         _move_into_place(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if result.num_skipped:
-        print(f"vssl eval: skipped {result.num_skipped} unreadable {split} files (see "
-              f"{final / ERRORS})", file=sys.stderr, flush=True)
+        print(
+            f"vssl eval: skipped {result.num_skipped} unreadable {split} files (see "
+            f"{final / ERRORS})",
+            file=sys.stderr,
+            flush=True,
+        )
     return load_features(final, classes=classes, source=str(src))
 
 
@@ -396,8 +516,15 @@ def _move_into_place(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def features_from_args(args, split: str, *, layers: int = 0, avgpool: bool = False,
-                       patch_tokens: bool = False, classes: list[str] | None = None) -> Features:
+def features_from_args(
+    args,
+    split: str,
+    *,
+    layers: int = 0,
+    avgpool: bool = False,
+    patch_tokens: bool = False,
+    classes: list[str] | None = None,
+) -> Features:
     """The features of ``args.<split>``: read from a ``vssl embed`` folder, or (with ``--model``)
     embedded into the cache, re-used when a cached folder already has everything requested.
 
@@ -409,12 +536,20 @@ def features_from_args(args, split: str, *, layers: int = 0, avgpool: bool = Fal
     if path is None:
         raise ValueError(f"--{split} is required")
     if getattr(args, "model", None) is None:
-        given = [flag for flag, dest in (("--weights", "weights"), ("--resolution", "resolution"),
-                                         ("--random-init", "random_init"))
-                 if getattr(args, dest, None)]
+        given = [
+            flag
+            for flag, dest in (
+                ("--weights", "weights"),
+                ("--resolution", "resolution"),
+                ("--random-init", "random_init"),
+            )
+            if getattr(args, dest, None)
+        ]
         if given:
-            raise ValueError(f"{', '.join(given)} only apply with --model (embedding on the fly); "
-                             f"--{split} {path} is read as a `vssl embed` output folder")
+            raise ValueError(
+                f"{', '.join(given)} only apply with --model (embedding on the fly); "
+                f"--{split} {path} is read as a `vssl embed` output folder"
+            )
         feats = load_features(path, classes=classes)
     else:
         feats = _embed_cached(args, split, path, layers, avgpool, patch_tokens, classes)

@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -59,8 +59,14 @@ class KNNResult:
 
     def rows(self) -> list[dict]:
         """One table row per k: ``{"k", "top1", "top5"}``."""
-        return [{"k": k, "top1": None if self.top1 is None else self.top1[k],
-                 "top5": None if self.top5 is None else self.top5[k]} for k in self.ks]
+        return [
+            {
+                "k": k,
+                "top1": None if self.top1 is None else self.top1[k],
+                "top5": None if self.top5 is None else self.top5[k],
+            }
+            for k in self.ks
+        ]
 
 
 def _as_matrix(x, name: str, device):
@@ -81,8 +87,9 @@ def _as_labels(y, n: int, name: str, device):
 
     t = y if isinstance(y, torch.Tensor) else torch.from_numpy(np.asarray(y))
     if t.shape != (n,) or t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise ValueError(f"{name} must be ({n},) integer class indices, got shape {tuple(t.shape)} "
-                         f"{t.dtype}")
+        raise ValueError(
+            f"{name} must be ({n},) integer class indices, got shape {tuple(t.shape)} {t.dtype}"
+        )
     return t.to(device=device, dtype=torch.int64)
 
 
@@ -91,7 +98,7 @@ def _topk_blocked(query, train, k: int, block: int):
     one ``len(query) x block`` similarity block at a time, merging a running top-k."""
     best_v = best_i = None
     for start in range(0, train.shape[0], block):
-        sim = query @ train[start:start + block].T
+        sim = query @ train[start : start + block].T
         v, i = sim.topk(min(k, sim.shape[1]), dim=1)
         i += start
         if best_v is not None:
@@ -142,12 +149,15 @@ def knn_classify(
         train = _as_matrix(train_feats, "train features", device)
         test = _as_matrix(test_feats, "test features", device)
         if train.shape[1] != test.shape[1]:
-            raise ValueError(f"train features have width {train.shape[1]}, test features "
-                             f"{test.shape[1]}: they come from different models or layers")
+            raise ValueError(
+                f"train features have width {train.shape[1]}, test features "
+                f"{test.shape[1]}: they come from different models or layers"
+            )
         n_train, n_test = train.shape[0], test.shape[0]
         ytrain = _as_labels(train_labels, n_train, "train labels", device)
-        ytest = None if test_labels is None else _as_labels(test_labels, n_test, "test labels",
-                                                             device)
+        ytest = (
+            None if test_labels is None else _as_labels(test_labels, n_test, "test labels", device)
+        )
         top_label = max(int(ytrain.max()), -1 if ytest is None else int(ytest.max()))
         low = min(int(ytrain.min()), 0 if ytest is None else int(ytest.min()))
         if num_classes is None:
@@ -157,8 +167,11 @@ def knn_classify(
 
         clipped = [k for k in ks if k > n_train]
         if clipped:
-            warnings.warn(f"k={', '.join(map(str, clipped))} exceeds the {n_train} training "
-                          f"images: using k={n_train} instead", stacklevel=2)
+            warnings.warn(
+                f"k={', '.join(map(str, clipped))} exceeds the {n_train} training "
+                f"images: using k={n_train} instead",
+                stacklevel=2,
+            )
             ks = sorted({min(k, n_train) for k in ks})
         max_k = ks[-1]
 
@@ -168,7 +181,7 @@ def knn_classify(
         hits5 = {k: 0 for k in ks}
         with_top5 = num_classes >= 5
         for start in range(0, n_test, batch_size):
-            q = F.normalize(test[start:start + batch_size], dim=1)
+            q = F.normalize(test[start : start + batch_size], dim=1)
             sims, idx = _topk_blocked(q, train, max_k, train_block)
             weights = (sims / temperature).softmax(dim=1)  # over the max_k neighbours, as DINOv2
             neighbour_labels = ytrain[idx]
@@ -180,7 +193,7 @@ def knn_classify(
                 order = scores.sort(dim=1, descending=True, stable=True).indices[:, :5]
                 preds[k].append(order[:, 0])
                 if ytest is not None:
-                    y = ytest[start:start + batch_size, None]
+                    y = ytest[start : start + batch_size, None]
                     hits1[k] += int((order[:, :1] == y).sum())
                     if with_top5:
                         hits5[k] += int((order == y).any(dim=1).sum())
@@ -189,8 +202,13 @@ def knn_classify(
         ks=ks,
         top1=None if ytest is None else {k: hits1[k] / n_test for k in ks},
         top5=None if ytest is None or not with_top5 else {k: hits5[k] / n_test for k in ks},
-        predictions=predictions, num_classes=num_classes, temperature=float(temperature),
-        num_train=n_train, num_test=n_test, clipped=clipped)
+        predictions=predictions,
+        num_classes=num_classes,
+        temperature=float(temperature),
+        num_train=n_train,
+        num_test=n_test,
+        clipped=clipped,
+    )
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -213,15 +231,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from .results import add_result_args
 
     p = subparsers.add_parser(
-        "knn", help="k-nearest-neighbour classification on frozen features (DINOv2 protocol)",
+        "knn",
+        help="k-nearest-neighbour classification on frozen features (DINOv2 protocol)",
         description="Weighted kNN classification with DINOv2's protocol: cosine similarity of\n"
-                    "L2-normalized CLS features; the k nearest training images vote with weights\n"
-                    "softmax(similarity / T). Prints top-1 / top-5 accuracy per k.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS), metavar="K",
-                   help="numbers of neighbours (default: 10 20 100 200)")
-    p.add_argument("--temperature", type=float, default=0.07, metavar="T",
-                   help="softmax temperature of the votes (default 0.07)")
+        "L2-normalized CLS features; the k nearest training images vote with weights\n"
+        "softmax(similarity / T). Prints top-1 / top-5 accuracy per k.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_KS),
+        metavar="K",
+        help="numbers of neighbours (default: 10 20 100 200)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.07,
+        metavar="T",
+        help="softmax temperature of the votes (default 0.07)",
+    )
     add_feature_args(p)
     add_result_args(p)
     p.set_defaults(func=run)
@@ -247,22 +279,41 @@ def run(args: argparse.Namespace) -> int:
         test = features_from_args(args, "test", classes=train.classes).require(labels=True)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = knn_classify(train.cls, train.labels, test.cls, test.labels, ks=args.k,
-                                  temperature=args.temperature, num_classes=train.num_classes,
-                                  device=args.device)
+            result = knn_classify(
+                train.cls,
+                train.labels,
+                test.cls,
+                test.labels,
+                ks=args.k,
+                temperature=args.temperature,
+                num_classes=train.num_classes,
+                device=args.device,
+            )
     except ValueError as exc:
         return _fail(str(exc))
     for w in caught:
         print(f"vssl eval knn: warning: {w.message}", file=sys.stderr, flush=True)
 
-    print(f"kNN: {result.num_train} train / {result.num_test} test images, "
-          f"{result.num_classes} classes, T={result.temperature}")
+    print(
+        f"kNN: {result.num_train} train / {result.num_test} test images, "
+        f"{result.num_classes} classes, T={result.temperature}"
+    )
     print(format_table(result.rows(), ["k", "top1", "top5"]), flush=True)
-    record(args.results, protocol="knn", metrics=result.metrics(),
-           model=args.run_name or args.model or train.source, checkpoint=args.weights,
-           dataset=args.dataset or Path(args.test).name,
-           extra={"temperature": result.temperature, "ks": result.ks,
-                  "num_train": result.num_train, "num_test": result.num_test,
-                  "num_classes": result.num_classes, "train": train.source,
-                  "test": test.source})
+    record(
+        args.results,
+        protocol="knn",
+        metrics=result.metrics(),
+        model=args.run_name or args.model or train.source,
+        checkpoint=args.weights,
+        dataset=args.dataset or Path(args.test).name,
+        extra={
+            "temperature": result.temperature,
+            "ks": result.ks,
+            "num_train": result.num_train,
+            "num_test": result.num_test,
+            "num_classes": result.num_classes,
+            "train": train.source,
+            "test": test.source,
+        },
+    )
     return 0

@@ -25,15 +25,24 @@ import math
 import sys
 import time
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 __all__ = [
-    "DINOV2_LRS", "HeadResult", "LinearResult", "add_parser", "init_head", "linear_input",
-    "minibatches", "run", "scale_lr", "stratified_split", "train_linear_grid",
+    "DINOV2_LRS",
+    "HeadResult",
+    "LinearResult",
+    "add_parser",
+    "init_head",
+    "linear_input",
+    "minibatches",
+    "run",
+    "scale_lr",
+    "stratified_split",
+    "train_linear_grid",
 ]
 
 # dinov2/eval/linear.py defaults: learning rates before scaling, batch size, blocks, momentum.
@@ -50,8 +59,9 @@ def scale_lr(lr: float, batch_size: int) -> float:
     return lr * batch_size / 256.0
 
 
-def stratified_split(labels: np.ndarray, val_fraction: float, seed: int = 0
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Carve a seeded, class-stratified validation split: ``(train_idx, val_idx)``, both sorted.
 
     Each class with ``n`` rows gives ``round(val_fraction * n)`` of them to validation (at most
@@ -73,7 +83,8 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int = 0
     if len(val_idx) == 0:
         raise ValueError(
             f"a validation fraction of {val_fraction} of {len(labels)} labelled rows leaves no "
-            "validation rows: raise --val-fraction or use more training images")
+            "validation rows: raise --val-fraction or use more training images"
+        )
     mask = np.ones(len(labels), dtype=bool)
     mask[val_idx] = False
     return np.flatnonzero(mask), val_idx
@@ -92,7 +103,7 @@ def minibatches(n: int, batch_size: int, iterations: int, seed: int = 0) -> Iter
     while done < iterations:
         perm = rng.permutation(n)
         for j in range(min(per_epoch, iterations - done)):
-            yield perm[j * batch_size:(j + 1) * batch_size]
+            yield perm[j * batch_size : (j + 1) * batch_size]
         done += min(per_epoch, iterations - done)
 
 
@@ -100,8 +111,9 @@ def head_name(n_blocks: int, avgpool: bool) -> str:
     return f"{n_blocks} block{'s' if n_blocks > 1 else ''}" + (" + avgpool" if avgpool else "")
 
 
-def init_head(d_in: int, num_classes: int, *, seed: int, n_blocks: int, avgpool: bool, lr: float
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def init_head(
+    d_in: int, num_classes: int, *, seed: int, n_blocks: int, avgpool: bool, lr: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DINOv2's head init, ``weight ~ N(0, 0.01)`` as a ``(d_in, C)`` matrix (``x @ weight``) and
     a zero bias. Each head draws from its own generator keyed by (seed, config, lr), so a head
     starts the same whatever else is in the grid."""
@@ -111,8 +123,9 @@ def init_head(d_in: int, num_classes: int, *, seed: int, n_blocks: int, avgpool:
     return weight, torch.zeros(num_classes, dtype=torch.float32)
 
 
-def linear_input(layers: torch.Tensor, avgpool: torch.Tensor | None, n_blocks: int,
-                 use_avgpool: bool) -> torch.Tensor:
+def linear_input(
+    layers: torch.Tensor, avgpool: torch.Tensor | None, n_blocks: int, use_avgpool: bool
+) -> torch.Tensor:
     """DINOv2's ``create_linear_input``: ``layers`` (B, L, D) CLS tokens, oldest block first ->
     (B, n*D [+ D]) = the last ``n`` blocks' CLS tokens in block order, then the avgpool."""
     if n_blocks > layers.shape[1]:
@@ -131,11 +144,11 @@ class HeadResult:
 
     n_blocks: int
     avgpool: bool
-    lr: float          # as listed (DINOv2's convention: before batch-size scaling)
-    scaled_lr: float   # the rate SGD used
+    lr: float  # as listed (DINOv2's convention: before batch-size scaling)
+    scaled_lr: float  # the rate SGD used
     val_top1: float
     weight: np.ndarray  # (D_in, C): logits = x @ weight + bias
-    bias: np.ndarray    # (C,)
+    bias: np.ndarray  # (C,)
 
     @property
     def config(self) -> str:
@@ -152,7 +165,7 @@ class LinearResult:
     test_top5: float | None  # None with fewer than 5 classes
     num_classes: int
     train_indices: np.ndarray  # rows of the train features the heads were trained on
-    val_indices: np.ndarray    # rows of the train features held out to choose the head
+    val_indices: np.ndarray  # rows of the train features held out to choose the head
     iterations: int
     batch_size: int
     seconds: float
@@ -182,8 +195,9 @@ class _HeadGrid:
         self.weights, self.biases = [], []
         for n, a in variants:
             d_in = n * dim + (dim if a else 0)
-            inits = [init_head(d_in, num_classes, seed=seed, n_blocks=n, avgpool=a, lr=lr)
-                     for lr in lrs]
+            inits = [
+                init_head(d_in, num_classes, seed=seed, n_blocks=n, avgpool=a, lr=lr) for lr in lrs
+            ]
             self.weights.append(torch.stack([w for w, _ in inits], dim=1).to(device))
             self.biases.append(torch.stack([b for _, b in inits]).to(device))
         self.params = [p.requires_grad_() for p in self.weights + self.biases]
@@ -195,7 +209,8 @@ class _HeadGrid:
         x = linear_input(xl, xa, n, a)
         kc = self.k * self.c
         return torch.addmm(self.biases[v].view(1, kc), x, self.weights[v].view(-1, kc)).view(
-            len(x), self.k, self.c)
+            len(x), self.k, self.c
+        )
 
     def step(self, xl, xa, y, lrs: torch.Tensor) -> None:
         """One SGD step of every head on one mini-batch, head k with learning rate ``lrs[k]``."""
@@ -203,9 +218,13 @@ class _HeadGrid:
         y_heads = y.repeat_interleave(self.k)  # row b*K + k of the flattened logits is (b, head k)
         # The sum over heads of each head's mean cross-entropy (DINOv2 also sums its heads'
         # losses): head k's gradient is exactly the gradient of its own loss.
-        loss = sum(torch.nn.functional.cross_entropy(
-            self.logits(v, xl, xa).view(b * self.k, self.c), y_heads, reduction="sum") / b
-            for v in range(len(self.variants)))
+        loss = sum(
+            torch.nn.functional.cross_entropy(
+                self.logits(v, xl, xa).view(b * self.k, self.c), y_heads, reduction="sum"
+            )
+            / b
+            for v in range(len(self.variants))
+        )
         for p in self.params:
             p.grad = None
         loss.backward()
@@ -214,8 +233,9 @@ class _HeadGrid:
         with torch.no_grad():
             for p, buf in zip(self.params, self.momentum):
                 buf.mul_(MOMENTUM).add_(p.grad)
-                p.addcmul_(buf, lrs.view((1, self.k, 1) if p.dim() == 3 else (self.k, 1)),
-                           value=-1.0)
+                p.addcmul_(
+                    buf, lrs.view((1, self.k, 1) if p.dim() == 3 else (self.k, 1)), value=-1.0
+                )
 
     @torch.no_grad()
     def top1_correct(self, layers, avgpool, labels, rows, chunk=4096) -> np.ndarray:
@@ -224,7 +244,7 @@ class _HeadGrid:
         n_max = max(n for n, _ in self.variants)
         hits = torch.zeros(len(self.variants), self.k, dtype=torch.long, device=device)
         for s in range(0, len(rows), chunk):
-            sel = rows[s:s + chunk]
+            sel = rows[s : s + chunk]
             xl = _as_tensor(layers[sel][:, -n_max:], device)
             xa = _as_tensor(avgpool[sel], device) if avgpool is not None else None
             y = torch.from_numpy(labels[sel]).to(device)
@@ -244,13 +264,16 @@ def _grid_variants(n_blocks, avgpool, avail_blocks: int, has_avg: bool, notes: l
         if n < 1:
             raise ValueError(f"n_blocks must be >= 1, got {n}")
         if n > avail_blocks:
-            notes.append(f"skipped n={n}: the features hold the CLS tokens of {avail_blocks} "
-                         f"block(s) (embed with --layers {n})")
+            notes.append(
+                f"skipped n={n}: the features hold the CLS tokens of {avail_blocks} "
+                f"block(s) (embed with --layers {n})"
+            )
             continue
         variants += [(n, a) for a in pools]
     if not variants:
-        raise ValueError("no head of the grid can be trained on these features: "
-                         + "; ".join(notes))
+        raise ValueError(
+            "no head of the grid can be trained on these features: " + "; ".join(notes)
+        )
     return variants
 
 
@@ -300,16 +323,21 @@ def train_linear_grid(
         raise ValueError("batch_size, epochs and iterations must be >= 1")
     for split, f in (("train", train), ("test", test)):
         if getattr(f, "labels", None) is None or len(f.labels) == 0:
-            raise ValueError(f"the {split} features have no labels: a linear probe needs images "
-                             "in class subfolders (first-level folder name = label)")
+            raise ValueError(
+                f"the {split} features have no labels: a linear probe needs images "
+                "in class subfolders (first-level folder name = label)"
+            )
     tr_layers, te_layers = _blocks(train), _blocks(test)
     if tr_layers.shape[2] != te_layers.shape[2]:
-        raise ValueError(f"train features are {tr_layers.shape[2]}-d, test features "
-                         f"{te_layers.shape[2]}-d: embed both splits with the same model")
+        raise ValueError(
+            f"train features are {tr_layers.shape[2]}-d, test features "
+            f"{te_layers.shape[2]}-d: embed both splits with the same model"
+        )
     has_avg = all(getattr(f, "avgpool", None) is not None for f in (train, test))
     notes: list[str] = []
-    variants = _grid_variants(n_blocks, avgpool, min(tr_layers.shape[1], te_layers.shape[1]),
-                              has_avg, notes)
+    variants = _grid_variants(
+        n_blocks, avgpool, min(tr_layers.shape[1], te_layers.shape[1]), has_avg, notes
+    )
     tr_avg = np.asarray(train.avgpool) if has_avg else None
     te_avg = np.asarray(test.avgpool) if has_avg else None
 
@@ -319,8 +347,10 @@ def train_linear_grid(
         classes = getattr(train, "classes", None)
         num_classes = len(classes) if classes else int(max(y_all.max(), y_test.max())) + 1
     if min(y_all.min(), y_test.min()) < 0 or max(y_all.max(), y_test.max()) >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}); pass the train split's classes "
-                         "when loading the test split")
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}); pass the train split's classes "
+            "when loading the test split"
+        )
 
     tr_idx, val_idx = stratified_split(y_all, val_fraction, seed)
     n_max = max(n for n, _ in variants)
@@ -336,13 +366,20 @@ def train_linear_grid(
     total = iterations if iterations is not None else epochs * max(1, len(tr_idx) // bs)
 
     from tqdm import tqdm
+
     # Confident heads drive softmax probabilities below float32's normal range, and denormal
     # arithmetic is 10-30x slower on x86 CPUs: flush them to zero while training (they are below
     # 1e-38, far from any gradient that matters). torch has no getter for this flag, so it goes
     # back to torch's default (off) afterwards.
     flush = device.type == "cpu" and torch.set_flush_denormal(True)
-    bar = tqdm(total=total, unit="it", desc="linear", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        unit="it",
+        desc="linear",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     try:
         for t, batch in enumerate(minibatches(len(tr_idx), bs, total, seed)):
             rows = tr_pos[torch.from_numpy(batch).to(device)]
@@ -360,9 +397,18 @@ def train_linear_grid(
     for v, (n, a) in enumerate(variants):
         w = grid.weights[v].detach().cpu().numpy()
         b = grid.biases[v].detach().cpu().numpy()
-        heads += [HeadResult(n, a, lr, scale_lr(lr, bs), float(val_acc[v, j]),
-                             np.ascontiguousarray(w[:, j]), b[j].copy())
-                  for j, lr in enumerate(lrs)]
+        heads += [
+            HeadResult(
+                n,
+                a,
+                lr,
+                scale_lr(lr, bs),
+                float(val_acc[v, j]),
+                np.ascontiguousarray(w[:, j]),
+                b[j].copy(),
+            )
+            for j, lr in enumerate(lrs)
+        ]
     # The first head with the best validation accuracy in grid order (DINOv2 keeps the first max).
     best = heads[int(np.argmax([h.val_top1 for h in heads]))]
 
@@ -372,17 +418,25 @@ def train_linear_grid(
     hits1 = hits5 = 0
     with torch.no_grad():
         for s in range(0, len(y_test), 4096):
-            xl = _as_tensor(te_layers[s:s + 4096, -n_max:], device)
-            xa = _as_tensor(te_avg[s:s + 4096], device) if te_avg is not None else None
+            xl = _as_tensor(te_layers[s : s + 4096, -n_max:], device)
+            xa = _as_tensor(te_avg[s : s + 4096], device) if te_avg is not None else None
             logits = linear_input(xl, xa, best.n_blocks, best.avgpool) @ w_best + b_best
-            y = torch.from_numpy(y_test[s:s + 4096]).to(device)
+            y = torch.from_numpy(y_test[s : s + 4096]).to(device)
             hits1 += int(_topk_correct(logits, y, 1))
             hits5 += int(_topk_correct(logits, y, 5))
     return LinearResult(
-        heads=heads, best=best, test_top1=hits1 / len(y_test),
-        test_top5=hits5 / len(y_test) if num_classes >= 5 else None, num_classes=num_classes,
-        train_indices=tr_idx, val_indices=val_idx, iterations=total, batch_size=bs,
-        seconds=time.perf_counter() - t0, notes=notes)
+        heads=heads,
+        best=best,
+        test_top1=hits1 / len(y_test),
+        test_top5=hits5 / len(y_test) if num_classes >= 5 else None,
+        num_classes=num_classes,
+        train_indices=tr_idx,
+        val_indices=val_idx,
+        iterations=total,
+        batch_size=bs,
+        seconds=time.perf_counter() - t0,
+        notes=notes,
+    )
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -405,30 +459,68 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from .results import add_result_args
 
     p = subparsers.add_parser(
-        "linear", help="DINOv2 linear-probe grid (blocks x avgpool x learning rates) in one pass",
+        "linear",
+        help="DINOv2 linear-probe grid (blocks x avgpool x learning rates) in one pass",
         description="Train DINOv2's grid of linear heads on frozen features: the CLS tokens of the "
-                    "last 1 or 4 blocks, with or without the average of the last block's patch "
-                    "tokens, times a list of learning rates (scaled by batch size / 256); SGD, "
-                    "momentum 0.9, cosine schedule. Needs features from `vssl embed --layers 4 "
-                    "--avgpool` (or --model, which embeds them on the fly).",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
+        "last 1 or 4 blocks, with or without the average of the last block's patch "
+        "tokens, times a list of learning rates (scaled by batch size / 256); SGD, "
+        "momentum 0.9, cosine schedule. Needs features from `vssl embed --layers 4 "
+        "--avgpool` (or --model, which embeds them on the fly).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+    )
     add_feature_args(p)
     g = p.add_argument_group("linear probe")
-    g.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, metavar="N",
-                   help=f"passes over the training rows (default {DEFAULT_EPOCHS})")
-    g.add_argument("--iterations", type=int, default=None, metavar="N",
-                   help="SGD steps instead of --epochs (DINOv2 on ImageNet: 12500)")
-    g.add_argument("--lrs", type=float, nargs="+", default=list(DINOV2_LRS), metavar="LR",
-                   help="learning rates for a batch of 256 (default: DINOv2's 13, 1e-5 .. 0.1)")
-    g.add_argument("--probe-batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
-                   help=f"SGD mini-batch (default {DEFAULT_BATCH_SIZE}; --batch-size is the "
-                        "embedding batch)")
-    g.add_argument("--n-blocks", type=int, nargs="+", default=list(N_BLOCKS), metavar="N",
-                   help="last blocks whose CLS tokens are concatenated (default 1 4)")
-    g.add_argument("--avgpool", choices=("both", "on", "off"), default="both",
-                   help="heads with/without the patch-token average appended (default both)")
-    g.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
-                   help="stratified share of --train held out to choose the head (default 0.1)")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=DEFAULT_EPOCHS,
+        metavar="N",
+        help=f"passes over the training rows (default {DEFAULT_EPOCHS})",
+    )
+    g.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        metavar="N",
+        help="SGD steps instead of --epochs (DINOv2 on ImageNet: 12500)",
+    )
+    g.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=list(DINOV2_LRS),
+        metavar="LR",
+        help="learning rates for a batch of 256 (default: DINOv2's 13, 1e-5 .. 0.1)",
+    )
+    g.add_argument(
+        "--probe-batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help=f"SGD mini-batch (default {DEFAULT_BATCH_SIZE}; --batch-size is the embedding batch)",
+    )
+    g.add_argument(
+        "--n-blocks",
+        type=int,
+        nargs="+",
+        default=list(N_BLOCKS),
+        metavar="N",
+        help="last blocks whose CLS tokens are concatenated (default 1 4)",
+    )
+    g.add_argument(
+        "--avgpool",
+        choices=("both", "on", "off"),
+        default="both",
+        help="heads with/without the patch-token average appended (default both)",
+    )
+    g.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="stratified share of --train held out to choose the head (default 0.1)",
+    )
     g.add_argument("--seed", type=int, default=0, help="split, batches and init (default 0)")
     add_result_args(p)
     p.set_defaults(func=run)
@@ -453,47 +545,86 @@ def run(args: argparse.Namespace) -> int:
     try:
         try:
             train = features_from_args(args, "train", **need).require(labels=True)
-            test = features_from_args(args, "test", classes=train.classes, **need
-                                      ).require(labels=True)
+            test = features_from_args(args, "test", classes=train.classes, **need).require(
+                labels=True
+            )
         except ValueError as e:
             if "layers" in str(e) or "avgpool" in str(e):
                 raise ValueError(f"{e}; or shrink the grid (--n-blocks 1, --avgpool off)") from None
             raise
         result = train_linear_grid(
-            train, test, n_blocks=args.n_blocks, avgpool=avg, lrs=args.lrs, epochs=args.epochs,
-            iterations=args.iterations, batch_size=args.probe_batch_size,
-            val_fraction=args.val_fraction, seed=args.seed, device=args.device,
-            num_classes=train.num_classes, progress=sys.stderr.isatty())
+            train,
+            test,
+            n_blocks=args.n_blocks,
+            avgpool=avg,
+            lrs=args.lrs,
+            epochs=args.epochs,
+            iterations=args.iterations,
+            batch_size=args.probe_batch_size,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            device=args.device,
+            num_classes=train.num_classes,
+            progress=sys.stderr.isatty(),
+        )
     except ValueError as e:
         return _error(str(e))
 
-    print(f"linear: {len(result.train_indices)} train / {len(result.val_indices)} val / "
-          f"{len(test)} test images, {result.num_classes} classes, {len(result.heads)} heads, "
-          f"{result.iterations} iterations of batch {result.batch_size} "
-          f"({result.seconds:.1f} s)")
+    print(
+        f"linear: {len(result.train_indices)} train / {len(result.val_indices)} val / "
+        f"{len(test)} test images, {result.num_classes} classes, {len(result.heads)} heads, "
+        f"{result.iterations} iterations of batch {result.batch_size} "
+        f"({result.seconds:.1f} s)"
+    )
     # learning rates as text: the table's 4-decimal floats would print 1e-05 as 0.0000
-    rows = [{"config": h.config, "lr": f"{h.lr:g}", "scaled_lr": f"{h.scaled_lr:.4g}",
-             "val_top1": h.val_top1,
-             "best": "*" if h is result.best else ""} for h in result.heads]
+    rows = [
+        {
+            "config": h.config,
+            "lr": f"{h.lr:g}",
+            "scaled_lr": f"{h.scaled_lr:.4g}",
+            "val_top1": h.val_top1,
+            "best": "*" if h is result.best else "",
+        }
+        for h in result.heads
+    ]
     print(format_table(rows))
     for note in result.notes:
         print(f"note: {note}")
     b = result.best
-    summary = {"config": b.config, "lr": f"{b.lr:g}", "val_top1": b.val_top1,
-               "test_top1": result.test_top1}
+    summary = {
+        "config": b.config,
+        "lr": f"{b.lr:g}",
+        "val_top1": b.val_top1,
+        "test_top1": result.test_top1,
+    }
     metrics = {"linear_top1": result.test_top1}
     if result.test_top5 is not None:
         summary["test_top5"] = metrics["linear_top5"] = result.test_top5
     print()
     print(format_table([summary]), flush=True)
-    record(args.results, protocol="linear", metrics=metrics,
-           model=args.run_name or args.model or train.source, checkpoint=args.weights,
-           dataset=args.dataset or Path(args.test).name,
-           extra={"best_config": b.config, "best_n_blocks": b.n_blocks,
-                  "best_avgpool": b.avgpool, "best_lr": b.lr, "best_scaled_lr": b.scaled_lr,
-                  "val_top1": b.val_top1, "iterations": result.iterations,
-                  "batch_size": result.batch_size, "num_train": int(len(result.train_indices)),
-                  "num_val": int(len(result.val_indices)), "num_test": len(test),
-                  "num_classes": result.num_classes, "notes": result.notes,
-                  "train": train.source, "test": test.source})
+    record(
+        args.results,
+        protocol="linear",
+        metrics=metrics,
+        model=args.run_name or args.model or train.source,
+        checkpoint=args.weights,
+        dataset=args.dataset or Path(args.test).name,
+        extra={
+            "best_config": b.config,
+            "best_n_blocks": b.n_blocks,
+            "best_avgpool": b.avgpool,
+            "best_lr": b.lr,
+            "best_scaled_lr": b.scaled_lr,
+            "val_top1": b.val_top1,
+            "iterations": result.iterations,
+            "batch_size": result.batch_size,
+            "num_train": int(len(result.train_indices)),
+            "num_val": int(len(result.val_indices)),
+            "num_test": len(test),
+            "num_classes": result.num_classes,
+            "notes": result.notes,
+            "train": train.source,
+            "test": test.source,
+        },
+    )
     return 0

@@ -25,14 +25,13 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["C_GRID", "LogReg", "LogRegResult", "add_parser", "fit_logreg", "run",
-           "sweep_logreg"]
+__all__ = ["C_GRID", "LogReg", "LogRegResult", "add_parser", "fit_logreg", "run", "sweep_logreg"]
 
 # dinov2/eval/log_regression.py: C_POWER_RANGE = linspace(-6, 5, 45), DEFAULT_MAX_ITER = 1000.
 C_GRID = tuple(float(c) for c in 10.0 ** np.linspace(-6, 5, 45))
@@ -103,11 +102,16 @@ def fit_logreg(
     y = np.asarray(y)
     classes, y_idx = np.unique(y, return_inverse=True)
     if len(classes) < 2:
-        raise ValueError(f"logistic regression needs at least 2 classes in the training labels, "
-                         f"got {len(classes)}")
+        raise ValueError(
+            f"logistic regression needs at least 2 classes in the training labels, "
+            f"got {len(classes)}"
+        )
     device = torch.device(device)
-    xt = x.to(device, dtype) if isinstance(x, torch.Tensor) else torch.from_numpy(
-        np.ascontiguousarray(x)).to(device, dtype)
+    xt = (
+        x.to(device, dtype)
+        if isinstance(x, torch.Tensor)
+        else torch.from_numpy(np.ascontiguousarray(x)).to(device, dtype)
+    )
     if xt.ndim != 2 or xt.shape[0] != len(y):
         raise ValueError(f"x must be (N, D) with N = len(y) = {len(y)}, got {tuple(xt.shape)}")
     binary = len(classes) == 2
@@ -122,9 +126,15 @@ def fit_logreg(
     w = w0.to(device, dtype).clone().requires_grad_()
     b = b0.to(device, dtype).clone().requires_grad_()
     opt = torch.optim.LBFGS(
-        [w, b], lr=1.0, max_iter=max_iter, max_eval=2 * max_iter, tolerance_grad=tol,
-        tolerance_change=64 * torch.finfo(dtype).eps, history_size=HISTORY,
-        line_search_fn="strong_wolfe")
+        [w, b],
+        lr=1.0,
+        max_iter=max_iter,
+        max_eval=2 * max_iter,
+        tolerance_grad=tol,
+        tolerance_change=64 * torch.finfo(dtype).eps,
+        history_size=HISTORY,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -141,8 +151,14 @@ def fit_logreg(
             b -= b.mean()
     # Converged: the gradient test passed, or L-BFGS stopped on no progress before its cap.
     converged = grad_max <= tol or n_iter < max_iter
-    return LogReg(coef=w.detach().cpu().numpy(), intercept=b.detach().cpu().numpy(),
-                  classes=classes, C=float(C), n_iter=n_iter, converged=converged)
+    return LogReg(
+        coef=w.detach().cpu().numpy(),
+        intercept=b.detach().cpu().numpy(),
+        classes=classes,
+        C=float(C),
+        n_iter=n_iter,
+        converged=converged,
+    )
 
 
 @dataclass
@@ -152,7 +168,7 @@ class LogRegResult:
 
     sweep: list[dict]  # {"C", "val_top1", "n_iter", "converged"} in increasing C
     best_C: float
-    model: LogReg      # refit on train + val with best_C
+    model: LogReg  # refit on train + val with best_C
     test_top1: float
     test_top5: float | None  # None with fewer than 5 classes
     num_classes: int
@@ -193,13 +209,17 @@ def sweep_logreg(
         raise ValueError(f"the C grid must hold positive numbers, got {c_grid}")
     for split, f in (("train", train), ("test", test)):
         if getattr(f, "labels", None) is None:
-            raise ValueError(f"the {split} features have no labels: logistic regression needs "
-                             "images in class subfolders (first-level folder name = label)")
+            raise ValueError(
+                f"the {split} features have no labels: logistic regression needs "
+                "images in class subfolders (first-level folder name = label)"
+            )
     x_all, y_all = np.asarray(train.cls), np.asarray(train.labels, dtype=np.int64)
     x_test, y_test = np.asarray(test.cls), np.asarray(test.labels, dtype=np.int64)
     if x_all.shape[1] != x_test.shape[1]:
-        raise ValueError(f"train features are {x_all.shape[1]}-d, test features "
-                         f"{x_test.shape[1]}-d: embed both with the same model")
+        raise ValueError(
+            f"train features are {x_all.shape[1]}-d, test features "
+            f"{x_test.shape[1]}-d: embed both with the same model"
+        )
     if num_classes is None:
         classes = getattr(train, "classes", None)
         num_classes = len(classes) if classes else int(max(y_all.max(), y_test.max())) + 1
@@ -212,24 +232,43 @@ def sweep_logreg(
     x_tr = torch.from_numpy(np.ascontiguousarray(x_all[tr_idx])).to(device, dtype)
     sweep, prev, best = [], None, None
     from tqdm import tqdm
+
     for C in tqdm(c_grid, desc="logreg C", unit="C", disable=not progress, file=sys.stderr):
-        prev = fit_logreg(x_tr, y_all[tr_idx], C, max_iter=max_iter, tol=tol, device=device,
-                          dtype=dtype, init=prev)
+        prev = fit_logreg(
+            x_tr,
+            y_all[tr_idx],
+            C,
+            max_iter=max_iter,
+            tol=tol,
+            device=device,
+            dtype=dtype,
+            init=prev,
+        )
         acc = float((prev.predict(x_all[val_idx]) == y_all[val_idx]).mean())
         sweep.append({"C": C, "val_top1": acc, "n_iter": prev.n_iter, "converged": prev.converged})
         if best is None or acc > best[0]:  # ties keep the first, i.e. the smaller C
             best = (acc, prev)
     best_C = best[1].C
     # The refit on train + val starts from the chosen fit (a warm start: same optimum, sooner).
-    model = fit_logreg(x_all, y_all, best_C, max_iter=max_iter, tol=tol, device=device,
-                       dtype=dtype, init=best[1])
+    model = fit_logreg(
+        x_all, y_all, best_C, max_iter=max_iter, tol=tol, device=device, dtype=dtype, init=best[1]
+    )
     top1 = _topk_accuracy(model, x_test, y_test, 1)
     top5 = _topk_accuracy(model, x_test, y_test, 5) if num_classes >= 5 else None
     if not all(s["converged"] for s in sweep) or not model.converged:
         notes.append(f"some fits stopped at --max-iter {max_iter} before converging")
-    return LogRegResult(sweep=sweep, best_C=best_C, model=model, test_top1=top1, test_top5=top5,
-                        num_classes=num_classes, train_indices=tr_idx, val_indices=val_idx,
-                        seconds=time.perf_counter() - t0, notes=notes)
+    return LogRegResult(
+        sweep=sweep,
+        best_C=best_C,
+        model=model,
+        test_top1=top1,
+        test_top5=top5,
+        num_classes=num_classes,
+        train_indices=tr_idx,
+        val_indices=val_idx,
+        seconds=time.perf_counter() - t0,
+        notes=notes,
+    )
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -250,27 +289,54 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from .results import add_result_args
 
     p = subparsers.add_parser(
-        "logreg", help="L-BFGS logistic regression with a sweep over the regularization C",
+        "logreg",
+        help="L-BFGS logistic regression with a sweep over the regularization C",
         description="DINOv2's logistic-regression evaluation: L2-regularized multinomial "
-                    "logistic regression on the CLS embeddings, solved with L-BFGS (same "
-                    "objective as scikit-learn's LogisticRegression), for each C of a grid; the "
-                    "best C on a validation split of --train is refit on all of --train and "
-                    "reported on --test. Runs on --device (a GPU helps for large sets).",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
+        "logistic regression on the CLS embeddings, solved with L-BFGS (same "
+        "objective as scikit-learn's LogisticRegression), for each C of a grid; the "
+        "best C on a validation split of --train is refit on all of --train and "
+        "reported on --test. Runs on --device (a GPU helps for large sets).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+    )
     add_feature_args(p)
     g = p.add_argument_group("logistic regression")
-    g.add_argument("--c-grid", type=float, nargs="+", default=None, metavar="C",
-                   help="inverse regularization strengths (default: DINOv2's 45 values "
-                        "10**linspace(-6, 5, 45))")
-    g.add_argument("--max-iter", type=int, default=DEFAULT_MAX_ITER, metavar="N",
-                   help=f"L-BFGS iterations per fit (default {DEFAULT_MAX_ITER})")
-    g.add_argument("--tol", type=float, default=DEFAULT_TOL,
-                   help="stop when the largest gradient entry of the mean loss is below this "
-                        f"(default {DEFAULT_TOL:g})")
-    g.add_argument("--solver-dtype", choices=("float64", "float32"), default="float64",
-                   help="solver precision (default float64, as DINOv2)")
-    g.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
-                   help="stratified share of --train held out to choose C (default 0.1)")
+    g.add_argument(
+        "--c-grid",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="C",
+        help="inverse regularization strengths (default: DINOv2's 45 values "
+        "10**linspace(-6, 5, 45))",
+    )
+    g.add_argument(
+        "--max-iter",
+        type=int,
+        default=DEFAULT_MAX_ITER,
+        metavar="N",
+        help=f"L-BFGS iterations per fit (default {DEFAULT_MAX_ITER})",
+    )
+    g.add_argument(
+        "--tol",
+        type=float,
+        default=DEFAULT_TOL,
+        help="stop when the largest gradient entry of the mean loss is below this "
+        f"(default {DEFAULT_TOL:g})",
+    )
+    g.add_argument(
+        "--solver-dtype",
+        choices=("float64", "float32"),
+        default="float64",
+        help="solver precision (default float64, as DINOv2)",
+    )
+    g.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="stratified share of --train held out to choose C (default 0.1)",
+    )
     g.add_argument("--seed", type=int, default=0, help="validation split seed (default 0)")
     add_result_args(p)
     p.set_defaults(func=run)
@@ -292,23 +358,42 @@ def run(args: argparse.Namespace) -> int:
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.solver_dtype]
     try:
         if args.max_iter < 1 or not args.tol > 0:
-            raise ValueError(f"--max-iter must be >= 1 and --tol > 0, got {args.max_iter}, "
-                             f"{args.tol}")
+            raise ValueError(
+                f"--max-iter must be >= 1 and --tol > 0, got {args.max_iter}, {args.tol}"
+            )
         train = features_from_args(args, "train").require(labels=True)
         test = features_from_args(args, "test", classes=train.classes).require(labels=True)
-        result = sweep_logreg(train, test, c_grid=args.c_grid, val_fraction=args.val_fraction,
-                              seed=args.seed, max_iter=args.max_iter, tol=args.tol,
-                              device=args.device, dtype=dtype, num_classes=train.num_classes,
-                              progress=sys.stderr.isatty())
+        result = sweep_logreg(
+            train,
+            test,
+            c_grid=args.c_grid,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            max_iter=args.max_iter,
+            tol=args.tol,
+            device=args.device,
+            dtype=dtype,
+            num_classes=train.num_classes,
+            progress=sys.stderr.isatty(),
+        )
     except ValueError as e:
         return _error(str(e))
 
-    print(f"logreg: {len(result.train_indices)} train / {len(result.val_indices)} val / "
-          f"{len(test)} test images, {result.num_classes} classes, {len(result.sweep)} values of "
-          f"C ({result.seconds:.1f} s)")
+    print(
+        f"logreg: {len(result.train_indices)} train / {len(result.val_indices)} val / "
+        f"{len(test)} test images, {result.num_classes} classes, {len(result.sweep)} values of "
+        f"C ({result.seconds:.1f} s)"
+    )
     # C as text: the table's 4-decimal floats would print 1e-06 as 0.0000
-    rows = [{"C": f"{s['C']:.3g}", "val_top1": s["val_top1"], "iterations": s["n_iter"],
-             "best": "*" if s["C"] == result.best_C else ""} for s in result.sweep]
+    rows = [
+        {
+            "C": f"{s['C']:.3g}",
+            "val_top1": s["val_top1"],
+            "iterations": s["n_iter"],
+            "best": "*" if s["C"] == result.best_C else "",
+        }
+        for s in result.sweep
+    ]
     print(format_table(rows))
     for note in result.notes:
         print(f"note: {note}")
@@ -318,13 +403,24 @@ def run(args: argparse.Namespace) -> int:
         summary["test_top5"] = metrics["logreg_top5"] = result.test_top5
     print()
     print(format_table([summary]), flush=True)
-    record(args.results, protocol="logreg", metrics=metrics,
-           model=args.run_name or args.model or train.source, checkpoint=args.weights,
-           dataset=args.dataset or Path(args.test).name,
-           extra={"best_C": result.best_C,
-                  "val_top1": max(s["val_top1"] for s in result.sweep),
-                  "max_iter": args.max_iter, "tol": args.tol,
-                  "num_train": len(train), "num_test": len(test),
-                  "num_classes": result.num_classes, "notes": result.notes,
-                  "train": train.source, "test": test.source})
+    record(
+        args.results,
+        protocol="logreg",
+        metrics=metrics,
+        model=args.run_name or args.model or train.source,
+        checkpoint=args.weights,
+        dataset=args.dataset or Path(args.test).name,
+        extra={
+            "best_C": result.best_C,
+            "val_top1": max(s["val_top1"] for s in result.sweep),
+            "max_iter": args.max_iter,
+            "tol": args.tol,
+            "num_train": len(train),
+            "num_test": len(test),
+            "num_classes": result.num_classes,
+            "notes": result.notes,
+            "train": train.source,
+            "test": test.source,
+        },
+    )
     return 0

@@ -13,8 +13,8 @@ import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -53,9 +53,11 @@ def _inputs(source, split: str) -> list[tuple[Path, str]]:
         raise ValueError(f"kNN monitor {split} source {source!r} has no images")
     unlabeled = [p for p, lab in items if lab is None]
     if unlabeled:
-        raise ValueError(f"kNN monitor needs labeled {split} images (class subfolders or "
-                         f"'path<TAB>label' lists); {len(unlabeled)} have none, e.g. "
-                         f"{unlabeled[0]}")
+        raise ValueError(
+            f"kNN monitor needs labeled {split} images (class subfolders or "
+            f"'path<TAB>label' lists); {len(unlabeled)} have none, e.g. "
+            f"{unlabeled[0]}"
+        )
     return items
 
 
@@ -104,8 +106,10 @@ class KNNMonitor:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         if k < 1 or not temperature > 0 or batch_size < 1:
-            raise ValueError(f"need k >= 1, temperature > 0, batch_size >= 1; got k={k}, "
-                             f"temperature={temperature}, batch_size={batch_size}")
+            raise ValueError(
+                f"need k >= 1, temperature > 0, batch_size >= 1; got k={k}, "
+                f"temperature={temperature}, batch_size={batch_size}"
+            )
         if max_per_split is not None and max_per_split < 1:
             raise ValueError(f"max_per_split must be >= 1 or None, got {max_per_split}")
         self.every_n_steps = every_n_steps
@@ -146,8 +150,12 @@ class KNNMonitor:
                 raise ValueError(f"kNN monitor: no {split} image could be decoded")
             if errors:
                 i, reason = errors[0]
-                print(f"kNN monitor: skipped {len(errors)} unreadable {split} images (e.g. "
-                      f"{items[i][0]}: {reason})", file=sys.stderr, flush=True)
+                print(
+                    f"kNN monitor: skipped {len(errors)} unreadable {split} images (e.g. "
+                    f"{items[i][0]}: {reason})",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self.images[split] = torch.cat(rows)
             self.labels[split] = torch.tensor([index[items[i][1]] for i in kept], dtype=torch.int64)
         self.resolution = resolution
@@ -156,8 +164,9 @@ class KNNMonitor:
         """``{"train": (N, D), "test": (M, D)}`` float32 CLS features on the model's device."""
         module = model if hasattr(model, "forward_features") else getattr(model, "module", model)
         if not hasattr(module, "forward_features"):
-            raise TypeError(f"{type(model).__name__} has no forward_features returning "
-                            "x_norm_clstoken")
+            raise TypeError(
+                f"{type(model).__name__} has no forward_features returning x_norm_clstoken"
+            )
         if not self.images:
             size = getattr(getattr(module, "config", None), "img_size", None)
             if size is None:
@@ -178,7 +187,7 @@ class KNNMonitor:
                     chunks = []
                     for start in range(0, len(images), self.batch_size):
                         # EvalTransform's float32 ops in its order: /255, -mean, /std
-                        x = images[start:start + self.batch_size].to(device).float()
+                        x = images[start : start + self.batch_size].to(device).float()
                         x = ((x / 255.0 - mean) / std).to(dtype)
                         chunks.append(module.forward_features(x)["x_norm_clstoken"].float())
                     out[split] = torch.cat(chunks)
@@ -194,10 +203,16 @@ class KNNMonitor:
         start = time.perf_counter()
         feats = self.features(model)
         device = feats["train"].device
-        result = knn_classify(feats["train"], self.labels["train"].to(device), feats["test"],
-                              self.labels["test"].to(device), ks=(self.k,),
-                              temperature=self.temperature, num_classes=len(self.classes),
-                              device=device)
+        result = knn_classify(
+            feats["train"],
+            self.labels["train"].to(device),
+            feats["test"],
+            self.labels["test"].to(device),
+            ks=(self.k,),
+            temperature=self.temperature,
+            num_classes=len(self.classes),
+            device=device,
+        )
         k = result.ks[0]
         metrics = {"knn_top1": result.top1[k]}
         if result.top5 is not None:

@@ -26,7 +26,7 @@ def _run_label(row: dict) -> str:
     return str(row.get("model") or row.get("checkpoint") or "run")
 
 
-def pivot(rows: list[dict]) -> tuple[list[str], "OrderedDict[tuple, dict]"]:
+def pivot(rows: list[dict]) -> tuple[list[str], OrderedDict[tuple, dict]]:
     """(runs, {(protocol, dataset, metric): {run: value}}), in first-seen order; latest wins."""
     runs: list[str] = []
     table: OrderedDict[tuple, dict] = OrderedDict()
@@ -41,14 +41,15 @@ def pivot(rows: list[dict]) -> tuple[list[str], "OrderedDict[tuple, dict]"]:
     return runs, table
 
 
-def curves(rows: list[dict]) -> "OrderedDict[str, dict[str, list[tuple[float, float]]]]":
+def curves(rows: list[dict]) -> OrderedDict[str, dict[str, list[tuple[float, float]]]]:
     """{metric: {run: [(step, value), ...]}} for lines that carry a ``step``."""
     out: OrderedDict[str, dict] = OrderedDict()
     for r in rows:
         if r.get("step") is None:
             continue
         out.setdefault(str(r["metric"]), {}).setdefault(_run_label(r), []).append(
-            (float(r["step"]), float(r["value"])))
+            (float(r["step"]), float(r["value"]))
+        )
     for per_run in out.values():
         for pts in per_run.values():
             pts.sort()
@@ -66,8 +67,10 @@ def to_markdown(rows: list[dict]) -> str:
     runs, table = pivot(rows)
     if not table:
         return "(no final results; only training curves)\n" if rows else "(no results)\n"
-    lines = ["| protocol | dataset | metric | " + " | ".join(runs) + " |",
-             "|---|---|---|" + "---:|" * len(runs)]
+    lines = [
+        "| protocol | dataset | metric | " + " | ".join(runs) + " |",
+        "|---|---|---|" + "---:|" * len(runs),
+    ]
     for (protocol, dataset, metric), vals in table.items():
         best = max(vals.values()) if vals else None
         cells = []
@@ -89,24 +92,32 @@ def _bar_chart(title: str, vals: dict[str, float], runs: list[str], width=420, h
     span = top - min(lo, 0.0) or 1.0
     n = max(len(runs), 1)
     bw = plot_w / n * 0.7
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'role="img" aria-label="{html.escape(title)}">',
-             f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
-             f'<line x1="{pad_l}" y1="{pad_t + plot_h}" x2="{width - 10}" y2="{pad_t + plot_h}" stroke="#333"/>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'role="img" aria-label="{html.escape(title)}">',
+        f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
+        f'<line x1="{pad_l}" y1="{pad_t + plot_h}" x2="{width - 10}" y2="{pad_t + plot_h}" stroke="#333"/>',
+    ]
     for frac in (0.0, 0.5, 1.0):
         y = pad_t + plot_h - frac * plot_h
-        parts.append(f'<text x="{pad_l - 4}" y="{y + 4}" text-anchor="end" font-size="10">'
-                     f'{_fmt(min(lo, 0.0) + frac * span)}</text>')
+        parts.append(
+            f'<text x="{pad_l - 4}" y="{y + 4}" text-anchor="end" font-size="10">'
+            f"{_fmt(min(lo, 0.0) + frac * span)}</text>"
+        )
     for i, run in enumerate(runs):
         v = vals.get(run)
         if v is None or not math.isfinite(v):
             continue
         h = (v - min(lo, 0.0)) / span * plot_h
         x = pad_l + (i + 0.15) * plot_w / n
-        parts.append(f'<rect x="{x:.1f}" y="{pad_t + plot_h - h:.1f}" width="{bw:.1f}" height="{h:.1f}" '
-                     f'fill="{_COLORS[i % len(_COLORS)]}"><title>{html.escape(run)}: {_fmt(v)}</title></rect>')
-        parts.append(f'<text x="{x + bw / 2:.1f}" y="{pad_t + plot_h - h - 3:.1f}" text-anchor="middle" '
-                     f'font-size="10">{_fmt(v)}</text>')
+        parts.append(
+            f'<rect x="{x:.1f}" y="{pad_t + plot_h - h:.1f}" width="{bw:.1f}" height="{h:.1f}" '
+            f'fill="{_COLORS[i % len(_COLORS)]}"><title>{html.escape(run)}: {_fmt(v)}</title></rect>'
+        )
+        parts.append(
+            f'<text x="{x + bw / 2:.1f}" y="{pad_t + plot_h - h - 3:.1f}" text-anchor="middle" '
+            f'font-size="10">{_fmt(v)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -121,19 +132,26 @@ def _curve(title: str, per_run: dict[str, list[tuple[float, float]]]) -> str:
 def to_html(rows: list[dict], title: str = "vssl evaluation report") -> str:
     """A self-contained page: the side-by-side table, a bar chart per metric, curves per metric."""
     runs, table = pivot(rows)
-    legend = " ".join(f'<span style="color:{_COLORS[i % len(_COLORS)]}">&#9632;</span> {html.escape(r)}'
-                      for i, r in enumerate(runs))
+    legend = " ".join(
+        f'<span style="color:{_COLORS[i % len(_COLORS)]}">&#9632;</span> {html.escape(r)}'
+        for i, r in enumerate(runs)
+    )
     head = "".join(f"<th>{html.escape(r)}</th>" for r in runs)
     body = []
     for (protocol, dataset, metric), vals in table.items():
         best = max(vals.values()) if vals else None
         cells = "".join(
             f"<td{' class=best' if vals.get(r) == best and len(vals) > 1 else ''}>{_fmt(vals.get(r))}</td>"
-            for r in runs)
-        body.append(f"<tr><td>{html.escape(protocol)}</td><td>{html.escape(dataset)}</td>"
-                    f"<td>{html.escape(metric)}</td>{cells}</tr>")
+            for r in runs
+        )
+        body.append(
+            f"<tr><td>{html.escape(protocol)}</td><td>{html.escape(dataset)}</td>"
+            f"<td>{html.escape(metric)}</td>{cells}</tr>"
+        )
     charts = [_bar_chart(f"{p} {d} {m}".strip(), vals, runs) for (p, d, m), vals in table.items()]
-    lines = [_curve(f"{metric} during training", per_run) for metric, per_run in curves(rows).items()]
+    lines = [
+        _curve(f"{metric} during training", per_run) for metric, per_run in curves(rows).items()
+    ]
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
@@ -142,9 +160,9 @@ td,th{{border:1px solid #ddd;padding:4px 8px;text-align:right}}td:nth-child(-n+3
 <body><h1>{html.escape(title)}</h1>
 <p>{len(rows)} result lines, {len(runs)} run(s): {legend}</p>
 <table><tr><th>protocol</th><th>dataset</th><th>metric</th>{head}</tr>
-{''.join(body)}</table>
-<h2>Metrics</h2><div>{''.join(charts)}</div>
-{'<h2>During training</h2><div>' + ''.join(lines) + '</div>' if lines else ''}
+{"".join(body)}</table>
+<h2>Metrics</h2><div>{"".join(charts)}</div>
+{"<h2>During training</h2><div>" + "".join(lines) + "</div>" if lines else ""}
 </body></html>
 """
 
@@ -152,13 +170,15 @@ td,th{{border:1px solid #ddd;padding:4px 8px;text-align:right}}td:nth-child(-n+3
 # ------------------------------------------------------------------------------------------ CLI
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "report", help="render results files side by side (markdown + HTML with plots)",
+        "report",
+        help="render results files side by side (markdown + HTML with plots)",
         description="Read one or more results files (JSON lines written by `vssl eval ...`) and "
-                    "print the runs side by side as a markdown table; --html also writes a "
-                    "self-contained page with a chart per metric and training curves.",
+        "print the runs side by side as a markdown table; --html also writes a "
+        "self-contained page with a chart per metric and training curves.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  vssl eval report vssl_results.jsonl\n"
-               "  vssl eval report runs/*/results.jsonl --html report.html --markdown report.md")
+        "  vssl eval report runs/*/results.jsonl --html report.html --markdown report.md",
+    )
     p.add_argument("results", nargs="+", help="results files (JSON lines)")
     p.add_argument("--html", metavar="FILE", help="also write an HTML page here")
     p.add_argument("--markdown", metavar="FILE", help="also write the markdown table here")
@@ -170,7 +190,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     missing = [f for f in args.results if not Path(f).is_file()]
     if missing:
-        print(f"vssl eval report: error: no such results file: {', '.join(missing)}", file=sys.stderr)
+        print(
+            f"vssl eval report: error: no such results file: {', '.join(missing)}", file=sys.stderr
+        )
         return 2
     try:
         rows = read_results(args.results)

@@ -10,8 +10,8 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 DEFAULT_RESULTS = "vssl_results.jsonl"
 
@@ -19,13 +19,25 @@ DEFAULT_RESULTS = "vssl_results.jsonl"
 def add_result_args(parser: argparse.ArgumentParser) -> None:
     """``--results``, ``--dataset``, ``--run-name``: the same three options on every protocol."""
     g = parser.add_argument_group("results")
-    g.add_argument("--results", metavar="FILE", default=DEFAULT_RESULTS,
-                   help=f"append one JSON line per metric here (default {DEFAULT_RESULTS}); "
-                        "'-' writes nothing")
-    g.add_argument("--dataset", metavar="NAME", default=None,
-                   help="dataset name in the results (default: the test input's folder name)")
-    g.add_argument("--run-name", metavar="NAME", default=None,
-                   help="model label in the results (default: the model name or features folder)")
+    g.add_argument(
+        "--results",
+        metavar="FILE",
+        default=DEFAULT_RESULTS,
+        help=f"append one JSON line per metric here (default {DEFAULT_RESULTS}); "
+        "'-' writes nothing",
+    )
+    g.add_argument(
+        "--dataset",
+        metavar="NAME",
+        default=None,
+        help="dataset name in the results (default: the test input's folder name)",
+    )
+    g.add_argument(
+        "--run-name",
+        metavar="NAME",
+        default=None,
+        help="model label in the results (default: the model name or features folder)",
+    )
 
 
 def record(
@@ -43,8 +55,15 @@ def record(
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     rows = []
     for name, value in metrics.items():
-        row = {"time": now, "protocol": protocol, "model": model, "checkpoint": checkpoint,
-               "dataset": dataset, "metric": name, "value": float(value)}
+        row = {
+            "time": now,
+            "protocol": protocol,
+            "model": model,
+            "checkpoint": checkpoint,
+            "dataset": dataset,
+            "metric": name,
+            "value": float(value),
+        }
         if extra:
             row.update({k: v for k, v in extra.items() if k not in row})
         rows.append(row)
@@ -90,7 +109,9 @@ def format_table(rows: list[Mapping[str, object]], columns: list[str] | None = N
 
     cells = [[cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
-             "  ".join("-" * w for w in widths)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+        "  ".join("-" * w for w in widths),
+    ]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
     return "\n".join(lines)

@@ -19,9 +19,9 @@ import csv
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -48,23 +48,28 @@ class Pairs:
     def __post_init__(self):
         self.caption_image = np.asarray(self.caption_image, dtype=np.int64)
         if self.caption_image.shape != (len(self.captions),):
-            raise ValueError(f"{len(self.captions)} captions but caption_image has shape "
-                             f"{self.caption_image.shape}")
-        if len(self.captions) and (self.caption_image.min() < 0
-                                   or self.caption_image.max() >= len(self.images)):
+            raise ValueError(
+                f"{len(self.captions)} captions but caption_image has shape "
+                f"{self.caption_image.shape}"
+            )
+        if len(self.captions) and (
+            self.caption_image.min() < 0 or self.caption_image.max() >= len(self.images)
+        ):
             raise ValueError("caption_image indexes outside the image list")
         if len(np.unique(self.caption_image)) != len(self.images):
             raise ValueError("every image needs at least one caption")
 
-    def subset(self, keep_images: Sequence[int]) -> "Pairs":
+    def subset(self, keep_images: Sequence[int]) -> Pairs:
         """The pairs of the images ``keep_images`` (e.g. those that could be decoded)."""
         new = {int(old): i for i, old in enumerate(keep_images)}
         rows = [j for j, i in enumerate(self.caption_image) if int(i) in new]
-        return Pairs(images=[self.images[i] for i in keep_images],
-                     captions=[self.captions[j] for j in rows],
-                     caption_image=np.array([new[int(self.caption_image[j])] for j in rows],
-                                            dtype=np.int64),
-                     source=self.source, skipped=list(self.skipped))
+        return Pairs(
+            images=[self.images[i] for i in keep_images],
+            captions=[self.captions[j] for j in rows],
+            caption_image=np.array([new[int(self.caption_image[j])] for j in rows], dtype=np.int64),
+            source=self.source,
+            skipped=list(self.skipped),
+        )
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -76,8 +81,10 @@ def _location(value, base: Path) -> tuple[str | None, str | None]:
     if s.startswith("file://"):
         return os.path.abspath(unquote(urlparse(s).path)), None
     if "://" in s:
-        return None, (f"remote URL {s} (vssl does not download images: fetch them first, e.g. "
-                      "with img2dataset, and give local paths in a 'path' column)")
+        return None, (
+            f"remote URL {s} (vssl does not download images: fetch them first, e.g. "
+            "with img2dataset, and give local paths in a 'path' column)"
+        )
     p = Path(s).expanduser()
     return os.path.abspath(p if p.is_absolute() else base / p), None
 
@@ -97,8 +104,10 @@ def _table_rows(path: Path) -> list[dict]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{n}: not a JSON line ({exc.msg}); the pairs file "
-                                     "must hold one JSON object per line") from None
+                    raise ValueError(
+                        f"{path}:{n}: not a JSON line ({exc.msg}); the pairs file "
+                        "must hold one JSON object per line"
+                    ) from None
                 if not isinstance(row, dict):
                     raise ValueError(f"{path}:{n}: expected a JSON object per line")
                 rows.append(row)
@@ -109,8 +118,10 @@ def _table_rows(path: Path) -> list[dict]:
     if suffix == ".csv":
         with open(path, encoding="utf-8", newline="") as f:
             return list(csv.DictReader(f))
-    raise ValueError(f"{path}: unknown pairs format {suffix!r}; use .parquet, .jsonl, .tsv, .csv "
-                     "or an image folder with .txt caption files")
+    raise ValueError(
+        f"{path}: unknown pairs format {suffix!r}; use .parquet, .jsonl, .tsv, .csv "
+        "or an image folder with .txt caption files"
+    )
 
 
 def _from_table(path: Path) -> tuple[list[tuple[str | None, object]], list[dict]]:
@@ -121,8 +132,10 @@ def _from_table(path: Path) -> tuple[list[tuple[str | None, object]], list[dict]
     img = next((c for c in IMAGE_COLUMNS if c in cols), None)
     txt = next((c for c in TEXT_COLUMNS if c in cols), None)
     if img is None or txt is None:
-        raise ValueError(f"{path} needs an image column ({' | '.join(IMAGE_COLUMNS)}) and a "
-                         f"caption column ({' | '.join(TEXT_COLUMNS)}); it has {cols}")
+        raise ValueError(
+            f"{path} needs an image column ({' | '.join(IMAGE_COLUMNS)}) and a "
+            f"caption column ({' | '.join(TEXT_COLUMNS)}); it has {cols}"
+        )
     out, skipped = [], []
     for n, row in enumerate(rows):
         where, reason = _location(row.get(img), path.parent)
@@ -146,8 +159,9 @@ def _from_folder(root: Path) -> tuple[list[tuple[str, object]], list[dict]]:
             lines = side.read_text(encoding="utf-8", errors="replace").splitlines()
             out.append((str(p), [ln for ln in lines if ln.strip()]))
     if not out:
-        raise ValueError(f"{root}: no image with a .txt caption file next to it (photo.jpg + "
-                         "photo.txt)")
+        raise ValueError(
+            f"{root}: no image with a .txt caption file next to it (photo.jpg + photo.txt)"
+        )
     return out, []
 
 
@@ -180,10 +194,17 @@ def read_pairs(path: str | os.PathLike) -> Pairs:
         captions.extend(texts)
         owner.extend([index[where]] * len(texts))
     if not images:
-        raise ValueError(f"{path}: no usable image-caption pair"
-                         + (f" ({skipped[0]['error']})" if skipped else ""))
-    return Pairs(images=images, captions=captions, caption_image=np.array(owner, dtype=np.int64),
-                 source=str(p), skipped=skipped)
+        raise ValueError(
+            f"{path}: no usable image-caption pair"
+            + (f" ({skipped[0]['error']})" if skipped else "")
+        )
+    return Pairs(
+        images=images,
+        captions=captions,
+        caption_image=np.array(owner, dtype=np.int64),
+        source=str(p),
+        skipped=skipped,
+    )
 
 
 # ------------------------------------------------------------------------------------ metric
@@ -195,8 +216,9 @@ def _normalize(x) -> torch.Tensor:
     return x / norms
 
 
-def retrieval_recall(image_emb, text_emb, caption_image, ks: Sequence[int] = DEFAULT_KS, *,
-                     chunk: int = 1024) -> dict[str, dict[int, float]]:
+def retrieval_recall(
+    image_emb, text_emb, caption_image, ks: Sequence[int] = DEFAULT_KS, *, chunk: int = 1024
+) -> dict[str, dict[int, float]]:
     """Recall@k both ways, as fractions: ``{"i2t": {k: r}, "t2i": {k: r}}``.
 
     ``caption_image[j]`` is the image row of caption ``j``. Similarities are computed ``chunk``
@@ -209,8 +231,9 @@ def retrieval_recall(image_emb, text_emb, caption_image, ks: Sequence[int] = DEF
     if img.shape[1] != txt.shape[1]:
         raise ValueError(f"image embeddings have width {img.shape[1]}, text {txt.shape[1]}")
     if owner.shape != (t,):
-        raise ValueError(f"caption_image must have one entry per caption ({t}), got "
-                         f"{tuple(owner.shape)}")
+        raise ValueError(
+            f"caption_image must have one entry per caption ({t}), got {tuple(owner.shape)}"
+        )
     if t == 0 or n == 0:
         raise ValueError("retrieval needs at least one image and one caption")
     if owner.min() < 0 or owner.max() >= n:
@@ -221,18 +244,20 @@ def retrieval_recall(image_emb, text_emb, caption_image, ks: Sequence[int] = DEF
     # text -> image: rank of the caption's image = other images scoring >= it.
     t2i_rank = torch.empty(t, dtype=torch.long)
     for s in range(0, t, chunk):
-        sim = txt[s:s + chunk] @ img.T
-        true = sim.gather(1, owner[s:s + chunk, None])
-        t2i_rank[s:s + chunk] = (sim >= true).sum(dim=1) - 1
+        sim = txt[s : s + chunk] @ img.T
+        true = sim.gather(1, owner[s : s + chunk, None])
+        t2i_rank[s : s + chunk] = (sim >= true).sum(dim=1) - 1
     # image -> text: rank of the image's best caption = captions of other images scoring >= it.
     i2t_rank = torch.empty(n, dtype=torch.long)
     for s in range(0, n, chunk):
-        sim = img[s:s + chunk] @ txt.T
+        sim = img[s : s + chunk] @ txt.T
         own = owner[None, :] == torch.arange(s, min(s + chunk, n))[:, None]
         best = sim.masked_fill(~own, float("-inf")).max(dim=1, keepdim=True).values
-        i2t_rank[s:s + chunk] = ((sim >= best) & ~own).sum(dim=1)
-    return {"i2t": {k: float((i2t_rank < k).float().mean()) for k in ks},
-            "t2i": {k: float((t2i_rank < k).float().mean()) for k in ks}}
+        i2t_rank[s : s + chunk] = ((sim >= best) & ~own).sum(dim=1)
+    return {
+        "i2t": {k: float((i2t_rank < k).float().mean()) for k in ks},
+        "t2i": {k: float((t2i_rank < k).float().mean()) for k in ks},
+    }
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -253,18 +278,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from .zeroshot import _add_model_args
 
     p = subparsers.add_parser(
-        "retrieval", help="image<->text retrieval recall@1/5/10 with a two-tower model",
+        "retrieval",
+        help="image<->text retrieval recall@1/5/10 with a two-tower model",
         description="Image<->text retrieval with a two-tower model: image->text recall@k counts an "
-                    "image as found when any of its captions is among the k nearest captions; "
-                    "text->image recall@k counts a caption when its image is among the k nearest "
-                    "images (cosine similarity). Reported as fractions in [0, 1].",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
+        "image as found when any of its captions is among the k nearest captions; "
+        "text->image recall@k counts a caption when its image is among the k nearest "
+        "images (cosine similarity). Reported as fractions in [0, 1].",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+    )
     _add_model_args(p)
-    p.add_argument("--data", required=True, metavar="PAIRS",
-                   help="image-caption pairs: a .parquet/.jsonl/.tsv/.csv table or an image folder "
-                        "with .txt caption files")
-    p.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS), metavar="K",
-                   help="recall cut-offs (default 1 5 10)")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="PAIRS",
+        help="image-caption pairs: a .parquet/.jsonl/.tsv/.csv table or an image folder "
+        "with .txt caption files",
+    )
+    p.add_argument(
+        "--ks",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_KS),
+        metavar="K",
+        help="recall cut-offs (default 1 5 10)",
+    )
     add_result_args(p)
     p.set_defaults(func=run)
     return p
@@ -283,32 +321,56 @@ def run(args: argparse.Namespace) -> int:
         pairs = read_pairs(args.data)
         if pairs.skipped:
             first = pairs.skipped[0]
-            print(f"vssl eval retrieval: left out {len(pairs.skipped)} row(s) of --data (row "
-                  f"{first['row']}: {first['error']})", file=sys.stderr)
-        model = load_two_tower(args.model, device=args.device, dtype=args.dtype,
-                               batch_size=args.batch_size)
-        img, kept, errors = encode_image_files(model, pairs.images, batch_size=args.batch_size,
-                                               progress=sys.stderr.isatty())
+            print(
+                f"vssl eval retrieval: left out {len(pairs.skipped)} row(s) of --data (row "
+                f"{first['row']}: {first['error']})",
+                file=sys.stderr,
+            )
+        model = load_two_tower(
+            args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size
+        )
+        img, kept, errors = encode_image_files(
+            model, pairs.images, batch_size=args.batch_size, progress=sys.stderr.isatty()
+        )
         _report_skipped("retrieval", errors)
         if not kept:
             raise ValueError(f"no image of --data {args.data} could be read")
         pairs = pairs.subset(kept)
-        txt = torch.cat([model.encode_text(pairs.captions[i:i + args.batch_size]).float().cpu()
-                         for i in range(0, len(pairs.captions), args.batch_size)])
+        txt = torch.cat(
+            [
+                model.encode_text(pairs.captions[i : i + args.batch_size]).float().cpu()
+                for i in range(0, len(pairs.captions), args.batch_size)
+            ]
+        )
         recall = retrieval_recall(img, txt, pairs.caption_image, args.ks)
     except (ValueError, FileNotFoundError) as exc:
         return _error("retrieval", str(exc))
 
     names = {"i2t": "image->text", "t2i": "text->image"}
-    print(format_table([{"direction": names[d], **{f"R@{k}": r[k] for k in args.ks}}
-                        for d, r in recall.items()]))
+    print(
+        format_table(
+            [
+                {"direction": names[d], **{f"R@{k}": r[k] for k in args.ks}}
+                for d, r in recall.items()
+            ]
+        )
+    )
     print(f"{len(pairs.images)} images, {len(pairs.captions)} captions")
     metrics = {f"{d}_recall@{k}": r[k] for d, r in recall.items() for k in args.ks}
-    record(args.results, protocol="retrieval", metrics=metrics,
-           model=args.run_name or Path(args.model).name, checkpoint=str(args.model),
-           dataset=args.dataset or _dataset_name(args.data),
-           extra={"num_images": len(pairs.images), "num_captions": len(pairs.captions),
-                  "num_skipped_images": len(errors), "num_skipped_rows": len(pairs.skipped)})
+    record(
+        args.results,
+        protocol="retrieval",
+        metrics=metrics,
+        model=args.run_name or Path(args.model).name,
+        checkpoint=str(args.model),
+        dataset=args.dataset or _dataset_name(args.data),
+        extra={
+            "num_images": len(pairs.images),
+            "num_captions": len(pairs.captions),
+            "num_skipped_images": len(errors),
+            "num_skipped_rows": len(pairs.skipped),
+        },
+    )
     return 0
 
 

@@ -38,9 +38,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -52,9 +52,22 @@ from ..data.transforms import EvalTransform, center_crop_box, resized_size
 from ..extract import autocast_context, check_resolution, default_num_workers, make_loader
 
 __all__ = [
-    "LinearSegHead", "SegFeatures", "SegResult", "SegTransform", "add_parser", "confusion_matrix",
-    "evaluate_linear_seg", "extract_patch_features", "find_pairs", "fit_linear_seg",
-    "iou_per_class", "map_class_ids", "miou", "pixel_accuracy", "read_mask", "train_linear_seg",
+    "LinearSegHead",
+    "SegFeatures",
+    "SegResult",
+    "SegTransform",
+    "add_parser",
+    "confusion_matrix",
+    "evaluate_linear_seg",
+    "extract_patch_features",
+    "find_pairs",
+    "fit_linear_seg",
+    "iou_per_class",
+    "map_class_ids",
+    "miou",
+    "pixel_accuracy",
+    "read_mask",
+    "train_linear_seg",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -82,8 +95,10 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int = 255) ->
     if t.numel():
         if int(t.min()) < 0 or int(t.max()) >= num_classes:
             bad = int(t.max()) if int(t.max()) >= num_classes else int(t.min())
-            raise ValueError(f"target holds class id {bad}, outside 0..{num_classes - 1} and not "
-                             f"ignore_index {ignore_index}")
+            raise ValueError(
+                f"target holds class id {bad}, outside 0..{num_classes - 1} and not "
+                f"ignore_index {ignore_index}"
+            )
         if int(p.min()) < 0 or int(p.max()) >= num_classes:
             raise ValueError(f"predictions outside 0..{num_classes - 1}")
     counts = torch.bincount(t * num_classes + p, minlength=num_classes * num_classes)
@@ -119,7 +134,8 @@ def _split_dirs(root: Path, split: str | None) -> tuple[Path, Path]:
     if not images.is_dir() or not annotations.is_dir():
         raise FileNotFoundError(
             f"{root}: expected the ADE20K layout, {root}/images/ and {root}/annotations/ (masks: "
-            "PNGs of class ids named like the images)")
+            "PNGs of class ids named like the images)"
+        )
     if split is not None:
         for name in SPLIT_NAMES.get(split, (split,)):
             if (images / name).is_dir():
@@ -134,8 +150,9 @@ def _split_dirs(root: Path, split: str | None) -> tuple[Path, Path]:
     raise FileNotFoundError(f"{images} holds no images{want}{hint}")
 
 
-def find_pairs(root: str | os.PathLike, split: str | None = None
-               ) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
+def find_pairs(
+    root: str | os.PathLike, split: str | None = None
+) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
     """``(image, mask)`` pairs under an ADE20K-layout folder, and ``(image, reason)`` for images
     without a mask (skipped, not fatal).
 
@@ -168,8 +185,10 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
             with Image.open(path) as m:
                 m.load()
                 if m.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
-                    raise MaskError(f"mode {m.mode}: expected a single-channel PNG of class ids "
-                                    "(8-bit greyscale, palette, or 16-bit)")
+                    raise MaskError(
+                        f"mode {m.mode}: expected a single-channel PNG of class ids "
+                        "(8-bit greyscale, palette, or 16-bit)"
+                    )
                 return np.asarray(m).astype(np.int32)
     except MaskError:
         raise
@@ -179,8 +198,9 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
         raise MaskError(f"unreadable ({type(exc).__name__}: {exc})") from None
 
 
-def map_class_ids(ids: np.ndarray, num_classes: int, *, ignore_index: int = 255,
-                  reduce_zero_label: bool = False) -> np.ndarray:
+def map_class_ids(
+    ids: np.ndarray, num_classes: int, *, ignore_index: int = 255, reduce_zero_label: bool = False
+) -> np.ndarray:
     """File class ids -> training targets as uint8 (see the module docstring for the mapping).
 
     Raises ``ValueError`` naming the offending id when an id is neither a class nor ignored.
@@ -196,10 +216,15 @@ def map_class_ids(ids: np.ndarray, num_classes: int, *, ignore_index: int = 255,
     bad = ~ignored & ((out < 0) | (out >= num_classes))
     if bad.any():
         raw = int(ids[bad].max())
-        hint = (" ADE20K-style masks (0 = other, classes from 1) need --reduce-zero-label."
-                if not reduce_zero_label and raw == num_classes else "")
-        raise ValueError(f"class id {raw} in the mask is not a class of --num-classes "
-                         f"{num_classes} (nor ignore index {ignore_index}).{hint}")
+        hint = (
+            " ADE20K-style masks (0 = other, classes from 1) need --reduce-zero-label."
+            if not reduce_zero_label and raw == num_classes
+            else ""
+        )
+        raise ValueError(
+            f"class id {raw} in the mask is not a class of --num-classes "
+            f"{num_classes} (nor ignore index {ignore_index}).{hint}"
+        )
     return out.astype(np.uint8)
 
 
@@ -235,8 +260,9 @@ class SegTransform:
 
     def mask(self, ids: np.ndarray) -> np.ndarray:
         # mode "I" (int32) so 16-bit ids survive; NEAREST never invents an id between two regions
-        m = self._geometry(Image.fromarray(np.ascontiguousarray(ids, dtype=np.int32)),
-                           Image.Resampling.NEAREST)
+        m = self._geometry(
+            Image.fromarray(np.ascontiguousarray(ids, dtype=np.int32)), Image.Resampling.NEAREST
+        )
         return np.asarray(m, dtype=np.int32)
 
     def __repr__(self) -> str:
@@ -265,8 +291,14 @@ class _PairDataset(torch.utils.data.Dataset):
         except MaskError as exc:
             return i, None, f"mask {mask_path}: {exc}"
         if ids.shape != (img.height, img.width):
-            return i, None, (f"mask {mask_path} is {ids.shape[1]}x{ids.shape[0]}, the image "
-                             f"{img.width}x{img.height}")
+            return (
+                i,
+                None,
+                (
+                    f"mask {mask_path} is {ids.shape[1]}x{ids.shape[0]}, the image "
+                    f"{img.width}x{img.height}"
+                ),
+            )
         try:
             return i, (self.transform.image(img), self.transform.mask(ids)), None
         except Exception as exc:  # noqa: BLE001 - a transform failure is still one bad sample
@@ -278,9 +310,9 @@ class _PairDataset(torch.utils.data.Dataset):
 class SegFeatures:
     """Cached frozen features of one split: what every epoch of the probe reads."""
 
-    feats: torch.Tensor               # (N, D, h, w) float16: last block's normed patch tokens
-    masks: torch.Tensor               # (N, H, W) uint8 training targets (ignore_index = skipped)
-    paths: list[str]                  # image paths, row order
+    feats: torch.Tensor  # (N, D, h, w) float16: last block's normed patch tokens
+    masks: torch.Tensor  # (N, H, W) uint8 training targets (ignore_index = skipped)
+    paths: list[str]  # image paths, row order
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
@@ -318,13 +350,20 @@ def extract_patch_features(
     model.eval()
 
     dataset = _PairDataset(pairs, seg_transform)
-    loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers,
-                         pin_memory=device.type == "cuda")
+    loader = make_loader(
+        dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
     from tqdm import tqdm
 
     feats, masks, paths, skipped = [], [], [], []
-    bar = tqdm(total=len(dataset), unit="img", desc=desc, disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(dataset),
+        unit="img",
+        desc=desc,
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     try:
         with torch.inference_mode(), autocast:
             for indices, samples, errors in loader:
@@ -333,9 +372,16 @@ def extract_patch_features(
                     images, ids = samples
                     for i, m in zip(indices, ids):
                         try:
-                            masks.append(torch.from_numpy(map_class_ids(
-                                m, num_classes, ignore_index=ignore_index,
-                                reduce_zero_label=reduce_zero_label)))
+                            masks.append(
+                                torch.from_numpy(
+                                    map_class_ids(
+                                        m,
+                                        num_classes,
+                                        ignore_index=ignore_index,
+                                        reduce_zero_label=reduce_zero_label,
+                                    )
+                                )
+                            )
                         except ValueError as exc:
                             raise ValueError(f"{dataset.pairs[i][1]}: {exc}") from None
                     x = images.to(device, dtype=param_dtype, non_blocking=True)
@@ -348,8 +394,12 @@ def extract_patch_features(
         if was_training:
             model.train()
     if not feats:
-        return SegFeatures(torch.empty(0, 0, 0, 0, dtype=torch.float16),
-                           torch.empty(0, resolution, resolution, dtype=torch.uint8), [], skipped)
+        return SegFeatures(
+            torch.empty(0, 0, 0, 0, dtype=torch.float16),
+            torch.empty(0, resolution, resolution, dtype=torch.uint8),
+            [],
+            skipped,
+        )
     return SegFeatures(torch.cat(feats), torch.stack(masks), paths, skipped)
 
 
@@ -404,20 +454,22 @@ def fit_linear_seg(
     """
     feats, masks = torch.as_tensor(feats), torch.as_tensor(masks)
     if feats.ndim != 4 or masks.ndim != 3 or len(feats) != len(masks):
-        raise ValueError(f"need feats (N, D, h, w) and masks (N, H, W) with the same N, got "
-                         f"{tuple(feats.shape)} and {tuple(masks.shape)}")
+        raise ValueError(
+            f"need feats (N, D, h, w) and masks (N, H, W) with the same N, got "
+            f"{tuple(feats.shape)} and {tuple(masks.shape)}"
+        )
     if len(feats) == 0:
         raise ValueError("no training samples")
     if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0 (got {epochs}, "
-                         f"{batch_size}, {lr})")
+        raise ValueError(
+            f"need epochs >= 1, batch_size >= 1, lr > 0 (got {epochs}, {batch_size}, {lr})"
+        )
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = LinearSegHead(feats.shape[1], num_classes, batchnorm).to(device)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay,
-                            betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
     steps_per_epoch = math.ceil(len(feats) / batch_size)
     total = epochs * steps_per_epoch
     warmup = max(1, round(total * WARMUP_FRACTION))
@@ -427,12 +479,18 @@ def fit_linear_seg(
 
     history = []
     head.train()
-    for _ in tqdm(range(epochs), desc="probe", unit="epoch", disable=not progress,
-                  file=sys.stderr, dynamic_ncols=True):
+    for _ in tqdm(
+        range(epochs),
+        desc="probe",
+        unit="epoch",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    ):
         order = torch.randperm(len(feats), generator=gen)
         loss_sum, pixels = 0.0, 0
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             x = feats[idx].to(device, torch.float32, non_blocking=True)
             y = masks[idx].to(device, non_blocking=True).long()
             n_valid = int((y != ignore_index).sum())
@@ -470,8 +528,8 @@ def evaluate_linear_seg(
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
     size = tuple(masks.shape[-2:])
     for start in range(0, len(feats), batch_size):
-        x = feats[start:start + batch_size].to(device, torch.float32)
-        y = masks[start:start + batch_size].to(device)
+        x = feats[start : start + batch_size].to(device, torch.float32)
+        y = masks[start : start + batch_size].to(device)
         conf += confusion_matrix(head(x, size).argmax(1), y, num_classes, ignore_index)
     return conf
 
@@ -479,18 +537,20 @@ def evaluate_linear_seg(
 @dataclass
 class SegResult:
     miou: float
-    per_class_iou: np.ndarray        # (C,) NaN for classes absent from ground truth and predictions
+    per_class_iou: np.ndarray  # (C,) NaN for classes absent from ground truth and predictions
     pixel_acc: float
-    confusion: np.ndarray            # (C, C) rows = true class, columns = predicted
+    confusion: np.ndarray  # (C, C) rows = true class, columns = predicted
     num_train: int
     num_val: int
-    skipped: list[tuple[str, str]]   # (image path, reason), train and val
-    losses: list[float]              # mean training loss per epoch
+    skipped: list[tuple[str, str]]  # (image path, reason), train and val
+    losses: list[float]  # mean training loss per epoch
     seconds: float
 
     def summary(self) -> str:
-        return (f"mIoU {self.miou:.4f}  pixel acc {self.pixel_acc:.4f}  ({self.num_train} train, "
-                f"{self.num_val} val images, {len(self.skipped)} skipped, {self.seconds:.1f} s)")
+        return (
+            f"mIoU {self.miou:.4f}  pixel acc {self.pixel_acc:.4f}  ({self.num_train} train, "
+            f"{self.num_val} val images, {len(self.skipped)} skipped, {self.seconds:.1f} s)"
+        )
 
 
 def train_linear_seg(
@@ -521,8 +581,9 @@ def train_linear_seg(
     model's ``img_size``). ``batch_size`` is used for both the backbone and the probe.
     """
     if not 1 <= num_classes <= 255:
-        raise ValueError(f"num_classes must be in 1..255 (masks are stored as uint8), got "
-                         f"{num_classes}")
+        raise ValueError(
+            f"num_classes must be in 1..255 (masks are stored as uint8), got {num_classes}"
+        )
     if not 0 <= ignore_index <= 255:
         raise ValueError(f"ignore_index must be in 0..255, got {ignore_index}")
     if resolution is None:
@@ -536,29 +597,64 @@ def train_linear_seg(
         if not pairs:
             raise FileNotFoundError(f"{name}: no image with a mask under {root}")
         data = extract_patch_features(
-            model, pairs, num_classes=num_classes, resolution=resolution, transform=transform,
-            ignore_index=ignore_index, reduce_zero_label=reduce_zero_label,
-            batch_size=batch_size, device=device, dtype=dtype, num_workers=num_workers,
-            progress=progress, desc=name)
+            model,
+            pairs,
+            num_classes=num_classes,
+            resolution=resolution,
+            transform=transform,
+            ignore_index=ignore_index,
+            reduce_zero_label=reduce_zero_label,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            num_workers=num_workers,
+            progress=progress,
+            desc=name,
+        )
         data.skipped = missing + data.skipped
         if not data.paths:
-            raise ValueError(f"{name}: every sample under {root} was skipped; first reason: "
-                             f"{data.skipped[0][0]}: {data.skipped[0][1]}")
+            raise ValueError(
+                f"{name}: every sample under {root} was skipped; first reason: "
+                f"{data.skipped[0][0]}: {data.skipped[0][1]}"
+            )
         splits[name] = data
     train, val = splits["train"], splits["val"]
     head, losses = fit_linear_seg(
-        train.feats, train.masks, num_classes=num_classes, epochs=epochs, lr=lr,
-        weight_decay=weight_decay, batch_size=batch_size, device=device,
-        ignore_index=ignore_index, batchnorm=batchnorm, seed=seed, progress=progress)
-    conf = evaluate_linear_seg(head, val.feats, val.masks, num_classes=num_classes,
-                               ignore_index=ignore_index, batch_size=batch_size, device=device)
+        train.feats,
+        train.masks,
+        num_classes=num_classes,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        device=device,
+        ignore_index=ignore_index,
+        batchnorm=batchnorm,
+        seed=seed,
+        progress=progress,
+    )
+    conf = evaluate_linear_seg(
+        head,
+        val.feats,
+        val.masks,
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        batch_size=batch_size,
+        device=device,
+    )
     if conf.sum() == 0:
         raise ValueError("the validation masks hold no labelled pixel (all ignore_index)")
     return SegResult(
-        miou=miou(conf), per_class_iou=iou_per_class(conf), pixel_acc=pixel_accuracy(conf),
-        confusion=conf, num_train=len(train.paths), num_val=len(val.paths),
-        skipped=train.skipped + val.skipped, losses=losses,
-        seconds=time.perf_counter() - start)
+        miou=miou(conf),
+        per_class_iou=iou_per_class(conf),
+        pixel_acc=pixel_accuracy(conf),
+        confusion=conf,
+        num_train=len(train.paths),
+        num_val=len(val.paths),
+        skipped=train.skipped + val.skipped,
+        losses=losses,
+        seconds=time.perf_counter() - start,
+    )
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -580,47 +676,104 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from .results import add_result_args
 
     p = subparsers.add_parser(
-        "seg", help="linear segmentation probe on patch tokens (mIoU)",
+        "seg",
+        help="linear segmentation probe on patch tokens (mIoU)",
         description="DINOv2's linear segmentation probe: a frozen backbone's last-block patch "
-                    "tokens, BatchNorm + a linear layer per patch, logits upsampled to the mask, "
-                    "cross-entropy; prints per-class IoU, mIoU and pixel accuracy.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
-    p.add_argument("--model", required=True, metavar="M",
-                   help="a zoo name (`vssl models`) or a checkpoint (.pth/.safetensors/"
-                        "transformers directory)")
+        "tokens, BatchNorm + a linear layer per patch, logits upsampled to the mask, "
+        "cross-entropy; prints per-class IoU, mIoU and pixel accuracy.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="M",
+        help="a zoo name (`vssl models`) or a checkpoint (.pth/.safetensors/"
+        "transformers directory)",
+    )
     p.add_argument("--weights", metavar="PATH", default=None, help="weights for a zoo-name --model")
-    p.add_argument("--random-init", action="store_true",
-                   help="allow a zoo model without --weights (random weights: smoke tests only)")
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="allow a zoo model without --weights (random weights: smoke tests only)",
+    )
     p.add_argument("--train", required=True, metavar="DIR", help="training images + masks")
-    p.add_argument("--val", metavar="DIR", default=None,
-                   help="validation images + masks (default: --train, whose "
-                        "images/validation split is then used)")
-    p.add_argument("--num-classes", type=int, required=True, metavar="N",
-                   help="classes after the id mapping (ADE20K: 150)")
-    p.add_argument("--reduce-zero-label", action="store_true",
-                   help="ADE20K ids: 0 (other) is ignored and id k becomes class k-1")
-    p.add_argument("--ignore-index", type=int, default=255, metavar="ID",
-                   help="mask id left out of the loss and the IoU (default 255)")
-    p.add_argument("--resolution", type=int, default=None, metavar="PX",
-                   help="square input side, a multiple of the patch size (default: the model's "
-                        "img_size)")
-    p.add_argument("--transform", choices=("crop", "resize"), default="crop",
-                   help="crop: shorter side to PX, centre square; resize: whole image to PX x PX "
-                        "(default crop)")
-    p.add_argument("--epochs", type=int, default=30, help="probe epochs (default 30, about "
-                   "DINOv2's 40k iterations x 16 images on ADE20K)")
+    p.add_argument(
+        "--val",
+        metavar="DIR",
+        default=None,
+        help="validation images + masks (default: --train, whose "
+        "images/validation split is then used)",
+    )
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        required=True,
+        metavar="N",
+        help="classes after the id mapping (ADE20K: 150)",
+    )
+    p.add_argument(
+        "--reduce-zero-label",
+        action="store_true",
+        help="ADE20K ids: 0 (other) is ignored and id k becomes class k-1",
+    )
+    p.add_argument(
+        "--ignore-index",
+        type=int,
+        default=255,
+        metavar="ID",
+        help="mask id left out of the loss and the IoU (default 255)",
+    )
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="square input side, a multiple of the patch size (default: the model's img_size)",
+    )
+    p.add_argument(
+        "--transform",
+        choices=("crop", "resize"),
+        default="crop",
+        help="crop: shorter side to PX, centre square; resize: whole image to PX x PX "
+        "(default crop)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=30,
+        help="probe epochs (default 30, about DINOv2's 40k iterations x 16 images on ADE20K)",
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay "
-                   "(default 1e-4)")
-    p.add_argument("--no-bn", action="store_true",
-                   help="a bare linear layer (DINOv2's head has a BatchNorm before it)")
-    p.add_argument("--batch-size", type=int, default=16, metavar="N",
-                   help="images per batch, backbone and probe (default 16)")
+    p.add_argument(
+        "--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)"
+    )
+    p.add_argument(
+        "--no-bn",
+        action="store_true",
+        help="a bare linear layer (DINOv2's head has a BatchNorm before it)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        metavar="N",
+        help="images per batch, backbone and probe (default 16)",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
-                   help="backbone dtype (default fp32); the probe trains in fp32")
-    p.add_argument("--num-workers", type=int, default=None, metavar="N",
-                   help="decoding processes (default: min(4, CPU count); 0 = in this process)")
+    p.add_argument(
+        "--dtype",
+        choices=("bf16", "fp16", "fp32"),
+        default=None,
+        help="backbone dtype (default fp32); the probe trains in fp32",
+    )
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="decoding processes (default: min(4, CPU count); 0 = in this process)",
+    )
     p.add_argument("--seed", type=int, default=0, help="probe init and shuffling seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_result_args(p)
@@ -638,8 +791,11 @@ def run(args: argparse.Namespace) -> int:
     from ..models import create_model, list_models
     from .results import format_table, record
 
-    for name, value, low in (("--num-classes", args.num_classes, 1), ("--epochs", args.epochs, 1),
-                             ("--batch-size", args.batch_size, 1)):
+    for name, value, low in (
+        ("--num-classes", args.num_classes, 1),
+        ("--epochs", args.epochs, 1),
+        ("--batch-size", args.batch_size, 1),
+    ):
         if value < low:
             return _fail(f"{name} must be >= {low}, got {value}")
     if args.lr <= 0:
@@ -648,29 +804,52 @@ def run(args: argparse.Namespace) -> int:
     try:
         train_root = Path(os.path.abspath(args.train))
         if args.val is None and _split_dirs(train_root, "validation")[0] == train_root / "images":
-            return _fail(f"--val is needed: {args.train} has no images/validation split, and "
-                         "scoring the probe on its own training images says nothing")
+            return _fail(
+                f"--val is needed: {args.train} has no images/validation split, and "
+                "scoring the probe on its own training images says nothing"
+            )
     except FileNotFoundError as exc:
         return _fail(str(exc))
     try:
-        model = create_model(args.model, args.weights, dtype=args.dtype, device=args.device,
-                             random_init=args.random_init)
+        model = create_model(
+            args.model,
+            args.weights,
+            dtype=args.dtype,
+            device=args.device,
+            random_init=args.random_init,
+        )
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - any load failure: say what it was, no traceback
         return _fail(f"cannot load model {args.model!r}: {exc}")
     if args.weights is None and args.model in list_models():
-        print(f"WARNING: {args.model} has RANDOM weights (no --weights given): a smoke test only",
-              file=sys.stderr, flush=True)
+        print(
+            f"WARNING: {args.model} has RANDOM weights (no --weights given): a smoke test only",
+            file=sys.stderr,
+            flush=True,
+        )
     num_workers = default_num_workers() if args.num_workers is None else args.num_workers
     try:
         result = train_linear_seg(
-            model, args.train, val_dir, num_classes=args.num_classes,
-            resolution=args.resolution, epochs=args.epochs, lr=args.lr,
-            batch_size=args.batch_size, device=args.device, ignore_index=args.ignore_index,
-            reduce_zero_label=args.reduce_zero_label, transform=args.transform,
-            weight_decay=args.weight_decay, batchnorm=not args.no_bn, dtype=args.dtype,
-            num_workers=max(0, num_workers), seed=args.seed, progress=not args.no_progress)
+            model,
+            args.train,
+            val_dir,
+            num_classes=args.num_classes,
+            resolution=args.resolution,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            device=args.device,
+            ignore_index=args.ignore_index,
+            reduce_zero_label=args.reduce_zero_label,
+            transform=args.transform,
+            weight_decay=args.weight_decay,
+            batchnorm=not args.no_bn,
+            dtype=args.dtype,
+            num_workers=max(0, num_workers),
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
     except (ValueError, FileNotFoundError) as exc:
         return _fail(str(exc))
     except torch.cuda.OutOfMemoryError:
@@ -681,23 +860,42 @@ def run(args: argparse.Namespace) -> int:
     if len(result.skipped) > 20:
         print(f"... and {len(result.skipped) - 20} more skipped", file=sys.stderr)
     gt_pixels = result.confusion.sum(1)
-    rows = [{"class": c, "iou": None if math.isnan(v) else float(v), "val_pixels": int(n)}
-            for c, (v, n) in enumerate(zip(result.per_class_iou, gt_pixels))]
+    rows = [
+        {"class": c, "iou": None if math.isnan(v) else float(v), "val_pixels": int(n)}
+        for c, (v, n) in enumerate(zip(result.per_class_iou, gt_pixels))
+    ]
     print(format_table(rows, ["class", "iou", "val_pixels"]))
     print()
-    print(format_table([{"metric": "seg_miou", "value": result.miou},
-                        {"metric": "seg_pixel_acc", "value": result.pixel_acc}]))
+    print(
+        format_table(
+            [
+                {"metric": "seg_miou", "value": result.miou},
+                {"metric": "seg_pixel_acc", "value": result.pixel_acc},
+            ]
+        )
+    )
     print(result.summary())
     resolution = args.resolution or int(model.config.img_size)
     record(
-        args.results, protocol="seg",
+        args.results,
+        protocol="seg",
         metrics={"seg_miou": result.miou, "seg_pixel_acc": result.pixel_acc},
-        model=args.run_name or args.model, checkpoint=args.weights,
+        model=args.run_name or args.model,
+        checkpoint=args.weights,
         dataset=args.dataset or Path(os.path.abspath(val_dir)).name,
-        extra={"num_classes": args.num_classes, "resolution": resolution,
-               "transform": args.transform, "epochs": args.epochs, "lr": args.lr,
-               "batchnorm": not args.no_bn, "num_train": result.num_train,
-               "num_val": result.num_val, "num_skipped": len(result.skipped),
-               "per_class_iou": [None if math.isnan(v) else round(float(v), 6)
-                                 for v in result.per_class_iou]})
+        extra={
+            "num_classes": args.num_classes,
+            "resolution": resolution,
+            "transform": args.transform,
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "batchnorm": not args.no_bn,
+            "num_train": result.num_train,
+            "num_val": result.num_val,
+            "num_skipped": len(result.skipped),
+            "per_class_iou": [
+                None if math.isnan(v) else round(float(v), 6) for v in result.per_class_iou
+            ],
+        },
+    )
     return 0

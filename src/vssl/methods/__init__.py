@@ -14,8 +14,18 @@ from .dinov2 import DINOv2, DINOv2Config
 from .mae import MAE, MAEConfig
 
 __all__ = [
-    "DINOv2", "DINOv2Config", "Freeze", "MAE", "MAEConfig", "Method", "MethodBase", "StepPlan",
-    "get_method", "list_methods", "nonfinite_terms", "register_method",
+    "DINOv2",
+    "DINOv2Config",
+    "Freeze",
+    "MAE",
+    "MAEConfig",
+    "Method",
+    "MethodBase",
+    "StepPlan",
+    "get_method",
+    "list_methods",
+    "nonfinite_terms",
+    "register_method",
 ]
 
 

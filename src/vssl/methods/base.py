@@ -28,15 +28,22 @@ available to recipes (``method.name: name``), as timm's ``@register_model`` does
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 __all__ = [
-    "Freeze", "Method", "MethodBase", "StepPlan", "UnknownMethodError", "get_method",
-    "list_methods", "register_method",
+    "Freeze",
+    "Method",
+    "MethodBase",
+    "StepPlan",
+    "UnknownMethodError",
+    "get_method",
+    "list_methods",
+    "register_method",
 ]
 
 
@@ -124,7 +131,9 @@ def register_method(name: str) -> Callable[[type], type]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__name__}")
         if not hasattr(cls, "config_class"):
-            raise TypeError(f"{cls.__name__} declares no config_class (the recipe's method: section)")
+            raise TypeError(
+                f"{cls.__name__} declares no config_class (the recipe's method: section)"
+            )
         cls.method_name = name
         _REGISTRY[name] = cls
         return cls
@@ -151,5 +160,6 @@ def get_method(name: str) -> type:
     except KeyError:
         close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise UnknownMethodError(f"unknown method {name!r}.{hint} Registered methods: "
-                                 f"{', '.join(sorted(_REGISTRY))}") from None
+        raise UnknownMethodError(
+            f"unknown method {name!r}.{hint} Registered methods: {', '.join(sorted(_REGISTRY))}"
+        ) from None

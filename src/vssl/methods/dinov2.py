@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.views import ViewSpec
 from ..models.checkpoints import Checkpoint, CheckpointError, check_state_dict, read_checkpoint
 from ..models.heads import DINOHead, describe_head
-from ..data.views import ViewSpec
 from ..models.vit import VisionTransformer
 from ..train.schedules import CosineSchedule
 from .base import Freeze, StepPlan, register_method
@@ -96,10 +96,21 @@ class DINOv2Config:
         if self.centering == "centering":  # DINOv2's spelling of EMA centering
             self.centering = "ema"
         if self.centering not in CENTERINGS:
-            raise ValueError(f"centering must be one of {list(CENTERINGS)} (DINOv2's 'centering' "
-                             f"means 'ema'), got {self.centering!r}")
-        for name in ("n_prototypes", "bottleneck_dim", "hidden_dim", "nlayers", "ibot_n_prototypes",
-                     "ibot_bottleneck_dim", "ibot_hidden_dim", "ibot_nlayers", "sinkhorn_iterations"):
+            raise ValueError(
+                f"centering must be one of {list(CENTERINGS)} (DINOv2's 'centering' "
+                f"means 'ema'), got {self.centering!r}"
+            )
+        for name in (
+            "n_prototypes",
+            "bottleneck_dim",
+            "hidden_dim",
+            "nlayers",
+            "ibot_n_prototypes",
+            "ibot_bottleneck_dim",
+            "ibot_hidden_dim",
+            "ibot_nlayers",
+            "sinkhorn_iterations",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("dino_loss_weight", "koleo_loss_weight", "ibot_loss_weight"):
@@ -108,13 +119,17 @@ class DINOv2Config:
         if self.dino_loss_weight == 0 and self.ibot_loss_weight == 0:
             raise ValueError("dino_loss_weight and ibot_loss_weight are both 0: nothing to train")
         if not self.koleo_eps > 0:
-            raise ValueError(f"koleo_eps must be > 0 (it keeps duplicate features finite), got {self.koleo_eps!r}")
+            raise ValueError(
+                f"koleo_eps must be > 0 (it keeps duplicate features finite), got {self.koleo_eps!r}"
+            )
         if not self.student_temp > 0:
             raise ValueError(f"student_temp must be > 0, got {self.student_temp!r}")
         if not 0.0 <= self.center_momentum < 1.0:
             raise ValueError(f"center_momentum must be in [0, 1), got {self.center_momentum!r}")
         if not 0.0 < self.mask_probability <= 1.0 and self.ibot_loss_weight > 0:
-            raise ValueError(f"mask_probability must be in (0, 1] with iBOT on, got {self.mask_probability!r}")
+            raise ValueError(
+                f"mask_probability must be in (0, 1] with iBOT on, got {self.mask_probability!r}"
+            )
         for name in ("momentum_teacher", "final_momentum_teacher"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
@@ -126,14 +141,16 @@ class DINOv2Config:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         lo, hi = self.mask_ratio
         if not 0.0 <= lo <= hi < 1.0:
-            raise ValueError(f"mask_ratio must be (lo, hi) with 0 <= lo <= hi < 1, got {self.mask_ratio!r}")
+            raise ValueError(
+                f"mask_ratio must be (lo, hi) with 0 <= lo <= hi < 1, got {self.mask_ratio!r}"
+            )
         self.mask_ratio = (float(lo), float(hi))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DINOv2Config":
+    def from_dict(cls, d: dict) -> DINOv2Config:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -154,7 +171,12 @@ def _reshard(module: nn.Module) -> None:
 
 def _param_key(name: str) -> str:
     """A parameter name without the wrappers' prefixes (DDP, torch.compile, checkpointing)."""
-    for wrapper in ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module."):
+    for wrapper in (
+        "module.",
+        "_orig_mod.",
+        "_checkpoint_wrapped_module.",
+        "_fsdp_wrapped_module.",
+    ):
         name = name.replace(wrapper, "")
     return name
 
@@ -178,23 +200,42 @@ class DINOv2(nn.Module):
         self.do_koleo = self.do_dino and cfg.koleo_loss_weight > 0
         self.do_ibot = cfg.ibot_loss_weight > 0
         if self.do_ibot and getattr(backbone, "mask_token", None) is None:
-            raise ValueError("iBOT needs a backbone with a mask token (ViTConfig mask_token=True), "
-                             "or set ibot_loss_weight=0")
+            raise ValueError(
+                "iBOT needs a backbone with a mask token (ViTConfig mask_token=True), "
+                "or set ibot_loss_weight=0"
+            )
         dim = backbone.embed_dim
-        student = {"backbone": backbone,
-                   "dino_head": DINOHead(dim, cfg.n_prototypes, cfg.hidden_dim, cfg.bottleneck_dim, cfg.nlayers,
-                                        use_bn=cfg.head_use_bn)}
+        student = {
+            "backbone": backbone,
+            "dino_head": DINOHead(
+                dim,
+                cfg.n_prototypes,
+                cfg.hidden_dim,
+                cfg.bottleneck_dim,
+                cfg.nlayers,
+                use_bn=cfg.head_use_bn,
+            ),
+        }
         if self.do_ibot and cfg.ibot_separate_head:
-            student["ibot_head"] = DINOHead(dim, cfg.ibot_n_prototypes, cfg.ibot_hidden_dim,
-                                            cfg.ibot_bottleneck_dim, cfg.ibot_nlayers,
-                                            use_bn=cfg.head_use_bn)
+            student["ibot_head"] = DINOHead(
+                dim,
+                cfg.ibot_n_prototypes,
+                cfg.ibot_hidden_dim,
+                cfg.ibot_bottleneck_dim,
+                cfg.ibot_nlayers,
+                use_bn=cfg.head_use_bn,
+            )
         self.student = nn.ModuleDict(student)
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher.eval()
-        common = dict(student_temp=cfg.student_temp, center_momentum=cfg.center_momentum,
-                      centering=cfg.centering, sinkhorn_iterations=cfg.sinkhorn_iterations)
+        common = dict(
+            student_temp=cfg.student_temp,
+            center_momentum=cfg.center_momentum,
+            centering=cfg.centering,
+            sinkhorn_iterations=cfg.sinkhorn_iterations,
+        )
         self.dino_loss = DINOLoss(cfg.n_prototypes, **common)
         ibot_dim = cfg.ibot_n_prototypes if cfg.ibot_separate_head else cfg.n_prototypes
         self.ibot_patch_loss = iBOTPatchLoss(ibot_dim, **common)
@@ -203,20 +244,29 @@ class DINOv2(nn.Module):
     # -- the method contract (vssl.methods.base) ------------------------------------------------
     def views(self) -> ViewSpec:
         """Multi-crop, with iBOT block masks on the backbone's patch grid when iBOT is on."""
-        return ViewSpec("multicrop", mask="block" if self.do_ibot else None,
-                        mask_ratio=tuple(self.cfg.mask_ratio),
-                        mask_probability=self.cfg.mask_probability,
-                        patch_size=self.student["backbone"].config.patch_size)
+        return ViewSpec(
+            "multicrop",
+            mask="block" if self.do_ibot else None,
+            mask_ratio=tuple(self.cfg.mask_ratio),
+            mask_probability=self.cfg.mask_probability,
+            patch_size=self.student["backbone"].config.patch_size,
+        )
 
     def plan(self, plan: StepPlan) -> None:
         """DINOv2's teacher schedules over the run's steps (``dinov2/train/train.py``)."""
         c = self.cfg
         tt = plan.epochs_to_steps(c.warmup_teacher_temp_epochs)
         self._schedules = {
-            "momentum": CosineSchedule(c.momentum_teacher, c.final_momentum_teacher,
-                                       plan.total_steps),
-            "teacher_temp": CosineSchedule(c.teacher_temp, c.teacher_temp, tt, warmup_iters=tt,
-                                           start_warmup_value=c.warmup_teacher_temp),
+            "momentum": CosineSchedule(
+                c.momentum_teacher, c.final_momentum_teacher, plan.total_steps
+            ),
+            "teacher_temp": CosineSchedule(
+                c.teacher_temp,
+                c.teacher_temp,
+                tt,
+                warmup_iters=tt,
+                start_warmup_value=c.warmup_teacher_temp,
+            ),
         }
         self.freeze_steps = plan.epochs_to_steps(c.freeze_last_layer_epochs)
         self._temp_warmup_steps = tt
@@ -234,8 +284,10 @@ class DINOv2(nn.Module):
 
     def _plan(self) -> dict:
         if self._schedules is None:
-            raise RuntimeError("DINOv2.plan(StepPlan) sets the teacher schedules: call it (the "
-                               "trainer does) or pass teacher_temp= explicitly")
+            raise RuntimeError(
+                "DINOv2.plan(StepPlan) sets the teacher schedules: call it (the "
+                "trainer does) or pass teacher_temp= explicitly"
+            )
         return self._schedules
 
     def scheduled(self, step: int) -> dict[str, float]:
@@ -255,7 +307,7 @@ class DINOv2(nn.Module):
         """The teacher backbone: what DINOv2 evaluates and releases."""
         return self.teacher["backbone"]
 
-    def train(self, mode: bool = True) -> "DINOv2":
+    def train(self, mode: bool = True) -> DINOv2:
         """The teacher stays in eval mode (no drop-path), as in DINOv2; BatchNorms in its heads
         (``head_use_bn``) keep normalizing with batch statistics, as DINO's teacher does."""
         super().train(mode)
@@ -266,34 +318,43 @@ class DINOv2(nn.Module):
         return self
 
     @staticmethod
-    def _shared_head(head: DINOHead, cls: torch.Tensor, patch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _shared_head(
+        head: DINOHead, cls: torch.Tensor, patch: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The shared DINO/iBOT head over CLS and patch tokens: one call, as DINOv2 does; a head
         with BatchNorm gets them in two calls, so each is normalized by its own statistics."""
         if head.use_bn:
             return head(cls), head(patch)
         out = head(torch.cat((cls, patch)))
-        return out[: cls.shape[0]], out[cls.shape[0]:]
+        return out[: cls.shape[0]], out[cls.shape[0] :]
 
     # -- the losses ---------------------------------------------------------------------------
     def _batch_layout(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
         glob = batch["global"]
         if not torch.is_floating_point(glob):
-            raise TypeError("batch['global'] is uint8: apply MultiCropPhotometric (normalization) "
-                            "to the collated batch before the method")
+            raise TypeError(
+                "batch['global'] is uint8: apply MultiCropPhotometric (normalization) "
+                "to the collated batch before the method"
+            )
         if glob.shape[0] % 2:
-            raise ValueError(f"DINOv2 takes 2 global crops per image; batch['global'] has "
-                             f"{glob.shape[0]} rows, not an even number")
+            raise ValueError(
+                f"DINOv2 takes 2 global crops per image; batch['global'] has "
+                f"{glob.shape[0]} rows, not an even number"
+            )
         b = glob.shape[0] // 2
         local = batch.get("local")
         if local is None or local.shape[0] == 0:
             return glob, None, b, 0
         if local.shape[0] % b:
-            raise ValueError(f"batch['local'] has {local.shape[0]} rows, not a multiple of the "
-                             f"{b} images in batch['global']")
+            raise ValueError(
+                f"batch['local'] has {local.shape[0]} rows, not a multiple of the "
+                f"{b} images in batch['global']"
+            )
         return glob, local, b, local.shape[0] // b
 
-    def forward(self, batch: dict, step: int | None = None, *,
-                teacher_temp: float | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: dict, step: int | None = None, *, teacher_temp: float | None = None
+    ) -> dict[str, torch.Tensor]:
         """Losses of one batch at ``step`` (the teacher temperature is the scheduled one unless
         ``teacher_temp`` is given)."""
         if teacher_temp is None:
@@ -307,8 +368,10 @@ class DINOv2(nn.Module):
         if do_ibot:
             missing = [k for k in ("masks", "mask_indices_list", "masks_weight") if k not in batch]
             if missing:
-                raise KeyError(f"the batch has no {missing}: iBOT needs the collate's masks "
-                               "(collate_multicrop(mask_generator=...)), or set ibot_loss_weight=0")
+                raise KeyError(
+                    f"the batch has no {missing}: iBOT needs the collate's masks "
+                    "(collate_multicrop(mask_generator=...)), or set ibot_loss_weight=0"
+                )
             masks = batch["masks"].to(glob.device, non_blocking=True)
             mask_idx = batch["mask_indices_list"].to(glob.device, non_blocking=True)
             masks_weight = batch["masks_weight"].to(glob.device, non_blocking=True)
@@ -322,12 +385,18 @@ class DINOv2(nn.Module):
             if do_ibot:
                 t_patch = t_out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_idx)
             if do_ibot and not separate:
-                t_cls_logits, t_patch_logits = self._shared_head(self.teacher["dino_head"], t_cls, t_patch)
+                t_cls_logits, t_patch_logits = self._shared_head(
+                    self.teacher["dino_head"], t_cls, t_patch
+                )
             else:
                 t_cls_logits = self.teacher["dino_head"](t_cls)
                 t_patch_logits = self.teacher["ibot_head"](t_patch) if do_ibot else None
             t_dino = self.dino_loss.teacher_probs(t_cls_logits, teacher_temp) if do_dino else None
-            t_ibot = self.ibot_patch_loss.teacher_probs(t_patch_logits, teacher_temp) if do_ibot else None
+            t_ibot = (
+                self.ibot_patch_loss.teacher_probs(t_patch_logits, teacher_temp)
+                if do_ibot
+                else None
+            )
         _reshard(self.teacher)  # FSDP2 keeps a root's parameters gathered after forward; the
         # teacher has no backward to free them (DINOv2's reshard_fsdp_model(self.teacher))
 
@@ -348,7 +417,7 @@ class DINOv2(nn.Module):
         else:
             out = self.student["dino_head"](all_cls)
         s_local_logits = out[: n_local * b] if n_local else None
-        s_cls_logits = out[n_local * b:]
+        s_cls_logits = out[n_local * b :]
 
         zero = glob.new_zeros((), dtype=torch.float32)
         n_terms = max(2 * n_local, 1) + 2  # n_local_crops_loss_terms + n_global_crops_loss_terms
@@ -363,11 +432,14 @@ class DINOv2(nn.Module):
             loss = loss + self.cfg.dino_loss_weight * (dino_local + dino_global)
             if self.do_koleo:
                 koleo = self.cfg.koleo_loss_weight * sum(
-                    koleo_loss(c, self.cfg.koleo_eps) for c in s_cls.chunk(2))
+                    koleo_loss(c, self.cfg.koleo_eps) for c in s_cls.chunk(2)
+                )
                 loss = loss + koleo
         if do_ibot:
             # DINOv2 scales by 2 (both global crops together) and by 1/n_global_crops: factor 1
-            ibot = self.ibot_patch_loss(s_patch_logits, t_ibot, masks_weight, n_images=masks.shape[0])
+            ibot = self.ibot_patch_loss(
+                s_patch_logits, t_ibot, masks_weight, n_images=masks.shape[0]
+            )
             loss = loss + self.cfg.ibot_loss_weight * ibot
         return {
             "loss": loss,
@@ -385,7 +457,8 @@ class DINOv2(nn.Module):
             only_s, only_t = sorted(s.keys() - t.keys()), sorted(t.keys() - s.keys())
             raise RuntimeError(
                 "student and teacher parameters differ (wrap both the same way): only in student "
-                f"{only_s[:5]}, only in teacher {only_t[:5]}")
+                f"{only_s[:5]}, only in teacher {only_t[:5]}"
+            )
         names = sorted(s)
         return [s[n] for n in names], [t[n] for n in names]
 
@@ -401,12 +474,18 @@ class DINOv2(nn.Module):
     def prototype_parameters(self) -> list[nn.Parameter]:
         """The student heads' prototypes (``last_layer``): DINOv2 zeroes their gradients during
         the first epoch so that the random prototypes do not chase a still-random backbone."""
-        return [p for k in ("dino_head", "ibot_head") if k in self.student
-                for p in self.student[k].last_layer.parameters()]
+        return [
+            p
+            for k in ("dino_head", "ibot_head")
+            if k in self.student
+            for p in self.student[k].last_layer.parameters()
+        ]
 
     # -- continuing from released weights ------------------------------------------------------
     @torch.no_grad()
-    def load_pretrained(self, checkpoint: str | Path | Checkpoint, *, load_heads: bool = True) -> dict:
+    def load_pretrained(
+        self, checkpoint: str | Path | Checkpoint, *, load_heads: bool = True
+    ) -> dict:
         """Initialize student and teacher from any checkpoint :func:`read_checkpoint` reads.
 
         The backbone is loaded strictly into both (a training checkpoint's ``teacher`` branch is
@@ -419,8 +498,13 @@ class DINOv2(nn.Module):
         "ibot_head"[, "heads_skipped"]}``.
         """
         ck = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
-        report: dict = {"source": ck.source, "format": ck.format, "backbone": False,
-                        "dino_head": False, "ibot_head": False}
+        report: dict = {
+            "source": ck.source,
+            "format": ck.format,
+            "backbone": False,
+            "dino_head": False,
+            "ibot_head": False,
+        }
         heads = {k: v for k, v in ck.heads.items() if k.startswith(("dino_head.", "ibot_head."))}
         if not ck.state_dict and not heads:
             raise CheckpointError(f"{ck.source} holds neither backbone weights nor dino/ibot heads")
@@ -438,21 +522,29 @@ class DINOv2(nn.Module):
                 cfg = self.student["backbone"].config
                 have = {k: getattr(cfg, k) for k in ck.origin_interpolation}
                 if have != ck.origin_interpolation:
-                    log.warning("%s was trained with position-embedding interpolation %s; the "
-                                "backbone uses %s (set them in the model config to match)",
-                                ck.source, ck.origin_interpolation, have)
+                    log.warning(
+                        "%s was trained with position-embedding interpolation %s; the "
+                        "backbone uses %s (set them in the model config to match)",
+                        ck.source,
+                        ck.origin_interpolation,
+                        have,
+                    )
         for g, sd in groups.items():
             for branch in (self.student, self.teacher):
                 branch[g].load_state_dict(dict(sd), strict=True)
             report[g] = True
         if load_heads and "ibot_head" in self.student and "ibot_head" not in groups:
-            log.warning("%s has no ibot_head: the separate iBOT head starts from scratch", ck.source)
+            log.warning(
+                "%s has no ibot_head: the separate iBOT head starts from scratch", ck.source
+            )
         return report
 
     def _check_heads(self, heads: dict[str, torch.Tensor], source: str) -> dict[str, dict]:
         """Split ``dino_head.*`` / ``ibot_head.*`` and check each fits its head; returns the groups."""
-        groups = {g: {k[len(g) + 1:]: v for k, v in heads.items() if k.startswith(g + ".")}
-                  for g in ("dino_head", "ibot_head")}
+        groups = {
+            g: {k[len(g) + 1 :]: v for k, v in heads.items() if k.startswith(g + ".")}
+            for g in ("dino_head", "ibot_head")
+        }
         groups = {g: sd for g, sd in groups.items() if sd}
         if "ibot_head" in groups and "ibot_head" not in self.student:
             if not self.do_ibot:
@@ -463,30 +555,54 @@ class DINOv2(nn.Module):
                     f"{source} carries a separate ibot_head "
                     f"({_fmt_head(describe_head(groups['ibot_head']))}) but the method shares the "
                     "DINO head for iBOT: set ibot_separate_head=True (and its ibot_* sizes), or "
-                    "pass load_heads=False to start the heads from scratch")
+                    "pass load_heads=False to start the heads from scratch"
+                )
         for g, sd in groups.items():
             target = self.student[g]
-            want = {"n_prototypes": target.out_dim, "bottleneck_dim": target.bottleneck_dim,
-                    "hidden_dim": target.hidden_dim, "nlayers": target.nlayers, "in_dim": target.in_dim}
+            want = {
+                "n_prototypes": target.out_dim,
+                "bottleneck_dim": target.bottleneck_dim,
+                "hidden_dim": target.hidden_dim,
+                "nlayers": target.nlayers,
+                "in_dim": target.in_dim,
+            }
             have = describe_head(sd)
             with torch.device("meta"):  # a shape-only twin: checking costs no memory
-                probe = DINOHead(target.in_dim, target.out_dim, target.hidden_dim,
-                                 target.bottleneck_dim, target.nlayers, target.mlp_bias, target.use_bn)
+                probe = DINOHead(
+                    target.in_dim,
+                    target.out_dim,
+                    target.hidden_dim,
+                    target.bottleneck_dim,
+                    target.nlayers,
+                    target.mlp_bias,
+                    target.use_bn,
+                )
             try:
                 probe.load_state_dict(dict(sd), strict=True, assign=True)
             except RuntimeError as e:
                 prefix = "" if g == "dino_head" else "ibot_"
-                fix = [f"{prefix}{k}={v}" for k, v in have.items()
-                       if k in ("n_prototypes", "bottleneck_dim", "hidden_dim", "nlayers") and want[k] != v]
+                fix = [
+                    f"{prefix}{k}={v}"
+                    for k, v in have.items()
+                    if k in ("n_prototypes", "bottleneck_dim", "hidden_dim", "nlayers")
+                    and want[k] != v
+                ]
                 if have.get("use_bn", False) != target.use_bn:
                     fix.append(f"head_use_bn={have.get('use_bn', False)}")
                 if have.get("in_dim") not in (None, want["in_dim"]):
-                    fix.append(f"a backbone of width {have['in_dim']} (this one is {want['in_dim']})")
-                hint = ("set " + ", ".join(fix)) if fix else f"its tensors are not DINOv2's head layout ({e})"
+                    fix.append(
+                        f"a backbone of width {have['in_dim']} (this one is {want['in_dim']})"
+                    )
+                hint = (
+                    ("set " + ", ".join(fix))
+                    if fix
+                    else f"its tensors are not DINOv2's head layout ({e})"
+                )
                 raise CheckpointError(
                     f"{source}: {g} does not fit the method config (checkpoint: {_fmt_head(have)}; "
                     f"config: {_fmt_head(want)}): {hint}, or pass load_heads=False to start the "
-                    "heads from scratch") from None
+                    "heads from scratch"
+                ) from None
         return groups
 
 

@@ -24,8 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "CENTERINGS", "DINOLoss", "KoLeoLoss", "cross_entropy", "global_count", "iBOTPatchLoss",
-    "koleo_loss", "sinkhorn_knopp",
+    "CENTERINGS",
+    "DINOLoss",
+    "KoLeoLoss",
+    "cross_entropy",
+    "global_count",
+    "iBOTPatchLoss",
+    "koleo_loss",
+    "sinkhorn_knopp",
 ]
 
 CENTERINGS = ("ema", "sinkhorn_knopp")
@@ -49,8 +55,12 @@ def global_count(n: int, device: torch.device) -> int:
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3,
-                   n_total: int | None = None) -> torch.Tensor:
+def sinkhorn_knopp(
+    teacher_logits: torch.Tensor,
+    teacher_temp: float,
+    n_iterations: int = 3,
+    n_total: int | None = None,
+) -> torch.Tensor:
     """Sinkhorn-Knopp targets for (n, K) logits, over the rows of *all* ranks.
 
     With ``Q = exp(logits / temp)``, each iteration rescales every prototype's mass (summed over
@@ -87,8 +97,9 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     return q.t()
 
 
-def cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
-                  student_temp: float) -> torch.Tensor:
+def cross_entropy(
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float
+) -> torch.Tensor:
     """Per-row ``-sum_k p_teacher[k] * log_softmax(student / student_temp)[k]`` (float32)."""
     log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
     return -(teacher_probs.float() * log_p).sum(dim=-1)
@@ -102,8 +113,14 @@ class _Centering(nn.Module):
     outside the state dict and would be lost by a checkpoint taken between the two steps).
     """
 
-    def __init__(self, center_shape: tuple[int, ...], student_temp: float, center_momentum: float,
-                 centering: str, sinkhorn_iterations: int):
+    def __init__(
+        self,
+        center_shape: tuple[int, ...],
+        student_temp: float,
+        center_momentum: float,
+        centering: str,
+        sinkhorn_iterations: int,
+    ):
         super().__init__()
         if centering not in CENTERINGS:
             raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
@@ -138,23 +155,37 @@ class _Centering(nn.Module):
         if count.item() == 0:
             return
         mean = (stats[:-1] / count).reshape(self.center.shape)
-        self.center.mul_(self.center_momentum).add_(mean.to(self.center.device),
-                                                    alpha=1.0 - self.center_momentum)
+        self.center.mul_(self.center_momentum).add_(
+            mean.to(self.center.device), alpha=1.0 - self.center_momentum
+        )
 
     def extra_repr(self) -> str:
-        return (f"centering={self.centering!r}, student_temp={self.student_temp}, "
-                f"center_momentum={self.center_momentum}, out_dim={self.center.shape[-1]}")
+        return (
+            f"centering={self.centering!r}, student_temp={self.student_temp}, "
+            f"center_momentum={self.center_momentum}, out_dim={self.center.shape[-1]}"
+        )
 
 
 class DINOLoss(_Centering):
     """DINO loss on CLS tokens: cross-entropy summed over (student crop, teacher crop) pairs."""
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 centering: str = "ema", sinkhorn_iterations: int = 3):
-        super().__init__((1, out_dim), student_temp, center_momentum, centering, sinkhorn_iterations)
+    def __init__(
+        self,
+        out_dim: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "ema",
+        sinkhorn_iterations: int = 3,
+    ):
+        super().__init__(
+            (1, out_dim), student_temp, center_momentum, centering, sinkhorn_iterations
+        )
 
-    def forward(self, student_logits: list[torch.Tensor] | tuple[torch.Tensor, ...],
-                teacher_probs: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def forward(
+        self,
+        student_logits: list[torch.Tensor] | tuple[torch.Tensor, ...],
+        teacher_probs: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    ) -> torch.Tensor:
         """``sum over s in student_logits, t in teacher_probs`` of the batch-mean cross-entropy.
 
         Each element is (B, K) with row ``i`` belonging to image ``i``; the caller divides by the
@@ -171,12 +202,25 @@ class DINOLoss(_Centering):
 class iBOTPatchLoss(_Centering):  # noqa: N801 (DINOv2's name)
     """iBOT loss on the masked patch tokens of the global crops, weighted per image."""
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 centering: str = "ema", sinkhorn_iterations: int = 3):
-        super().__init__((1, 1, out_dim), student_temp, center_momentum, centering, sinkhorn_iterations)
+    def __init__(
+        self,
+        out_dim: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "ema",
+        sinkhorn_iterations: int = 3,
+    ):
+        super().__init__(
+            (1, 1, out_dim), student_temp, center_momentum, centering, sinkhorn_iterations
+        )
 
-    def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor,
-                masks_weight: torch.Tensor, n_images: int) -> torch.Tensor:
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_probs: torch.Tensor,
+        masks_weight: torch.Tensor,
+        n_images: int,
+    ) -> torch.Tensor:
         """``sum_j w_j * CE_j / n_images`` over the masked patches ``j``.
 
         ``masks_weight[j] = 1 / (masked patches of j's image)``, so every masked image counts

@@ -55,8 +55,10 @@ class MAEConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.decoder_embed_dim % self.decoder_num_heads:
-            raise ValueError(f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
-                             f"decoder_num_heads {self.decoder_num_heads}")
+            raise ValueError(
+                f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
+                f"decoder_num_heads {self.decoder_num_heads}"
+            )
         if self.decoder_embed_dim % 4:
             raise ValueError("decoder_embed_dim must be divisible by 4 (sin-cos positions)")
         if not self.decoder_mlp_ratio > 0:
@@ -76,8 +78,13 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
 
 
-def mae_loss(images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
-             norm_pix_loss: bool = True) -> torch.Tensor:
+def mae_loss(
+    images: torch.Tensor,
+    pred: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    norm_pix_loss: bool = True,
+) -> torch.Tensor:
     """MAE's loss: per-patch MSE (mean over pixels), averaged over the removed patches
     (``mask`` 1) only; targets normalized per patch (unbiased variance, eps 1e-6)."""
     target = patchify(images.float(), patch_size)
@@ -101,9 +108,17 @@ class MAE(MethodBase):
         cfg = cfg or MAEConfig()
         self.cfg = cfg
         bcfg = backbone.config
-        decoder = MAEDecoder(bcfg.num_patches, bcfg.patch_size, backbone.embed_dim,
-                             cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads,
-                             cfg.decoder_mlp_ratio, bcfg.in_chans, bcfg.norm_eps)
+        decoder = MAEDecoder(
+            bcfg.num_patches,
+            bcfg.patch_size,
+            backbone.embed_dim,
+            cfg.decoder_embed_dim,
+            cfg.decoder_depth,
+            cfg.decoder_num_heads,
+            cfg.decoder_mlp_ratio,
+            bcfg.in_chans,
+            bcfg.norm_eps,
+        )
         self.student = nn.ModuleDict({"backbone": backbone, "decoder": decoder})
         if not backbone.pos_embed.is_meta:
             mae_init_(backbone)
@@ -112,22 +127,33 @@ class MAE(MethodBase):
         backbone.pos_embed.requires_grad_(False)  # fixed, as in MAE's pretraining
 
     def views(self) -> ViewSpec:
-        return ViewSpec("single", mask="random", mask_ratio=self.cfg.mask_ratio,
-                        patch_size=self.student["backbone"].config.patch_size)
+        return ViewSpec(
+            "single",
+            mask="random",
+            mask_ratio=self.cfg.mask_ratio,
+            patch_size=self.student["backbone"].config.patch_size,
+        )
 
     def forward(self, batch: dict, step: int | None = None) -> dict[str, torch.Tensor]:
         missing = [k for k in ("image", "ids_keep", "ids_restore", "mask") if k not in batch]
         if missing:
-            raise KeyError(f"the batch has no {missing}: MAE needs its views (one image and a "
-                           "random mask per sample: vssl.data.views.SingleViews)")
+            raise KeyError(
+                f"the batch has no {missing}: MAE needs its views (one image and a "
+                "random mask per sample: vssl.data.views.SingleViews)"
+            )
         images = batch["image"]
         if not torch.is_floating_point(images):
             raise TypeError("batch['image'] is uint8: normalize it (SingleViews.finish) first")
         out = self.student["backbone"](images, ids_keep=batch["ids_keep"], is_training=True)
         tokens = torch.cat((out["x_norm_clstoken"].unsqueeze(1), out["x_norm_patchtokens"]), 1)
         pred = self.student["decoder"](tokens, batch["ids_restore"])
-        loss = mae_loss(images, pred, batch["mask"], self.student["backbone"].config.patch_size,
-                        self.cfg.norm_pix_loss)
+        loss = mae_loss(
+            images,
+            pred,
+            batch["mask"],
+            self.student["backbone"].config.patch_size,
+            self.cfg.norm_pix_loss,
+        )
         return {"loss": loss}
 
     @torch.no_grad()
@@ -139,7 +165,8 @@ class MAE(MethodBase):
         target = patchify(batch["image"].float(), self.student["backbone"].config.patch_size)
         if self.cfg.norm_pix_loss:
             target = (target - target.mean(-1, keepdim=True)) / (
-                target.var(-1, keepdim=True) + 1e-6) ** 0.5
+                target.var(-1, keepdim=True) + 1e-6
+            ) ** 0.5
         return pred, target
 
     # -- continuing from released weights ------------------------------------------------------
@@ -152,8 +179,7 @@ class MAE(MethodBase):
         Returns ``{"source", "format", "backbone", "decoder"}``."""
         ck = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
         backbone, decoder = self.student["backbone"], self.student["decoder"]
-        dec = {k: v for k, v in ck.heads.items()
-               if k.startswith("decoder_") or k == "mask_token"}
+        dec = {k: v for k, v in ck.heads.items() if k.startswith("decoder_") or k == "mask_token"}
         if not ck.state_dict:
             raise CheckpointError(f"{ck.source} holds no encoder weights")
         check_state_dict(backbone, ck.state_dict, ck.source)
@@ -176,18 +202,31 @@ class MAE(MethodBase):
         if not (missing or unexpected or shapes):
             return
         have = describe_decoder(sd)
-        fix = [f"method.{k}={v}" for k, v in have.items()
-               if k in ("decoder_embed_dim", "decoder_depth") and getattr(self.cfg, k) != v]
-        lines = [f"{source}: the MAE decoder does not fit the method config (checkpoint: "
-                 f"{', '.join(f'{k}={v}' for k, v in have.items())}; config: decoder_embed_dim="
-                 f"{self.cfg.decoder_embed_dim}, decoder_depth={self.cfg.decoder_depth}):"]
+        fix = [
+            f"method.{k}={v}"
+            for k, v in have.items()
+            if k in ("decoder_embed_dim", "decoder_depth") and getattr(self.cfg, k) != v
+        ]
+        lines = [
+            f"{source}: the MAE decoder does not fit the method config (checkpoint: "
+            f"{', '.join(f'{k}={v}' for k, v in have.items())}; config: decoder_embed_dim="
+            f"{self.cfg.decoder_embed_dim}, decoder_depth={self.cfg.decoder_depth}):"
+        ]
         if missing:
             lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:8])}")
         if unexpected:
             lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}")
         if shapes:
-            lines.append("  shape mismatches: " + "; ".join(
-                f"{k} checkpoint {tuple(sd[k].shape)} vs model {expected[k]}" for k in shapes[:8]))
-        lines.append("  set " + ", ".join(fix) if fix else
-                     "  (decoder_num_heads cannot be read from weights: check it too)")
+            lines.append(
+                "  shape mismatches: "
+                + "; ".join(
+                    f"{k} checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
+                    for k in shapes[:8]
+                )
+            )
+        lines.append(
+            "  set " + ", ".join(fix)
+            if fix
+            else "  (decoder_num_heads cannot be read from weights: check it too)"
+        )
         raise CheckpointError("\n".join(lines))

@@ -30,15 +30,28 @@ import torch
 from .._io import atomic_write
 from ..errors import CheckpointError
 from .registry import ZOO, get_config
-from .vit import ViTConfig, VisionTransformer
+from .vit import VisionTransformer, ViTConfig
 
 log = logging.getLogger("vssl")
 
-HEAD_PREFIXES = ("dino_head.", "ibot_head.", "head.", "decoder", "pooler.", "classifier.", "fc_norm.")
+HEAD_PREFIXES = (
+    "dino_head.",
+    "ibot_head.",
+    "head.",
+    "decoder",
+    "pooler.",
+    "classifier.",
+    "fc_norm.",
+)
 _DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
 }
 
 
@@ -106,7 +119,11 @@ def _unwrap(obj, path: Path, checkpoint_key: str | None) -> dict[str, torch.Tens
         obj = obj[checkpoint_key]
     else:
         for key in ("teacher", "model", "state_dict", "module"):
-            if key in obj and isinstance(obj[key], dict) and not isinstance(obj.get(key), torch.Tensor):
+            if (
+                key in obj
+                and isinstance(obj[key], dict)
+                and not isinstance(obj.get(key), torch.Tensor)
+            ):
                 obj = obj[key]
                 break
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
@@ -125,21 +142,24 @@ _CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")
 
 
 def _strip(sd: dict, prefix: str) -> dict:
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+    return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in sd.items()}
 
 
 def normalize_native_keys(sd: dict[str, torch.Tensor], branch: str | None = None):
     """Native DINOv2 / Web-SSL / timm names -> vssl names; returns (backbone, heads)."""
     for p in ("module.", "_orig_mod."):
         sd = _strip(sd, p)
-    sd = {k.replace("_checkpoint_wrapped_module.", "").replace("._orig_mod", ""): v for k, v in sd.items()}
+    sd = {
+        k.replace("_checkpoint_wrapped_module.", "").replace("._orig_mod", ""): v
+        for k, v in sd.items()
+    }
     has_teacher = any(k.startswith("teacher.") for k in sd)
     has_student = any(k.startswith("student.") for k in sd)
     if has_teacher or has_student:
         want = branch or ("teacher" if has_teacher else "student")
         if want not in ("teacher", "student"):
             raise CheckpointError(f"branch must be 'teacher' or 'student', got {want!r}")
-        sd = {k[len(want) + 1:]: v for k, v in sd.items() if k.startswith(want + ".")}
+        sd = {k[len(want) + 1 :]: v for k, v in sd.items() if k.startswith(want + ".")}
         if not sd:
             raise CheckpointError(f"the checkpoint has no {want}.* weights")
     sd = _strip(sd, "backbone.")
@@ -150,21 +170,32 @@ def normalize_native_keys(sd: dict[str, torch.Tensor], branch: str | None = None
             continue
         backbone[_CHUNKED.sub(r"blocks.\1.", k)] = v
     # An MAE pretraining checkpoint's mask_token (1, 1, D_decoder) belongs to the decoder.
-    if any(k.startswith("decoder_") for k in heads) and "mask_token" in backbone \
-            and backbone["mask_token"].ndim == 3:
+    if (
+        any(k.startswith("decoder_") for k in heads)
+        and "mask_token" in backbone
+        and backbone["mask_token"].ndim == 3
+    ):
         heads["mask_token"] = backbone.pop("mask_token")
     return backbone, heads
 
 
 _HF_BLOCK = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 _HF_BLOCK_NAMES = {
-    "norm1": "norm1", "layernorm_before": "norm1",
-    "norm2": "norm2", "layernorm_after": "norm2",
-    "attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj",
-    "layer_scale1": "ls1", "layer_scale2": "ls2",
-    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
-    "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2",
-    "mlp.weights_in": "mlp.w12", "mlp.weights_out": "mlp.w3", "mlp.down_proj": "mlp.w3",
+    "norm1": "norm1",
+    "layernorm_before": "norm1",
+    "norm2": "norm2",
+    "layernorm_after": "norm2",
+    "attention.output.dense": "attn.proj",
+    "attention.o_proj": "attn.proj",
+    "layer_scale1": "ls1",
+    "layer_scale2": "ls2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+    "mlp.weights_in": "mlp.w12",
+    "mlp.weights_out": "mlp.w3",
+    "mlp.down_proj": "mlp.w3",
 }
 _HF_TOP = {
     "embeddings.cls_token": "cls_token",
@@ -202,10 +233,16 @@ def hf_to_native(sd: dict[str, torch.Tensor]):
             continue
         i, rest = m.group(1), m.group(2)
         name, _, leaf = rest.rpartition(".")
-        qkv = {"attention.attention.query": "q", "attention.attention.key": "k",
-               "attention.attention.value": "v", "attention.q_proj": "q",
-               "attention.k_proj": "k", "attention.v_proj": "v",
-               "mlp.gate_proj": "gate", "mlp.up_proj": "up"}.get(name)
+        qkv = {
+            "attention.attention.query": "q",
+            "attention.attention.key": "k",
+            "attention.attention.value": "v",
+            "attention.q_proj": "q",
+            "attention.k_proj": "k",
+            "attention.v_proj": "v",
+            "mlp.gate_proj": "gate",
+            "mlp.up_proj": "up",
+        }.get(name)
         if qkv:
             parts.setdefault((i, "attn.qkv" if qkv in "qkv" else "mlp.w12", leaf), {})[qkv] = v
         elif name in _HF_BLOCK_NAMES:
@@ -238,40 +275,59 @@ def config_from_hf(cfg: dict, has_mask_token: bool = False) -> ViTConfig:
     act = cfg.get("hidden_act", "gelu")
     d = int(cfg["hidden_size"])
     common = dict(
-        embed_dim=d, depth=int(cfg["num_hidden_layers"]), num_heads=int(cfg["num_attention_heads"]),
-        patch_size=int(cfg.get("patch_size", 16)), img_size=int(cfg.get("image_size", 224)),
-        in_chans=int(cfg.get("num_channels", 3)), qkv_bias=bool(cfg.get("qkv_bias", True)),
+        embed_dim=d,
+        depth=int(cfg["num_hidden_layers"]),
+        num_heads=int(cfg["num_attention_heads"]),
+        patch_size=int(cfg.get("patch_size", 16)),
+        img_size=int(cfg.get("image_size", 224)),
+        in_chans=int(cfg.get("num_channels", 3)),
+        qkv_bias=bool(cfg.get("qkv_bias", True)),
         interpolate_offset=0.0,
     )
     if mt == "vit":
         if act != "gelu":
             raise CheckpointError(f"ViT with hidden_act={act!r} is not supported (gelu only)")
         return ViTConfig(
-            **common, mlp_ratio=int(cfg.get("intermediate_size", 4 * d)) / d, ffn="mlp",
-            layerscale=None, norm_eps=float(cfg.get("layer_norm_eps", 1e-12)),
+            **common,
+            mlp_ratio=int(cfg.get("intermediate_size", 4 * d)) / d,
+            ffn="mlp",
+            layerscale=None,
+            norm_eps=float(cfg.get("layer_norm_eps", 1e-12)),
             mask_token=has_mask_token,
-            interpolate_antialias=False, family="mae",
+            interpolate_antialias=False,
+            family="mae",
         )
     swiglu = bool(cfg.get("use_swiglu_ffn", False))
     if not swiglu and act != "gelu":
         raise CheckpointError(f"Dinov2 with hidden_act={act!r} is not supported (gelu or SwiGLU)")
     return ViTConfig(
-        **common, mlp_ratio=float(cfg.get("mlp_ratio", 4)), ffn="swiglu" if swiglu else "mlp",
+        **common,
+        mlp_ratio=float(cfg.get("mlp_ratio", 4)),
+        ffn="swiglu" if swiglu else "mlp",
         layerscale=float(cfg.get("layerscale_value", 1.0)),
         norm_eps=float(cfg.get("layer_norm_eps", 1e-6)),
-        num_register_tokens=int(cfg.get("num_register_tokens", 0)) if mt == "dinov2_with_registers" else 0,
-        mask_token=True, interpolate_antialias=(mt == "dinov2_with_registers"), family="dinov2",
+        num_register_tokens=int(cfg.get("num_register_tokens", 0))
+        if mt == "dinov2_with_registers"
+        else 0,
+        mask_token=True,
+        interpolate_antialias=(mt == "dinov2_with_registers"),
+        family="dinov2",
     )
 
 
 def _hf_interpolation(model_type: str) -> dict:
-    return {"interpolate_offset": 0.0, "interpolate_antialias": model_type == "dinov2_with_registers"}
+    return {
+        "interpolate_offset": 0.0,
+        "interpolate_antialias": model_type == "dinov2_with_registers",
+    }
 
 
 def read_hf_dir(path: Path) -> tuple[dict, dict]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise CheckpointError(f"{path} is a directory without config.json: not a transformers model directory")
+        raise CheckpointError(
+            f"{path} is a directory without config.json: not a transformers model directory"
+        )
     try:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
@@ -279,7 +335,8 @@ def read_hf_dir(path: Path) -> tuple[dict, dict]:
     if cfg.get("model_type") not in HF_SUPPORTED:  # fail before reading gigabytes of weights
         raise CheckpointError(
             f"{path}: transformers model_type {cfg.get('model_type')!r} is not supported; vssl "
-            f"reads {', '.join(HF_SUPPORTED)}")
+            f"reads {', '.join(HF_SUPPORTED)}"
+        )
     index = path / "model.safetensors.index.json"
     if (path / "model.safetensors").is_file():
         sd, _ = _load_safetensors(path / "model.safetensors")
@@ -298,17 +355,44 @@ def read_hf_dir(path: Path) -> tuple[dict, dict]:
     return sd, cfg
 
 
-def read_checkpoint(path: str | Path, checkpoint_key: str | None = None,
-                    branch: str | None = None) -> Checkpoint:
+#: The encoder a `vssl pretrain` run folder exports; runs before the method contract (DINOv2 only)
+#: wrote the second name.
+RUN_BACKBONE_FILES = ("backbone.safetensors", "teacher_backbone.safetensors")
+
+
+def run_backbone(run_dir: str | Path) -> Path | None:
+    """The exported encoder of a run folder (``backbone.safetensors``, or an older run's
+    ``teacher_backbone.safetensors``); None when there is none."""
+    for name in RUN_BACKBONE_FILES:
+        p = Path(run_dir) / name
+        if p.is_file():
+            return p
+    return None
+
+
+def read_checkpoint(
+    path: str | Path, checkpoint_key: str | None = None, branch: str | None = None
+) -> Checkpoint:
     """Read any supported checkpoint into native key names (no model is built)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir() and not (path / "config.json").exists():
+        exported = run_backbone(path)
+        if exported is not None:  # a `vssl pretrain` run folder: its exported encoder
+            log.info("%s is a run folder: reading its encoder %s", path, exported.name)
+            return read_checkpoint(exported, checkpoint_key, branch)
     if path.is_dir():
         raw, hf_cfg = read_hf_dir(path)
         sd, heads = hf_to_native(raw)
-        return Checkpoint(sd, "hf", str(path), config_from_hf(hf_cfg, "mask_token" in sd), heads,
-                          _hf_interpolation(hf_cfg.get("model_type", "")))
+        return Checkpoint(
+            sd,
+            "hf",
+            str(path),
+            config_from_hf(hf_cfg, "mask_token" in sd),
+            heads,
+            _hf_interpolation(hf_cfg.get("model_type", "")),
+        )
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     if path.suffix == ".safetensors":
@@ -363,23 +447,36 @@ def infer_architecture(sd: dict[str, torch.Tensor]) -> dict:
     arch["qkv_bias"] = "blocks.0.attn.qkv.bias" in sd
     arch["proj_bias"] = "blocks.0.attn.proj.bias" in sd
     if "ffn" in arch:
-        arch["ffn_bias"] = ("blocks.0.mlp.w12.bias" if arch["ffn"] == "swiglu" else "blocks.0.mlp.fc1.bias") in sd
+        arch["ffn_bias"] = (
+            "blocks.0.mlp.w12.bias" if arch["ffn"] == "swiglu" else "blocks.0.mlp.fc1.bias"
+        ) in sd
     return arch
 
 
 def _config_arch(cfg: ViTConfig) -> dict:
     return {
-        "embed_dim": cfg.embed_dim, "in_chans": cfg.in_chans, "patch_size": cfg.patch_size,
-        "depth": cfg.depth, "img_size": cfg.img_size, "num_register_tokens": cfg.num_register_tokens,
-        "mask_token": cfg.mask_token, "layerscale": cfg.layerscale is not None, "ffn": cfg.ffn,
-        "ffn_hidden_dim": cfg.ffn_hidden_dim, "qkv_bias": cfg.qkv_bias, "proj_bias": cfg.proj_bias,
+        "embed_dim": cfg.embed_dim,
+        "in_chans": cfg.in_chans,
+        "patch_size": cfg.patch_size,
+        "depth": cfg.depth,
+        "img_size": cfg.img_size,
+        "num_register_tokens": cfg.num_register_tokens,
+        "mask_token": cfg.mask_token,
+        "layerscale": cfg.layerscale is not None,
+        "ffn": cfg.ffn,
+        "ffn_hidden_dim": cfg.ffn_hidden_dim,
+        "qkv_bias": cfg.qkv_bias,
+        "proj_bias": cfg.proj_bias,
         "ffn_bias": cfg.ffn_bias,
     }
 
 
 def matching_zoo_names(arch: dict) -> list[str]:
-    return [n for n, e in sorted(ZOO.items())
-            if all(_config_arch(e.config).get(k) == v for k, v in arch.items())]
+    return [
+        n
+        for n, e in sorted(ZOO.items())
+        if all(_config_arch(e.config).get(k) == v for k, v in arch.items())
+    ]
 
 
 def suggest(config: ViTConfig, sd: dict) -> str:
@@ -396,10 +493,16 @@ def suggest(config: ViTConfig, sd: dict) -> str:
             overrides.append(f"ffn={v!r}")
         else:
             overrides.append(f"{k}={v}")
-    if arch.get("ffn_hidden_dim") and arch.get("ffn") == config.ffn and arch.get("embed_dim") == config.embed_dim \
-            and arch["ffn_hidden_dim"] != config.ffn_hidden_dim:
-        overrides.append(f"mlp_ratio={arch['ffn_hidden_dim'] / config.embed_dim:g} (ffn hidden "
-                         f"{arch['ffn_hidden_dim']} vs {config.ffn_hidden_dim})")
+    if (
+        arch.get("ffn_hidden_dim")
+        and arch.get("ffn") == config.ffn
+        and arch.get("embed_dim") == config.embed_dim
+        and arch["ffn_hidden_dim"] != config.ffn_hidden_dim
+    ):
+        overrides.append(
+            f"mlp_ratio={arch['ffn_hidden_dim'] / config.embed_dim:g} (ffn hidden "
+            f"{arch['ffn_hidden_dim']} vs {config.ffn_hidden_dim})"
+        )
     names = matching_zoo_names(arch)
     lines = []
     if names:
@@ -407,8 +510,11 @@ def suggest(config: ViTConfig, sd: dict) -> str:
     if overrides:
         lines.append("overrides that would fit: " + " ".join(overrides))
     if not lines:
-        lines.append("no zoo entry matches these shapes (inferred: "
-                     + ", ".join(f"{k}={v}" for k, v in arch.items()) + ")")
+        lines.append(
+            "no zoo entry matches these shapes (inferred: "
+            + ", ".join(f"{k}={v}" for k, v in arch.items())
+            + ")"
+        )
     return "\n".join(lines)
 
 
@@ -430,16 +536,23 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source
     shapes = {k for k in set(expected) & set(sd) if tuple(sd[k].shape) != expected[k]}
     if not (missing or unexpected or shapes):
         return
-    msg = [f"{source} does not fit the model "
-           f"({model.config.embed_dim}-d, depth {model.config.depth}, patch {model.config.patch_size}, "
-           f"img_size {model.config.img_size}, ffn {model.config.ffn}):"]
+    msg = [
+        f"{source} does not fit the model "
+        f"({model.config.embed_dim}-d, depth {model.config.depth}, patch {model.config.patch_size}, "
+        f"img_size {model.config.img_size}, ffn {model.config.ffn}):"
+    ]
     if missing:
         msg.append(f"  missing keys ({len(missing)}): {_fmt_keys(missing)}")
     if unexpected:
         msg.append(f"  unexpected keys ({len(unexpected)}): {_fmt_keys(unexpected)}")
     if shapes:
-        msg.append(f"  shape mismatches ({len(shapes)}): " + "; ".join(
-            f"{k} checkpoint {tuple(sd[k].shape)} vs model {expected[k]}" for k in sorted(shapes)[:8]))
+        msg.append(
+            f"  shape mismatches ({len(shapes)}): "
+            + "; ".join(
+                f"{k} checkpoint {tuple(sd[k].shape)} vs model {expected[k]}"
+                for k in sorted(shapes)[:8]
+            )
+        )
     msg.append(suggest(model.config, sd))
     raise CheckpointError("\n".join(msg))
 
@@ -447,8 +560,9 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source
 # ---------------------------------------------------------------------------------------------
 # building models
 # ---------------------------------------------------------------------------------------------
-def build_loaded(config: ViTConfig, sd: dict[str, torch.Tensor], source: str, *,
-                 dtype=None, device="cpu") -> VisionTransformer:
+def build_loaded(
+    config: ViTConfig, sd: dict[str, torch.Tensor], source: str, *, dtype=None, device="cpu"
+) -> VisionTransformer:
     """Meta-device model + strict check + assign: the weights are never held twice."""
     with torch.device("meta"):
         model = VisionTransformer(config)
@@ -463,14 +577,25 @@ def build_loaded(config: ViTConfig, sd: dict[str, torch.Tensor], source: str, *,
     return model.eval()
 
 
-def load_model(path, *, config: ViTConfig | None = None, dtype=None, device="cpu",
-               checkpoint_key=None, branch=None, explicit_overrides: dict | None = None,
-               zoo_name: str | None = None, **overrides) -> VisionTransformer:
+def load_model(
+    path,
+    *,
+    config: ViTConfig | None = None,
+    dtype=None,
+    device="cpu",
+    checkpoint_key=None,
+    branch=None,
+    explicit_overrides: dict | None = None,
+    zoo_name: str | None = None,
+    **overrides,
+) -> VisionTransformer:
     """Load ``path`` into ``config`` (a zoo config) or into the architecture the file describes."""
     ck = read_checkpoint(path, checkpoint_key=checkpoint_key, branch=branch)
     if ck.heads:
         groups = sorted({k.split(".")[0] for k in ck.heads})
-        log.info("%s: set aside %d non-backbone tensors (%s)", path, len(ck.heads), ", ".join(groups))
+        log.info(
+            "%s: set aside %d non-backbone tensors (%s)", path, len(ck.heads), ", ".join(groups)
+        )
     explicit = dict(explicit_overrides or {}) | overrides
     if config is None:
         config = ck.config
@@ -480,12 +605,14 @@ def load_model(path, *, config: ViTConfig | None = None, dtype=None, device="cpu
                 raise CheckpointError(
                     f"{path} does not say which architecture it is and its shapes match no zoo "
                     "entry; pass a zoo name and overrides, e.g. create_model('dinov2-vits14', "
-                    f"weights='{path}', depth=6).\n" + suggest(ViTConfig(), ck.state_dict))
+                    f"weights='{path}', depth=6).\n" + suggest(ViTConfig(), ck.state_dict)
+                )
             config = get_config(names[0])
             if len({get_config(n).num_heads for n in names}) > 1:
                 raise CheckpointError(
                     f"{path} matches zoo entries with different head counts ({', '.join(names)}); "
-                    "pass the zoo name explicitly")
+                    "pass the zoo name explicitly"
+                )
             log.info("%s: architecture of %s", path, names[0])
         if overrides:
             config = config.replace(**overrides)
@@ -495,7 +622,8 @@ def load_model(path, *, config: ViTConfig | None = None, dtype=None, device="cpu
         if ck.config.num_heads != config.num_heads and "num_heads" not in explicit:
             raise CheckpointError(
                 f"{path} was saved with num_heads={ck.config.num_heads} but the model asks for "
-                f"{config.num_heads}; drop the zoo name or pass num_heads={ck.config.num_heads}")
+                f"{config.num_heads}; drop the zoo name or pass num_heads={ck.config.num_heads}"
+            )
         if "norm_eps" not in explicit:
             config = config.replace(norm_eps=ck.config.norm_eps)
     if ck.origin_interpolation:
@@ -528,7 +656,9 @@ def export_native(model: VisionTransformer, path: str | Path, block_chunks: int 
     if block_chunks > 0:
         size = model.config.depth // block_chunks
         if size * block_chunks != model.config.depth:
-            raise ValueError(f"depth {model.config.depth} does not split into {block_chunks} chunks")
+            raise ValueError(
+                f"depth {model.config.depth} does not split into {block_chunks} chunks"
+            )
 
         def chunk(k):
             m = re.match(r"^blocks\.(\d+)\.(.*)$", k)
@@ -565,10 +695,12 @@ def _native_to_hf(model: VisionTransformer) -> dict[str, torch.Tensor]:
             "norm1": "layernorm_before" if vit else "norm1",
             "norm2": "layernorm_after" if vit else "norm2",
             "attn.proj": "attention.output.dense",
-            "ls1": "layer_scale1", "ls2": "layer_scale2",
+            "ls1": "layer_scale1",
+            "ls2": "layer_scale2",
             "mlp.fc1": "intermediate.dense" if vit else "mlp.fc1",
             "mlp.fc2": "output.dense" if vit else "mlp.fc2",
-            "mlp.w12": "mlp.weights_in", "mlp.w3": "mlp.weights_out",
+            "mlp.w12": "mlp.weights_in",
+            "mlp.w3": "mlp.weights_out",
         }
         leaf = "lambda1" if leaf == "gamma" else leaf
         out[f"{pre}{table[name]}.{leaf}"] = v
@@ -576,20 +708,31 @@ def _native_to_hf(model: VisionTransformer) -> dict[str, torch.Tensor]:
         if cfg.layerscale is None:  # Dinov2Model always has LayerScale: identity = ones
             for i in range(cfg.depth):
                 for j in (1, 2):
-                    out[f"encoder.layer.{i}.layer_scale{j}.lambda1"] = torch.ones(cfg.embed_dim, dtype=sd["norm.weight"].dtype)
+                    out[f"encoder.layer.{i}.layer_scale{j}.lambda1"] = torch.ones(
+                        cfg.embed_dim, dtype=sd["norm.weight"].dtype
+                    )
         if "embeddings.mask_token" not in out:
-            out["embeddings.mask_token"] = torch.zeros(1, cfg.embed_dim, dtype=sd["norm.weight"].dtype)
+            out["embeddings.mask_token"] = torch.zeros(
+                1, cfg.embed_dim, dtype=sd["norm.weight"].dtype
+            )
     return out
 
 
 def hf_config_for(model: VisionTransformer) -> dict:
     cfg = model.config
     base = {
-        "hidden_size": cfg.embed_dim, "num_hidden_layers": cfg.depth,
-        "num_attention_heads": cfg.num_heads, "patch_size": cfg.patch_size,
-        "image_size": cfg.img_size, "num_channels": cfg.in_chans, "qkv_bias": cfg.qkv_bias,
-        "layer_norm_eps": cfg.norm_eps, "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
+        "hidden_size": cfg.embed_dim,
+        "num_hidden_layers": cfg.depth,
+        "num_attention_heads": cfg.num_heads,
+        "patch_size": cfg.patch_size,
+        "image_size": cfg.img_size,
+        "num_channels": cfg.in_chans,
+        "qkv_bias": cfg.qkv_bias,
+        "layer_norm_eps": cfg.norm_eps,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
     }
     if not (cfg.qkv_bias == cfg.proj_bias == cfg.ffn_bias):
@@ -597,17 +740,25 @@ def hf_config_for(model: VisionTransformer) -> dict:
     if cfg.family == "mae":
         if cfg.ffn != "mlp" or cfg.layerscale is not None or cfg.num_register_tokens:
             raise ValueError("a ViTModel export needs a GELU MLP, no LayerScale and no registers")
-        return base | {"model_type": "vit", "architectures": ["ViTModel"],
-                       "intermediate_size": cfg.ffn_hidden_dim, "encoder_stride": cfg.patch_size}
+        return base | {
+            "model_type": "vit",
+            "architectures": ["ViTModel"],
+            "intermediate_size": cfg.ffn_hidden_dim,
+            "encoder_stride": cfg.patch_size,
+        }
     reg = cfg.num_register_tokens > 0
     if float(cfg.mlp_ratio) != int(cfg.mlp_ratio):
-        raise ValueError(f"transformers' Dinov2 needs an integer mlp_ratio, this model has {cfg.mlp_ratio}")
+        raise ValueError(
+            f"transformers' Dinov2 needs an integer mlp_ratio, this model has {cfg.mlp_ratio}"
+        )
     return base | {
         "model_type": "dinov2_with_registers" if reg else "dinov2",
         "architectures": ["Dinov2WithRegistersModel" if reg else "Dinov2Model"],
-        "mlp_ratio": int(cfg.mlp_ratio), "use_swiglu_ffn": cfg.ffn == "swiglu",
+        "mlp_ratio": int(cfg.mlp_ratio),
+        "use_swiglu_ffn": cfg.ffn == "swiglu",
         "layerscale_value": cfg.layerscale if cfg.layerscale is not None else 1.0,
-        "drop_path_rate": 0.0, "use_mask_token": True,
+        "drop_path_rate": 0.0,
+        "use_mask_token": True,
         **({"num_register_tokens": cfg.num_register_tokens} if reg else {}),
     }
 
@@ -625,14 +776,23 @@ def export_hf(model: VisionTransformer, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     hf_cfg = hf_config_for(model)
     sd = _native_to_hf(model)
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    atomic_write(
+        out / "model.safetensors", lambda tmp: save_file(sd, tmp, metadata={"format": "pt"})
+    )
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     res = model.config.img_size if model.config.family == "mae" else 224
     pre = {
-        "image_processor_type": "BitImageProcessor", "do_resize": True, "resample": 3,
-        "size": {"shortest_edge": int(res * 256 / 224)}, "do_center_crop": True,
-        "crop_size": {"height": res, "width": res}, "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+        "image_processor_type": "BitImageProcessor",
+        "do_resize": True,
+        "resample": 3,
+        "size": {"shortest_edge": int(res * 256 / 224)},
+        "do_center_crop": True,
+        "crop_size": {"height": res, "width": res},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
         "do_convert_rgb": True,
     }
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")

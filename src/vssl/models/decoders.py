@@ -22,21 +22,38 @@ class MAEDecoder(nn.Module):
     returns the predicted patches (B, N, patch_size**2 * in_chans) in MAE's (p, q, c) order.
     The position embedding is MAE's fixed sin-cos (not trained)."""
 
-    def __init__(self, num_patches: int, patch_size: int, encoder_dim: int, dim: int = 512,
-                 depth: int = 8, num_heads: int = 16, mlp_ratio: float = 4.0, in_chans: int = 3,
-                 norm_eps: float = 1e-6):
+    def __init__(
+        self,
+        num_patches: int,
+        patch_size: int,
+        encoder_dim: int,
+        dim: int = 512,
+        depth: int = 8,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        in_chans: int = 3,
+        norm_eps: float = 1e-6,
+    ):
         super().__init__()
-        grid = int(round(num_patches ** 0.5))
+        grid = int(round(num_patches**0.5))
         if grid * grid != num_patches:
             raise ValueError(f"the decoder needs a square patch grid, got {num_patches} patches")
         self.num_patches, self.patch_size, self.in_chans = num_patches, patch_size, in_chans
         self.dim, self.depth, self.num_heads = dim, depth, num_heads
-        cfg = ViTConfig(embed_dim=dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                        ffn="mlp", layerscale=None, norm_eps=norm_eps)
+        cfg = ViTConfig(
+            embed_dim=dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            ffn="mlp",
+            layerscale=None,
+            norm_eps=norm_eps,
+        )
         self.decoder_embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim),
-                                              requires_grad=False)
+        self.decoder_pos_embed = nn.Parameter(
+            torch.zeros(1, num_patches + 1, dim), requires_grad=False
+        )
         self.decoder_blocks = nn.ModuleList(Block(cfg) for _ in range(depth))
         self.decoder_norm = nn.LayerNorm(dim, eps=norm_eps)
         self.decoder_pred = nn.Linear(dim, patch_size * patch_size * in_chans)

@@ -58,10 +58,14 @@ class WeightNormLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias=False"
 
 
-def _accept_other_weight_norm_layouts(module, state_dict, prefix, local_metadata, strict,
-                                      missing_keys, unexpected_keys, error_msgs):
+def _accept_other_weight_norm_layouts(
+    module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+):
     """Rename torch's parametrized weight-norm keys, or split a plain weight into (g, v)."""
-    g0, v1 = prefix + "parametrizations.weight.original0", prefix + "parametrizations.weight.original1"
+    g0, v1 = (
+        prefix + "parametrizations.weight.original0",
+        prefix + "parametrizations.weight.original1",
+    )
     if g0 in state_dict and v1 in state_dict:
         state_dict[prefix + "weight_g"] = state_dict.pop(g0)
         state_dict[prefix + "weight_v"] = state_dict.pop(v1)
@@ -84,17 +88,29 @@ class DINOHead(nn.Module):
     head's outputs differ between images from the first step (used by the short CPU recipe).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, nlayers: int = 3, mlp_bias: bool = True,
-                 use_bn: bool = False):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        mlp_bias: bool = True,
+        use_bn: bool = False,
+    ):
         super().__init__()
         nlayers = max(int(nlayers), 1)
         self.in_dim, self.out_dim = int(in_dim), int(out_dim)
-        self.hidden_dim, self.bottleneck_dim, self.nlayers = int(hidden_dim), int(bottleneck_dim), nlayers
+        self.hidden_dim, self.bottleneck_dim, self.nlayers = (
+            int(hidden_dim),
+            int(bottleneck_dim),
+            nlayers,
+        )
         self.mlp_bias, self.use_bn = bool(mlp_bias), bool(use_bn)
         if nlayers == 1:
             self.mlp = nn.Linear(in_dim, bottleneck_dim, bias=mlp_bias)
         else:
+
             def hidden(n_in: int) -> list[nn.Module]:
                 bn = [nn.BatchNorm1d(hidden_dim)] if use_bn else []
                 return [nn.Linear(n_in, hidden_dim, bias=mlp_bias), *bn, nn.GELU()]
@@ -136,8 +152,11 @@ def describe_head(sd: dict[str, torch.Tensor]) -> dict:
     """
     out: dict = {}
     weights = sorted(
-        ((int(m.group(1)) if m.group(1) else -1, v) for k, v in sd.items()
-         if (m := _MLP_KEY.match(k)) and v.ndim == 2),  # 1-d: a BatchNorm's weight
+        (
+            (int(m.group(1)) if m.group(1) else -1, v)
+            for k, v in sd.items()
+            if (m := _MLP_KEY.match(k)) and v.ndim == 2
+        ),  # 1-d: a BatchNorm's weight
         key=lambda t: t[0],
     )
     if weights:
@@ -148,7 +167,11 @@ def describe_head(sd: dict[str, torch.Tensor]) -> dict:
             out["hidden_dim"] = int(weights[0][1].shape[0])
     if any(k.startswith("mlp.") and k.endswith(".running_mean") for k in sd):
         out["use_bn"] = True
-    for key in ("last_layer.weight_v", "last_layer.parametrizations.weight.original1", "last_layer.weight"):
+    for key in (
+        "last_layer.weight_v",
+        "last_layer.parametrizations.weight.original1",
+        "last_layer.weight",
+    ):
         if key in sd:
             out["n_prototypes"] = int(sd[key].shape[0])
             out.setdefault("bottleneck_dim", int(sd[key].shape[1]))

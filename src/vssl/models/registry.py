@@ -16,8 +16,15 @@ from dataclasses import dataclass
 
 from .vit import ViTConfig
 
-__all__ = ["ZOO", "ZooEntry", "get_config", "get_entry", "is_zoo_name", "list_models",
-           "register_model"]
+__all__ = [
+    "ZOO",
+    "ZooEntry",
+    "get_config",
+    "get_entry",
+    "is_zoo_name",
+    "list_models",
+    "register_model",
+]
 
 
 @dataclass(frozen=True)
@@ -41,90 +48,138 @@ def register_model(name: str, config: ViTConfig, description: str, random_init_o
 
 def _webdino(dim, depth, heads, img_size=224):
     return ViTConfig(
-        img_size=img_size, patch_size=14, embed_dim=dim, depth=depth, num_heads=heads,
-        ffn="swiglu", layerscale=1e-5, interpolate_offset=0.1, family="dinov2",
+        img_size=img_size,
+        patch_size=14,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        ffn="swiglu",
+        layerscale=1e-5,
+        interpolate_offset=0.1,
+        family="dinov2",
     )
 
 
 def _webmae(patch, dim, depth, heads):
     return ViTConfig(
-        img_size=224, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
-        ffn="mlp", layerscale=None, mask_token=False, interpolate_offset=0.0,
-        interpolate_antialias=False, family="mae",
+        img_size=224,
+        patch_size=patch,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        ffn="mlp",
+        layerscale=None,
+        mask_token=False,
+        interpolate_offset=0.0,
+        interpolate_antialias=False,
+        family="mae",
     )
 
 
 def _dinov2_hub(dim, depth, heads, ffn="mlp", reg=False):
     return ViTConfig(
-        img_size=518, patch_size=14, embed_dim=dim, depth=depth, num_heads=heads, ffn=ffn,
-        layerscale=1.0, num_register_tokens=4 if reg else 0,
-        interpolate_offset=0.0 if reg else 0.1, interpolate_antialias=reg, family="dinov2",
+        img_size=518,
+        patch_size=14,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        ffn=ffn,
+        layerscale=1.0,
+        num_register_tokens=4 if reg else 0,
+        interpolate_offset=0.0 if reg else 0.1,
+        interpolate_antialias=reg,
+        family="dinov2",
     )
 
 
 for _size, (_d, _l, _h) in {
-    "300m": (1024, 24, 16), "1b": (1536, 40, 24), "2b": (2688, 24, 21),
-    "3b": (3072, 26, 24), "5b": (3584, 32, 28),
+    "300m": (1024, 24, 16),
+    "1b": (1536, 40, 24),
+    "2b": (2688, 24, 21),
+    "3b": (3072, 26, 24),
+    "5b": (3584, 32, 28),
 }.items():
     _data = ("full", "light", "heavy") if _size in ("2b", "3b") else ("full",)
     for _kind in _data:
         register_model(
-            f"webssl-dino{_size}-{_kind}2b-224", _webdino(_d, _l, _h),
+            f"webssl-dino{_size}-{_kind}2b-224",
+            _webdino(_d, _l, _h),
             f"Web-DINO ViT-{_size.upper()} on MC-2B ({_kind})",
         )
 for _res in (224, 378, 518):
     register_model(
-        f"webssl-dino7b-full8b-{_res}", _webdino(4096, 32, 32, _res),
+        f"webssl-dino7b-full8b-{_res}",
+        _webdino(4096, 32, 32, _res),
         f"Web-DINO ViT-7B, 8B images, {_res}px",
     )
 for _size, (_p, _d, _l, _h) in {
-    "300m": (16, 1024, 24, 16), "700m": (14, 1280, 32, 16), "1b": (14, 1536, 40, 24),
-    "2b": (14, 2688, 24, 21), "3b": (14, 3072, 26, 24),
+    "300m": (16, 1024, 24, 16),
+    "700m": (14, 1280, 32, 16),
+    "1b": (14, 1536, 40, 24),
+    "2b": (14, 2688, 24, 21),
+    "3b": (14, 3072, 26, 24),
 }.items():
     register_model(
-        f"webssl-mae{_size}-full2b-224", _webmae(_p, _d, _l, _h),
+        f"webssl-mae{_size}-full2b-224",
+        _webmae(_p, _d, _l, _h),
         f"Web-MAE ViT-{_size.upper()} encoder on MC-2B",
     )
 # MAE's own encoders (He et al. 2021, models_mae.py presets; the timm-style layout of Web-MAE).
 for _name, (_p, _d, _l, _h) in {
-    "b16": (16, 768, 12, 12), "l16": (16, 1024, 24, 16), "h14": (14, 1280, 32, 16),
+    "b16": (16, 768, 12, 12),
+    "l16": (16, 1024, 24, 16),
+    "h14": (14, 1280, 32, 16),
 }.items():
-    register_model(f"mae-vit-{_name}", _webmae(_p, _d, _l, _h),
-                   f"MAE ViT-{_name[0].upper()}/{_name[1:]} encoder (ImageNet-1k)")
+    register_model(
+        f"mae-vit-{_name}",
+        _webmae(_p, _d, _l, _h),
+        f"MAE ViT-{_name[0].upper()}/{_name[1:]} encoder (ImageNet-1k)",
+    )
 for _arch, (_d, _l, _h, _ffn) in {
-    "s": (384, 12, 6, "mlp"), "b": (768, 12, 12, "mlp"), "l": (1024, 24, 16, "mlp"),
+    "s": (384, 12, 6, "mlp"),
+    "b": (768, 12, 12, "mlp"),
+    "l": (1024, 24, 16, "mlp"),
     "g": (1536, 40, 24, "swiglu"),
 }.items():
-    register_model(f"dinov2-vit{_arch}14", _dinov2_hub(_d, _l, _h, _ffn), f"DINOv2 ViT-{_arch.upper()}/14")
     register_model(
-        f"dinov2-vit{_arch}14-reg", _dinov2_hub(_d, _l, _h, _ffn, reg=True),
+        f"dinov2-vit{_arch}14", _dinov2_hub(_d, _l, _h, _ffn), f"DINOv2 ViT-{_arch.upper()}/14"
+    )
+    register_model(
+        f"dinov2-vit{_arch}14-reg",
+        _dinov2_hub(_d, _l, _h, _ffn, reg=True),
         f"DINOv2 ViT-{_arch.upper()}/14 with 4 registers",
     )
 
 # Small architectures for CPU pretraining and tests (no released weights; random init allowed).
 register_model(
-    "vit-test-p14", ViTConfig(img_size=56, patch_size=14, embed_dim=32, depth=2, num_heads=2,
-                              ffn="mlp", layerscale=1e-5),
-    "tiny ViT for tests (2 blocks, width 32)", random_init_ok=True,
+    "vit-test-p14",
+    ViTConfig(
+        img_size=56, patch_size=14, embed_dim=32, depth=2, num_heads=2, ffn="mlp", layerscale=1e-5
+    ),
+    "tiny ViT for tests (2 blocks, width 32)",
+    random_init_ok=True,
 )
 register_model(
-    "vit-tiny-p16", ViTConfig(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3,
-                              layerscale=1e-5),
-    "ViT-Ti/16 (DeiT-tiny size), for CPU work", random_init_ok=True,
+    "vit-tiny-p16",
+    ViTConfig(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3, layerscale=1e-5),
+    "ViT-Ti/16 (DeiT-tiny size), for CPU work",
+    random_init_ok=True,
 )
 register_model(
-    "vit-small-p16", ViTConfig(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                               layerscale=1e-5),
-    "ViT-S/16, for CPU/GPU pretraining from scratch", random_init_ok=True,
+    "vit-small-p16",
+    ViTConfig(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, layerscale=1e-5),
+    "ViT-S/16, for CPU/GPU pretraining from scratch",
+    random_init_ok=True,
 )
 register_model(
-    "vit-tiny-p4-32", ViTConfig(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3,
-                                layerscale=1e-5),
-    "ViT for 32-px images (CIFAR): 8x8 patches, 6 blocks", random_init_ok=True,
+    "vit-tiny-p4-32",
+    ViTConfig(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, layerscale=1e-5),
+    "ViT for 32-px images (CIFAR): 8x8 patches, 6 blocks",
+    random_init_ok=True,
 )
 register_model(
-    "vit-tiny-p8-32", ViTConfig(img_size=32, patch_size=8, embed_dim=192, depth=6, num_heads=3,
-                                layerscale=None),
+    "vit-tiny-p8-32",
+    ViTConfig(img_size=32, patch_size=8, embed_dim=192, depth=6, num_heads=3, layerscale=None),
     "ViT for 32-px images on a CPU budget: 4x4 patches (4x fewer tokens), no LayerScale",
     random_init_ok=True,
 )

@@ -13,8 +13,8 @@ ids_keep=...)`` encodes only the kept patches (MAE's encoder sees no mask tokens
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -107,16 +107,14 @@ class ViTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ViTConfig":
+    def from_dict(cls, d: dict) -> ViTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(
-                f"unknown ViT config keys {unknown}; allowed: {sorted(known)}"
-            )
+            raise ValueError(f"unknown ViT config keys {unknown}; allowed: {sorted(known)}")
         return cls(**d)
 
-    def replace(self, **overrides) -> "ViTConfig":
+    def replace(self, **overrides) -> ViTConfig:
         return ViTConfig.from_dict({**self.to_dict(), **overrides})
 
 
@@ -289,11 +287,16 @@ class VisionTransformer(nn.Module):
             )
         else:
             grid = F.interpolate(
-                grid, size=(h0, w0), mode="bicubic", align_corners=False,
+                grid,
+                size=(h0, w0),
+                mode="bicubic",
+                align_corners=False,
                 antialias=cfg.interpolate_antialias,
             )
         if grid.shape[-2:] != (h0, w0):
-            raise RuntimeError(f"pos-embed resampled to {tuple(grid.shape[-2:])}, expected {(h0, w0)}")
+            raise RuntimeError(
+                f"pos-embed resampled to {tuple(grid.shape[-2:])}, expected {(h0, w0)}"
+            )
         patch_pos = grid.permute(0, 2, 3, 1).reshape(1, h0 * w0, -1)
         return torch.cat((cls_pos, patch_pos), dim=1).to(dtype)
 
@@ -332,8 +335,12 @@ class VisionTransformer(nn.Module):
         return blk(x)
 
     # -- public API (DINOv2's) ------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None,
-                         ids_keep: torch.Tensor | None = None) -> dict:
+    def forward_features(
+        self,
+        x: torch.Tensor,
+        masks: torch.Tensor | None = None,
+        ids_keep: torch.Tensor | None = None,
+    ) -> dict:
         """DINOv2's output dict. ``masks``: replace patches by the mask token (iBOT);
         ``ids_keep``: encode only these patches (MAE; ``x_norm_patchtokens`` are the kept ones)."""
         if ids_keep is not None:
@@ -390,7 +397,12 @@ class VisionTransformer(nn.Module):
             return tuple(zip(outputs, class_tokens))
         return tuple(outputs)
 
-    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None, is_training: bool = False,
-                ids_keep: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        masks: torch.Tensor | None = None,
+        is_training: bool = False,
+        ids_keep: torch.Tensor | None = None,
+    ):
         ret = self.forward_features(x, masks, ids_keep=ids_keep)
         return ret if is_training else ret["x_norm_clstoken"]

@@ -12,13 +12,26 @@ import torch
 
 from . import checkpoints as ckpt
 from .registry import (
-    ZOO, ZooEntry, get_config, get_entry, is_zoo_name, list_models, register_model,
+    ZOO,
+    ZooEntry,
+    get_config,
+    get_entry,
+    is_zoo_name,
+    list_models,
+    register_model,
 )
-from .vit import ViTConfig, VisionTransformer
+from .vit import VisionTransformer, ViTConfig
 
 __all__ = [
-    "ZOO", "ZooEntry", "count_params", "create_model", "get_config", "get_entry", "is_zoo_name",
-    "list_models", "register_model",
+    "ZOO",
+    "ZooEntry",
+    "count_params",
+    "create_model",
+    "get_config",
+    "get_entry",
+    "is_zoo_name",
+    "list_models",
+    "register_model",
 ]
 
 _ZOO = ZOO  # the old private name, still imported by callers; use ZOO or is_zoo_name()
@@ -58,8 +71,9 @@ def create_model(
                 f"{path} is itself a checkpoint; pass either a zoo name with weights=, or the "
                 "checkpoint alone"
             )
-        return ckpt.load_model(path, dtype=dtype, device=device, checkpoint_key=checkpoint_key,
-                               **overrides)
+        return ckpt.load_model(
+            path, dtype=dtype, device=device, checkpoint_key=checkpoint_key, **overrides
+        )
 
     entry = get_entry(str(name_or_path))
     config = entry.config.replace(**overrides) if overrides else entry.config
@@ -72,7 +86,12 @@ def create_model(
         model = VisionTransformer(config)
         model = model.to(device=device, dtype=ckpt.parse_dtype(dtype) or torch.float32)
         return model.eval()
-    return ckpt.load_model(weights, config=config, dtype=dtype, device=device,
-                           checkpoint_key=checkpoint_key, explicit_overrides=overrides,
-                           zoo_name=entry.name)
-
+    return ckpt.load_model(
+        weights,
+        config=config,
+        dtype=dtype,
+        device=device,
+        checkpoint_key=checkpoint_key,
+        explicit_overrides=overrides,
+        zoo_name=entry.name,
+    )

@@ -17,7 +17,19 @@ from .optim import build_optimizer, param_groups
 from .schedules import CosineSchedule
 
 __all__ = [
-    "CheckpointError", "CosineSchedule", "DistInfo", "NonFiniteLossError", "TrainConfig",
-    "TrainData", "Trainer", "build_optimizer", "latest_checkpoint", "load_checkpoint",
-    "param_groups", "save_checkpoint", "setup", "teardown", "wrap",
+    "CheckpointError",
+    "CosineSchedule",
+    "DistInfo",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainData",
+    "Trainer",
+    "build_optimizer",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "param_groups",
+    "save_checkpoint",
+    "setup",
+    "teardown",
+    "wrap",
 ]

@@ -74,7 +74,8 @@ def _quiet_single_process():
     with warnings.catch_warnings():
         if not _dist():
             warnings.filterwarnings(
-                "ignore", message=".*assuming the intent is to (save|load) in a single process")
+                "ignore", message=".*assuming the intent is to (save|load) in a single process"
+            )
         yield
 
 
@@ -178,8 +179,9 @@ def _prune(root: Path, keep_last: int) -> None:
 def _unpack(state: dict[str, Any]) -> tuple[nn.Module, torch.optim.Optimizer | None, dict]:
     unknown = sorted(set(state) - {"model", "optimizer", "meta"})
     if unknown or "model" not in state:
-        raise TypeError(f"checkpoint state takes 'model' (required), 'optimizer', 'meta'; got "
-                        f"{sorted(state)}")
+        raise TypeError(
+            f"checkpoint state takes 'model' (required), 'optimizer', 'meta'; got {sorted(state)}"
+        )
     return state["model"], state.get("optimizer"), dict(state.get("meta") or {})
 
 
@@ -195,7 +197,8 @@ def read_meta(directory: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(
             f"{directory} is not a complete checkpoint (no {STATE_FILE}): a save was interrupted; "
-            f"resume from latest_checkpoint(run_dir) instead")
+            f"resume from latest_checkpoint(run_dir) instead"
+        )
     return json.loads(path.read_text())
 
 
@@ -211,7 +214,7 @@ def load_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> dict
     model, optimizer, _ = _unpack(state)
     model_sd, optim_sd = _state_dicts(model, optimizer)
     saved = set(dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata)
-    saved_model = {k[len("model."):] for k in saved if k.startswith("model.")}
+    saved_model = {k[len("model.") :] for k in saved if k.startswith("model.")}
     missing = sorted(set(model_sd) - saved_model)
     unexpected = sorted(saved_model - set(model_sd))
     if missing or unexpected:
@@ -219,7 +222,8 @@ def load_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> dict
             f"checkpoint {directory} does not match the model: missing {missing[:10]}"
             f"{' ...' if len(missing) > 10 else ''} ({len(missing)}), unexpected {unexpected[:10]}"
             f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)}); resume with the same "
-            f"model and method settings, or start a new output_dir")
+            f"model and method settings, or start a new output_dir"
+        )
     payload = {"model": model_sd}
     if optimizer is not None:
         if not any(k.startswith("optim.") for k in saved):
@@ -227,13 +231,17 @@ def load_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> dict
         payload["optim"] = optim_sd
         impl = [{k: g.get(k) for k in ("foreach", "fused")} for g in optimizer.param_groups]
     with _quiet_single_process():
-        dcp.load(payload, checkpoint_id=str(directory),
-                 planner=DefaultLoadPlanner(allow_partial_load=True))
+        dcp.load(
+            payload,
+            checkpoint_id=str(directory),
+            planner=DefaultLoadPlanner(allow_partial_load=True),
+        )
     if optimizer is None:
         set_state_dict(model, [], model_state_dict=payload["model"], optim_state_dict={})
     else:
-        set_state_dict(model, optimizer, model_state_dict=payload["model"],
-                       optim_state_dict=payload["optim"])
+        set_state_dict(
+            model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"]
+        )
         for g, flags in zip(optimizer.param_groups, impl):  # keep this machine's kernels
             g.update(flags)
     return meta

@@ -29,14 +29,25 @@ import difflib
 import os
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 __all__ = [
-    "ConfigError", "DataConfig", "EvalConfig", "ModelConfig", "Recipe", "SECTIONS",
-    "find_recipe", "load_recipe", "parse_overrides", "recipe_dirs", "recipe_to_yaml",
-    "save_recipe", "shipped_recipes",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "Recipe",
+    "SECTIONS",
+    "find_recipe",
+    "load_recipe",
+    "parse_overrides",
+    "recipe_dirs",
+    "recipe_to_yaml",
+    "save_recipe",
+    "shipped_recipes",
 ]
 
 SECTIONS = ("model", "data", "method", "train", "eval")
@@ -94,8 +105,10 @@ class EvalConfig:
 
     def __post_init__(self):
         if (self.train is None) != (self.test is None):
-            raise ValueError("set both eval.train and eval.test (labelled images) for the kNN "
-                             "monitor, or neither")
+            raise ValueError(
+                "set both eval.train and eval.test (labelled images) for the kNN "
+                "monitor, or neither"
+            )
         if self.every_n_steps < 1 or self.k < 1 or self.batch_size < 1:
             raise ValueError("eval.every_n_steps, eval.k and eval.batch_size must be >= 1")
         if not self.temperature > 0:
@@ -153,8 +166,11 @@ def _choices(method_cfg: type) -> dict[str, tuple]:
     from . import loop
 
     out = {f"method.{k}": tuple(v) for k, v in getattr(method_cfg, "choices", {}).items()}
-    for name, attr in (("train.precision", "PRECISIONS"), ("train.strategy", "STRATEGIES"),
-                       ("train.lr_scaling", "LR_SCALINGS")):
+    for name, attr in (
+        ("train.precision", "PRECISIONS"),
+        ("train.strategy", "STRATEGIES"),
+        ("train.lr_scaling", "LR_SCALINGS"),
+    ):
         if hasattr(loop, attr):
             out[name] = tuple(getattr(loop, attr))
     return out
@@ -183,12 +199,22 @@ def _describe(tp: Any) -> str:
             return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
         return f"a list of {len(args)} " + (
             f"{_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
-            if len(set(args)) == 1 else ", ".join(_describe(a) for a in args))
+            if len(set(args)) == 1
+            else ", ".join(_describe(a) for a in args)
+        )
     if origin is list:
-        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args \
+        return (
+            f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+            if args
             else "a list"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
+        )
+    return {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        dict: "a mapping",
+    }.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 class _Mismatch(Exception):
@@ -197,8 +223,11 @@ class _Mismatch(Exception):
 
 def _same_kind(value: Any, tp: Any) -> bool:
     base = typing.get_origin(tp) or tp
-    return isinstance(base, type) and isinstance(value, base) and not (
-        isinstance(value, bool) and base is not bool)
+    return (
+        isinstance(base, type)
+        and isinstance(value, base)
+        and not (isinstance(value, bool) and base is not bool)
+    )
 
 
 def _coerce(value: Any, tp: Any, raw: str | None = None) -> Any:
@@ -289,28 +318,43 @@ def _coerce(value: Any, tp: Any, raw: str | None = None) -> Any:
 def _unknown_key(section: str, key: str, allowed: Sequence[str]) -> ConfigError:
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
     hint = f" Did you mean '{section}.{close[0]}'?" if close else ""
-    return ConfigError(f"unknown key '{section}.{key}'.{hint} Allowed keys in '{section}': "
-                       f"{', '.join(allowed)}")
+    return ConfigError(
+        f"unknown key '{section}.{key}'.{hint} Allowed keys in '{section}': {', '.join(allowed)}"
+    )
 
 
-def _check_value(section: str, key: str, value: Any, tp: Any, raw: str | None,
-                 choices: dict[str, tuple], aliases: dict | None = None) -> Any:
+def _check_value(
+    section: str,
+    key: str,
+    value: Any,
+    tp: Any,
+    raw: str | None,
+    choices: dict[str, tuple],
+    aliases: dict | None = None,
+) -> Any:
     try:
         out = _coerce(value, tp, raw)
     except _Mismatch:
         shown = raw if raw is not None else value
         raise ConfigError(f"{section}.{key}={shown!r}: expected {_describe(tp)}") from None
     allowed = choices.get(f"{section}.{key}")
-    out = (aliases or {}).get(f"{section}.{key}", {}).get(out, out) if isinstance(out, str) \
-        else out
+    out = (aliases or {}).get(f"{section}.{key}", {}).get(out, out) if isinstance(out, str) else out
     if allowed is not None and out is not None and out not in allowed:
-        raise ConfigError(f"{section}.{key}={out!r} is not allowed; choices: "
-                          f"{', '.join(map(str, allowed))}")
+        raise ConfigError(
+            f"{section}.{key}={out!r} is not allowed; choices: {', '.join(map(str, allowed))}"
+        )
     return out
 
 
-def _build(section: str, cls: type, values: dict, raws: dict, choices: dict,
-           extra: dict[str, Any] | None = None, aliases: dict | None = None) -> Any:
+def _build(
+    section: str,
+    cls: type,
+    values: dict,
+    raws: dict,
+    choices: dict,
+    extra: dict[str, Any] | None = None,
+    aliases: dict | None = None,
+) -> Any:
     """``cls(**values)`` after checking keys and types; the dataclass's own checks are
     reported with the section's name."""
     hints = _hints(cls)
@@ -319,8 +363,7 @@ def _build(section: str, cls: type, values: dict, raws: dict, choices: dict,
     for key, value in values.items():
         if key not in names:
             raise _unknown_key(section, key, names + sorted(extra or ()))
-        kwargs[key] = _check_value(section, key, value, hints[key], raws.get(key), choices,
-                                   aliases)
+        kwargs[key] = _check_value(section, key, value, hints[key], raws.get(key), choices, aliases)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
@@ -340,9 +383,14 @@ def _build_model(values: dict, raws: dict) -> ModelConfig:
             hint = _hints(ModelConfig)[key]
             setattr(out, key, _check_value("model", key, value, hint, raws.get(key), {}))
         elif key in arch_hints:
-            arch[key] = _check_value("model", key, value, arch_hints[key], raws.get(key),
-                                     {"model.ffn": ("mlp", "swiglu"),
-                                      "model.family": ("dinov2", "mae")})
+            arch[key] = _check_value(
+                "model",
+                key,
+                value,
+                arch_hints[key],
+                raws.get(key),
+                {"model.ffn": ("mlp", "swiglu"), "model.family": ("dinov2", "mae")},
+            )
         else:
             raise _unknown_key("model", key, own + sorted(arch_hints))
     if not out.name:
@@ -360,16 +408,21 @@ def parse_overrides(items: Sequence[str] | None) -> list[tuple[str, str, Any, st
 
     out = []
     for key, value, raw in parse_key_values(
-            items, example="train.epochs=10, data.train=/path/to/images", error=ConfigError):
+        items, example="train.epochs=10, data.train=/path/to/images", error=ConfigError
+    ):
         section, dot, name = key.partition(".")
         if section not in SECTIONS or not dot or not name:
             close = difflib.get_close_matches(section, SECTIONS, n=1)
             hint = f" (did you mean '{close[0]}.{name}'?)" if close and dot else ""
-            raise ConfigError(f"override key {key!r} must be SECTION.KEY with SECTION one of "
-                              f"{', '.join(SECTIONS)}{hint}")
+            raise ConfigError(
+                f"override key {key!r} must be SECTION.KEY with SECTION one of "
+                f"{', '.join(SECTIONS)}{hint}"
+            )
         if "." in name:
-            raise ConfigError(f"override key {key!r}: recipe sections are flat, use "
-                              f"{section}.{name.split('.')[-1]}=...")
+            raise ConfigError(
+                f"override key {key!r}: recipe sections are flat, use "
+                f"{section}.{name.split('.')[-1]}=..."
+            )
         out.append((section, name, value, raw))
     return out
 
@@ -409,11 +462,13 @@ def find_recipe(name_or_path: str | os.PathLike) -> Path:
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise FileNotFoundError(
         f"recipe {str(name_or_path)!r} not found.{hint} Give a YAML file or one of the shipped "
-        f"recipes: {', '.join(shipped) or '(none found in ' + ', '.join(map(str, recipe_dirs())) + ')'}")
+        f"recipes: {', '.join(shipped) or '(none found in ' + ', '.join(map(str, recipe_dirs())) + ')'}"
+    )
 
 
-def load_recipe(source: str | os.PathLike | dict | None = None,
-                overrides: Sequence[str] | None = None) -> Recipe:
+def load_recipe(
+    source: str | os.PathLike | dict | None = None, overrides: Sequence[str] | None = None
+) -> Recipe:
     """Read a recipe (a YAML path, a shipped recipe name, or a dict; None: all defaults), apply
     ``key=value`` overrides, validate everything and return the :class:`Recipe`."""
     import yaml
@@ -431,8 +486,10 @@ def load_recipe(source: str | os.PathLike | dict | None = None,
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(raw_cfg, dict):
-        raise ConfigError(f"{origin or 'the recipe'} must be a mapping of sections "
-                          f"({', '.join(SECTIONS)}), got {type(raw_cfg).__name__}")
+        raise ConfigError(
+            f"{origin or 'the recipe'} must be a mapping of sections "
+            f"({', '.join(SECTIONS)}), got {type(raw_cfg).__name__}"
+        )
     where = f" in {origin}" if origin else ""
     values: dict[str, dict] = {s: {} for s in SECTIONS}
     raws: dict[str, dict] = {s: {} for s in SECTIONS}
@@ -440,13 +497,15 @@ def load_recipe(source: str | os.PathLike | dict | None = None,
         if section not in SECTIONS:
             close = difflib.get_close_matches(str(section), SECTIONS, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown section '{section}'{where}.{hint} Allowed sections: "
-                              f"{', '.join(SECTIONS)}")
+            raise ConfigError(
+                f"unknown section '{section}'{where}.{hint} Allowed sections: {', '.join(SECTIONS)}"
+            )
         if body is None:
             continue
         if not isinstance(body, dict):
-            raise ConfigError(f"section '{section}'{where} must be a mapping of keys, got "
-                              f"{type(body).__name__}")
+            raise ConfigError(
+                f"section '{section}'{where} must be a mapping of keys, got {type(body).__name__}"
+            )
         values[section].update(body)
     for section, key, value, raw in parse_overrides(overrides):
         values[section][key] = value
@@ -455,18 +514,28 @@ def load_recipe(source: str | os.PathLike | dict | None = None,
     method_values = dict(values["method"])
     method_name = method_values.pop("name", "dinov2")
     method_cfg = _method_config(method_name)
-    _move_method_keys(values["train"], raws["train"], method_values, raws["method"], method_cfg,
-                      origin)
+    _move_method_keys(
+        values["train"], raws["train"], method_values, raws["method"], method_cfg, origin
+    )
     choices = _choices(method_cfg)
     from .loop import TrainConfig
 
     try:
-        method = _build("method", method_cfg, method_values, raws["method"], choices,
-                        extra={"name": None}, aliases=_aliases(method_cfg))
+        method = _build(
+            "method",
+            method_cfg,
+            method_values,
+            raws["method"],
+            choices,
+            extra={"name": None},
+            aliases=_aliases(method_cfg),
+        )
     except ConfigError as e:
         if str(e).startswith("unknown key 'method."):
-            raise ConfigError(f"{e} (the keys of method {method_name!r}; a recipe written for "
-                              "another method needs its own method: section)") from None
+            raise ConfigError(
+                f"{e} (the keys of method {method_name!r}; a recipe written for "
+                "another method needs its own method: section)"
+            ) from None
         raise
     return Recipe(
         model=_build_model(values["model"], raws["model"]),
@@ -479,8 +548,14 @@ def load_recipe(source: str | os.PathLike | dict | None = None,
     )
 
 
-def _move_method_keys(train: dict, train_raws: dict, method: dict, method_raws: dict,
-                      method_cfg: type, origin: str | None) -> None:
+def _move_method_keys(
+    train: dict,
+    train_raws: dict,
+    method: dict,
+    method_raws: dict,
+    method_cfg: type,
+    origin: str | None,
+) -> None:
     """Keys of the method's config given under ``train`` (where recipes and run folders kept the
     method's own schedules before the method contract) move to ``method``, with a note."""
     from .loop import TrainConfig
@@ -496,9 +571,12 @@ def _move_method_keys(train: dict, train_raws: dict, method: dict, method_raws: 
     if moved:
         import sys
 
-        print(f"note: {', '.join('train.' + k for k in moved)} belong to the method now; read "
-              f"as method.{', method.'.join(moved)}{' (' + origin + ')' if origin else ''}",
-              file=sys.stderr, flush=True)
+        print(
+            f"note: {', '.join('train.' + k for k in moved)} belong to the method now; read "
+            f"as method.{', method.'.join(moved)}{' (' + origin + ')' if origin else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
@@ -508,11 +586,16 @@ def recipe_to_yaml(recipe: Recipe) -> str:
     class _Dumper(yaml.SafeDumper):
         pass
 
-    _Dumper.add_representer(list, lambda d, v: d.represent_sequence(
-        "tag:yaml.org,2002:seq", v, flow_style=all(not isinstance(x, (list, dict)) for x in v)))
+    _Dumper.add_representer(
+        list,
+        lambda d, v: d.represent_sequence(
+            "tag:yaml.org,2002:seq", v, flow_style=all(not isinstance(x, (list, dict)) for x in v)
+        ),
+    )
     head = f"# resolved by vssl from {recipe.source}\n" if recipe.source else "# resolved by vssl\n"
-    return head + yaml.dump(recipe.to_dict(), Dumper=_Dumper, sort_keys=False,
-                            default_flow_style=False)
+    return head + yaml.dump(
+        recipe.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False
+    )
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> Path:

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from ..data.views import MissingViewError, ViewSpec, build_views
 from ..data.sources import FileSource, is_shard_spec
 from ..data.stream import FileDataset, ShardStream, dist_info
+from ..data.views import MissingViewError, ViewSpec, build_views
 
 __all__ = ["TrainData", "derive_seed"]
 
@@ -71,13 +71,19 @@ class _Collator:
         self.views = views
         self.seed, self.rank = seed, rank
 
-    def __call__(self, epoch: int, step: int, samples: Sequence[Any],
-                 sample_ids: Sequence[Any]) -> dict:
-        views = [self.views.sample(s.image, _py_rng(self.seed, epoch, "crop", sid))
-                 for s, sid in zip(samples, sample_ids)]
+    def __call__(
+        self, epoch: int, step: int, samples: Sequence[Any], sample_ids: Sequence[Any]
+    ) -> dict:
+        views = [
+            self.views.sample(s.image, _py_rng(self.seed, epoch, "crop", sid))
+            for s, sid in zip(samples, sample_ids)
+        ]
         return self.views.collate(
-            views, [s.label for s in samples], [getattr(s, "caption", None) for s in samples],
-            _py_rng(self.seed, epoch, step, self.rank, "masks"))
+            views,
+            [s.label for s in samples],
+            [getattr(s, "caption", None) for s in samples],
+            _py_rng(self.seed, epoch, step, self.rank, "masks"),
+        )
 
 
 class _MapBatches(Dataset):
@@ -98,8 +104,15 @@ class _MapBatches(Dataset):
 class _StreamBatches(IterableDataset):
     """This worker's batches of ``stream`` for ``epoch``, from global step ``start_step`` on."""
 
-    def __init__(self, stream: ShardStream, collator: _Collator, batch_size: int, epoch: int,
-                 start_step: int, num_workers: int):
+    def __init__(
+        self,
+        stream: ShardStream,
+        collator: _Collator,
+        batch_size: int,
+        epoch: int,
+        start_step: int,
+        num_workers: int,
+    ):
         self.stream, self.collator = stream, collator
         self.batch_size, self.epoch, self.start_step = batch_size, epoch, start_step
         self.num_workers = max(1, num_workers)
@@ -178,15 +191,25 @@ class TrainData:
         self.device = torch.device(device)
         self.rank, self.world_size = dist_info(rank, world_size)
         if views is None:  # DINOv2's multi-crop, block masks when patch_size is given
-            views = ViewSpec("multicrop", mask="block" if patch_size is not None else None,
-                             mask_ratio=tuple(mask_ratio), mask_probability=mask_probability,
-                             patch_size=patch_size)
+            views = ViewSpec(
+                "multicrop",
+                mask="block" if patch_size is not None else None,
+                mask_ratio=tuple(mask_ratio),
+                mask_probability=mask_probability,
+                patch_size=patch_size,
+            )
         self.spec = views
         if photometric is _DEFAULT:
             photometric = True
-        self.views = build_views(views, global_size=global_size, local_size=local_size,
-                                 n_local=n_local, global_scale=global_scale,
-                                 local_scale=local_scale, photometric=photometric)
+        self.views = build_views(
+            views,
+            global_size=global_size,
+            local_size=local_size,
+            n_local=n_local,
+            global_scale=global_scale,
+            local_scale=local_scale,
+            photometric=photometric,
+        )
         self.collator = _Collator(self.views, self.seed, self.rank)
 
         self.stream: ShardStream | None = None
@@ -197,35 +220,54 @@ class TrainData:
         elif isinstance(source, FileSource):
             self.dataset = FileDataset(source, output="sample")
         elif is_shard_spec(source):
-            self.stream = ShardStream(source, epoch_len=epoch_len, batch_size=self.batch_size,
-                                      transform=decode, output="sample", seed=self.seed,
-                                      shuffle_buffer=shuffle_buffer, resampled=resampled,
-                                      rank=self.rank, world_size=self.world_size)
+            self.stream = ShardStream(
+                source,
+                epoch_len=epoch_len,
+                batch_size=self.batch_size,
+                transform=decode,
+                output="sample",
+                seed=self.seed,
+                shuffle_buffer=shuffle_buffer,
+                resampled=resampled,
+                rank=self.rank,
+                world_size=self.world_size,
+            )
         else:
-            src = FileSource(source, draft_size=self.views.draft_size,
-                             as_array=self.views.accepts_array)
+            src = FileSource(
+                source, draft_size=self.views.draft_size, as_array=self.views.accepts_array
+            )
             self.dataset = FileDataset(src, output="sample")
         if self.stream is not None:
             if self.stream.batch_size != self.batch_size:
-                raise ValueError(f"the ShardStream's batch_size {self.stream.batch_size} differs "
-                                 f"from batch_size {self.batch_size}: build it with the same one")
+                raise ValueError(
+                    f"the ShardStream's batch_size {self.stream.batch_size} differs "
+                    f"from batch_size {self.batch_size}: build it with the same one"
+                )
             known = self.stream.batches_per_rank
             if known is not None and batches_per_epoch is not None and batches_per_epoch != known:
-                raise ValueError(f"batches_per_epoch={batches_per_epoch} contradicts the shards' "
-                                 f"epoch length ({known} batches per rank); leave it out")
+                raise ValueError(
+                    f"batches_per_epoch={batches_per_epoch} contradicts the shards' "
+                    f"epoch length ({known} batches per rank); leave it out"
+                )
             self._batches_per_epoch = known if known is not None else batches_per_epoch
             if self._batches_per_epoch is None:
-                raise ValueError("the shard stream has no epoch length: pass batches_per_epoch= "
-                                 "(or epoch_len=, or write sizes.json next to the shards)")
+                raise ValueError(
+                    "the shard stream has no epoch length: pass batches_per_epoch= "
+                    "(or epoch_len=, or write sizes.json next to the shards)"
+                )
         else:
             n = len(self.dataset)
             full = n // (self.batch_size * self.world_size)
             if full == 0:
-                raise ValueError(f"{n} images cannot fill one batch of {self.batch_size} on each of "
-                                 f"{self.world_size} ranks: lower batch_size or add images")
+                raise ValueError(
+                    f"{n} images cannot fill one batch of {self.batch_size} on each of "
+                    f"{self.world_size} ranks: lower batch_size or add images"
+                )
             if batches_per_epoch is not None and not 1 <= batches_per_epoch <= full:
-                raise ValueError(f"batches_per_epoch must be in [1, {full}] for {n} images, got "
-                                 f"{batches_per_epoch}")
+                raise ValueError(
+                    f"batches_per_epoch must be in [1, {full}] for {n} images, got "
+                    f"{batches_per_epoch}"
+                )
             self._batches_per_epoch = batches_per_epoch or full
 
         if self.spec.captions:
@@ -247,7 +289,8 @@ class TrainData:
             raise MissingViewError(
                 f"the method needs image + caption pairs, but {len(missing)} of the first "
                 f"{len(probe)} training samples have no caption (e.g. {missing[0]}): give a parquet "
-                "manifest with a 'text' column or shards with key.txt members")
+                "manifest with a 'text' column or shards with key.txt members"
+            )
 
     # -- sizes
     @property
@@ -272,14 +315,20 @@ class TrainData:
         """Dataset indices of this rank's batch ``step`` of ``epoch``."""
         order = self.epoch_order(epoch) if order is None else order
         start = (step * self.world_size + self.rank) * self.batch_size
-        return order[start:start + self.batch_size].tolist()
+        return order[start : start + self.batch_size].tolist()
 
     # -- iteration
     def _loader(self, dataset, sampler=None) -> DataLoader:
         workers = self.num_workers
-        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers,
-                          collate_fn=_identity, pin_memory=self.device.type == "cuda",
-                          prefetch_factor=2 if workers else None)
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=_identity,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=2 if workers else None,
+        )
 
     def _uint8_batches(self, epoch: int, start_step: int) -> Iterator[tuple[int, dict]]:
         n = self._batches_per_epoch
@@ -288,8 +337,9 @@ class TrainData:
             keys = [(epoch, s, self.batch_indices(epoch, s, order)) for s in range(start_step, n)]
             yield from self._loader(_MapBatches(self.dataset, self.collator), sampler=keys)
             return
-        data = _StreamBatches(self.stream, self.collator, self.batch_size, epoch, start_step,
-                              self.num_workers)
+        data = _StreamBatches(
+            self.stream, self.collator, self.batch_size, epoch, start_step, self.num_workers
+        )
         # workers finish in their own time: hand batches on in step order
         pending: dict[int, dict] = {}
         expected = start_step
@@ -301,23 +351,32 @@ class TrainData:
             if expected >= n:
                 return
         if pending:
-            raise RuntimeError(f"shard stream epoch {epoch}: batches {sorted(pending)} arrived "
-                               f"without batch {expected}")
+            raise RuntimeError(
+                f"shard stream epoch {epoch}: batches {sorted(pending)} arrived "
+                f"without batch {expected}"
+            )
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
         """This rank's batches ``start_step..`` of data epoch ``epoch``, ready for the method:
         float normalized ``global``/``local`` crops (photometric applied) and masks, on ``device``."""
         if not 0 <= start_step <= self._batches_per_epoch:
-            raise ValueError(f"start_step must be in [0, {self._batches_per_epoch}], got {start_step}")
+            raise ValueError(
+                f"start_step must be in [0, {self._batches_per_epoch}], got {start_step}"
+            )
         for step, batch in self._uint8_batches(epoch, start_step):
-            batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
-                     for k, v in batch.items()}
+            batch = {
+                k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
+                for k, v in batch.items()
+            }
             g = torch.Generator().manual_seed(
-                derive_seed(self.seed, epoch, step, self.rank, "photometric"))
+                derive_seed(self.seed, epoch, step, self.rank, "photometric")
+            )
             yield self.views.finish(batch, generator=g)
 
     def __repr__(self) -> str:
         kind = "shards" if self.stream is not None else f"{len(self.dataset)} images"
-        return (f"TrainData({kind}, batch_size={self.batch_size}, rank={self.rank}/"
-                f"{self.world_size}, batches_per_epoch={self._batches_per_epoch}, "
-                f"views={self.spec.kind} {self.views!r}, workers={self.num_workers})")
+        return (
+            f"TrainData({kind}, batch_size={self.batch_size}, rank={self.rank}/"
+            f"{self.world_size}, batches_per_epoch={self._batches_per_epoch}, "
+            f"views={self.spec.kind} {self.views!r}, workers={self.num_workers})"
+        )

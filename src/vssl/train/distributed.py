@@ -84,8 +84,9 @@ def setup(device: str | torch.device | None = None) -> DistInfo:
             kwargs = {"device_id": dev} if dev.type == "cuda" else {}
             dist.init_process_group(backend=backend, **kwargs)
         backend = dist.get_backend()
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
-                    backend=backend)
+    return DistInfo(
+        rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend
+    )
 
 
 def _owns_blocks(m: nn.Module) -> bool:
@@ -124,11 +125,14 @@ def wrap(
         if info.distributed:
             raise ValueError(
                 f"strategy 'none' with WORLD_SIZE={info.world_size} would train {info.world_size} "
-                "independent models: use strategy 'ddp' or 'fsdp2'")
+                "independent models: use strategy 'ddp' or 'fsdp2'"
+            )
         return module
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"strategy {strategy!r} needs a process group: launch with torchrun "
-                           "(and call vssl.train.distributed.setup())")
+        raise RuntimeError(
+            f"strategy {strategy!r} needs a process group: launch with torchrun "
+            "(and call vssl.train.distributed.setup())"
+        )
     if info.device.type == "cuda":
         # BatchNorm (e.g. in a projection head) normalizes over the global batch;
         # SyncBatchNorm is CUDA-only, so on CPU ranks each normalizes over its own batch
@@ -137,8 +141,9 @@ def wrap(
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [info.device.index] if info.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=device_ids,
-                                       find_unused_parameters=find_unused_parameters)
+        return DistributedDataParallel(
+            module, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+        )
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     broadcast_module(module)

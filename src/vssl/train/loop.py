@@ -39,9 +39,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -143,7 +144,7 @@ class TrainConfig:
             bad("strategy", f"allowed: {list(STRATEGIES)}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         """Build from a mapping; an unknown key is an error that lists the allowed ones."""
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(d) - set(known))
@@ -179,8 +180,12 @@ def train_schedules(cfg: TrainConfig, iters_per_epoch: int, world_size: int) -> 
     """The trainer's per-step lr and weight-decay schedules for ``cfg``."""
     total = cfg.epochs * iters_per_epoch
     return _Schedules(
-        lr=CosineSchedule(peak_lr(cfg, world_size), cfg.min_lr, total,
-                          warmup_iters=_epochs_to_iters(cfg.warmup_epochs, iters_per_epoch)),
+        lr=CosineSchedule(
+            peak_lr(cfg, world_size),
+            cfg.min_lr,
+            total,
+            warmup_iters=_epochs_to_iters(cfg.warmup_epochs, iters_per_epoch),
+        ),
         wd=CosineSchedule(cfg.weight_decay, cfg.weight_decay_end, total),
     )
 
@@ -197,15 +202,26 @@ class Trainer:
     keep an evaluation well inside the process group's timeout. ``progress``: a tqdm bar on rank 0.
     """
 
-    def __init__(self, method: nn.Module, data: Any, cfg: TrainConfig, *,
-                 monitors: Sequence[Any] = (), progress: bool = True):
+    def __init__(
+        self,
+        method: nn.Module,
+        data: Any,
+        cfg: TrainConfig,
+        *,
+        monitors: Sequence[Any] = (),
+        progress: bool = True,
+    ):
         if not isinstance(getattr(method, "student", None), nn.Module):
-            raise TypeError(f"{type(method).__name__} has no `student` module: a method exposes "
-                            "what the optimizer trains as `method.student` (vssl.methods.base)")
+            raise TypeError(
+                f"{type(method).__name__} has no `student` module: a method exposes "
+                "what the optimizer trains as `method.student` (vssl.methods.base)"
+            )
         missing = [h for h in _HOOKS if not callable(getattr(method, h, None))]
         if missing:
-            raise TypeError(f"{type(method).__name__} lacks {', '.join(missing)} of the method "
-                            "contract (vssl.methods.base.Method; MethodBase gives the defaults)")
+            raise TypeError(
+                f"{type(method).__name__} lacks {', '.join(missing)} of the method "
+                "contract (vssl.methods.base.Method; MethodBase gives the defaults)"
+            )
         self.cfg = cfg
         self.data = data
         self.monitors = list(monitors)
@@ -213,36 +229,53 @@ class Trainer:
         self._owns_group = not (dist.is_available() and dist.is_initialized())
         self.info = tdist.setup()
         if getattr(data, "batch_size", cfg.batch_size_per_rank) != cfg.batch_size_per_rank:
-            raise ValueError(f"the data's batch_size {data.batch_size} differs from "
-                             f"batch_size_per_rank {cfg.batch_size_per_rank}: set them equal")
+            raise ValueError(
+                f"the data's batch_size {data.batch_size} differs from "
+                f"batch_size_per_rank {cfg.batch_size_per_rank}: set them equal"
+            )
         self.device = self.info.device
         self.method = method.to(self.device)
-        self.strategy = cfg.strategy if cfg.strategy != "auto" else (
-            "ddp" if self.info.distributed else "none")
+        self.strategy = (
+            cfg.strategy if cfg.strategy != "auto" else ("ddp" if self.info.distributed else "none")
+        )
         precision = cfg.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.precision = precision
-        method.plan(StepPlan(self.total_steps, self.iters_per_epoch,
-                             cfg.batch_size_per_rank * self.world_size))
+        method.plan(
+            StepPlan(
+                self.total_steps, self.iters_per_epoch, cfg.batch_size_per_rank * self.world_size
+            )
+        )
 
         if cfg.grad_checkpointing:
             for m in method.student.modules():
                 if hasattr(m, "grad_checkpointing"):
                     m.grad_checkpointing = True
         if cfg.compile:
+            n_blocks = 0
             for m in method.modules():
                 if isinstance(getattr(m, "blocks", None), nn.ModuleList):
                     for blk in m.blocks:
                         blk.compile()
-        self.model = tdist.wrap(method, self.strategy, self.info,
-                                find_unused_parameters=cfg.find_unused_parameters)
+                        n_blocks += 1
+            # each block's drop-path rate is a constant to the compiler (a graph per distinct
+            # rate): without room for them all, blocks past the 8th would silently stay eager
+            import torch._dynamo.config as dynamo_config
+
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, n_blocks + 8)
+        self.model = tdist.wrap(
+            method, self.strategy, self.info, find_unused_parameters=cfg.find_unused_parameters
+        )
         # parameters exist in their final (possibly sharded) form only after wrapping
         self.frozen = [(list(f.params), int(f.until)) for f in method.frozen_parameters()]
         self.groups = param_groups(
-            method.student, layer_decay=cfg.layer_decay,
-            patch_embed_lr_mult=cfg.patch_embed_lr_mult, num_layers=_num_layers(method.student),
-            frozen=self.frozen)
+            method.student,
+            layer_decay=cfg.layer_decay,
+            patch_embed_lr_mult=cfg.patch_embed_lr_mult,
+            num_layers=_num_layers(method.student),
+            frozen=self.frozen,
+        )
         self.optimizer = build_optimizer(self.groups, betas=(cfg.adamw_beta1, cfg.adamw_beta2))
         self._clip_sets = _clip_sets(method.student)
         self._reserved = _RESERVED | set(method.scheduled(0))
@@ -323,8 +356,10 @@ class Trainer:
         at the end); to continue, build a new Trainer on the same ``output_dir``: it resumes.
         """
         if self.model is None:
-            raise RuntimeError("this Trainer already ran fit(); build a new Trainer with the same "
-                               "output_dir to continue (it resumes from the latest checkpoint)")
+            raise RuntimeError(
+                "this Trainer already ran fit(); build a new Trainer with the same "
+                "output_dir to continue (it resumes from the latest checkpoint)"
+            )
         ok = False
         try:
             summary = self._fit()
@@ -353,12 +388,17 @@ class Trainer:
             meta = load_checkpoint(resume_from, state)
             start_step = int(meta["step"])
             prior_seconds = float(meta.get("seconds", 0.0))
-            if meta.get("world_size") != self.world_size or meta.get("batch_size_per_rank") != \
-                    cfg.batch_size_per_rank:
-                _warn(info, f"resuming {resume_from} saved with world_size "
-                            f"{meta.get('world_size')} x batch {meta.get('batch_size_per_rank')}, "
-                            f"now {self.world_size} x {cfg.batch_size_per_rank}: the data order "
-                            f"differs from an uninterrupted run")
+            if (
+                meta.get("world_size") != self.world_size
+                or meta.get("batch_size_per_rank") != cfg.batch_size_per_rank
+            ):
+                _warn(
+                    info,
+                    f"resuming {resume_from} saved with world_size "
+                    f"{meta.get('world_size')} x batch {meta.get('batch_size_per_rank')}, "
+                    f"now {self.world_size} x {cfg.batch_size_per_rank}: the data order "
+                    f"differs from an uninterrupted run",
+                )
         metrics_path = out_dir / "metrics.jsonl"
         if info.is_main:  # a fresh run drops what a run that never checkpointed left behind
             _truncate_metrics(metrics_path, start_step if resume_from is not None else -1)
@@ -373,8 +413,14 @@ class Trainer:
         if self.progress and info.is_main:
             from tqdm import tqdm
 
-            bar = tqdm(total=stop_at, initial=start_step, desc="pretrain", unit="step",
-                       dynamic_ncols=True, file=sys.stderr)
+            bar = tqdm(
+                total=stop_at,
+                initial=start_step,
+                desc="pretrain",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
         metrics_file = open(metrics_path, "a") if info.is_main else None
         batches = None
         try:
@@ -409,8 +455,12 @@ class Trainer:
                     line = {"step": step, "epoch": (step - 1) // self.iters_per_epoch}
                     if log_now:
                         now = time.perf_counter()
-                        ips = window_steps * cfg.batch_size_per_rank * self.world_size / max(
-                            now - window_t, 1e-9)
+                        ips = (
+                            window_steps
+                            * cfg.batch_size_per_rank
+                            * self.world_size
+                            / max(now - window_t, 1e-9)
+                        )
                         window_t, window_steps = now, 0
                         line.update(record)
                         line["images_per_s"] = ips
@@ -426,11 +476,16 @@ class Trainer:
                 if step >= stop_at:
                     reason = "completed" if step >= total else "max_steps"
                 elif cfg.time_budget_s is not None and self._over_budget(
-                        time.perf_counter() - t0 + last_step_s):
+                    time.perf_counter() - t0 + last_step_s
+                ):
                     reason = "time_budget"
-                if reason is not None or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                if reason is not None or (
+                    cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+                ):
                     if last_saved != step:
-                        last_ckpt = self._save(out_dir, step, prior_seconds + time.perf_counter() - t0)
+                        last_ckpt = self._save(
+                            out_dir, step, prior_seconds + time.perf_counter() - t0
+                        )
                         last_saved = step
         finally:
             if batches is not None and hasattr(batches, "close"):
@@ -459,8 +514,9 @@ class Trainer:
 
     def _over_budget(self, projected: float) -> bool:
         """True on every rank when any rank projects past the time budget after its next step."""
-        flag = torch.tensor([1.0 if projected >= self.cfg.time_budget_s else 0.0],
-                            device=self.device)
+        flag = torch.tensor(
+            [1.0 if projected >= self.cfg.time_budget_s else 0.0], device=self.device
+        )
         if self.info.distributed:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -469,13 +525,17 @@ class Trainer:
         """One optimizer step at schedule index ``step``; returns the logged values."""
         torch.manual_seed(derive_seed(self.cfg.seed, "step", step, self.info.rank))
         lr, wd = self._apply_schedules(sched, step)
-        batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
-                 for k, v in batch.items()}  # a no-op when the data already live there
+        batch = {
+            k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
+            for k, v in batch.items()
+        }  # a no-op when the data already live there
         with self._autocast():
             out = self.model(batch, step)
         if not isinstance(out, dict) or "loss" not in out:
-            raise TypeError(f"{type(self.method).__name__}.forward must return a dict with 'loss' "
-                            f"(and named loss terms), got {type(out).__name__}")
+            raise TypeError(
+                f"{type(self.method).__name__}.forward must return a dict with 'loss' "
+                f"(and named loss terms), got {type(out).__name__}"
+            )
         loss = out["loss"]
         names = ["loss"] + [k for k in out if k != "loss"]
         loss.backward()
@@ -485,8 +545,12 @@ class Trainer:
                     if p.grad is not None:
                         p.grad.zero_()
         grad_norm = self._grad_norm_and_clip()
-        stats = torch.stack([torch.as_tensor(out[k], device=self.device).detach().float().reshape(())
-                             for k in names])
+        stats = torch.stack(
+            [
+                torch.as_tensor(out[k], device=self.device).detach().float().reshape(())
+                for k in names
+            ]
+        )
         if self.info.distributed:
             dist.all_reduce(stats)
             stats = stats / self.world_size
@@ -504,7 +568,10 @@ class Trainer:
                 f"step and wrote no checkpoint of this state; the last good checkpoint is "
                 f"{last if last is not None else 'none (no checkpoint was written yet)'}. Lower "
                 f"base_lr or lengthen warmup_epochs, check clip_grad, or inspect the data of this "
-                f"step.", step=step + 1, terms=bad or {"grad_norm": gnorm})
+                f"step.",
+                step=step + 1,
+                terms=bad or {"grad_norm": gnorm},
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.method.after_step(step)
@@ -526,9 +593,11 @@ class Trainer:
             "rng": "re-seeded every step from (seed, step, rank): nothing to restore",
             "config": self.cfg.to_dict(),
         }
-        return save_checkpoint(checkpoint_path(out_dir, step),
-                               {"model": self.method, "optimizer": self.optimizer, "meta": meta},
-                               keep_last=self.cfg.keep_checkpoints)
+        return save_checkpoint(
+            checkpoint_path(out_dir, step),
+            {"model": self.method, "optimizer": self.optimizer, "meta": meta},
+            keep_last=self.cfg.keep_checkpoints,
+        )
 
 
 #: What a step record holds besides the method's loss terms (plus its scheduled values).
@@ -537,7 +606,7 @@ _HOOKS = ("plan", "after_step", "scheduled", "frozen_parameters", "encoder")
 
 
 def _num_layers(student: nn.Module) -> int:
-    for m in ([student] + [c for c in student.children()]):
+    for m in [student] + [c for c in student.children()]:
         if isinstance(getattr(m, "blocks", None), nn.ModuleList):
             return len(m.blocks)
     return 0
@@ -567,7 +636,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:
             continue  # a torn last line from a crash
-    text = "".join(l + "\n" for l in keep)
+    text = "".join(line + "\n" for line in keep)
     atomic_write(path, lambda p: Path(p).write_text(text))
 
 

@@ -39,7 +39,7 @@ def clean_name(name: str) -> str:
     """``name`` without the path components wrappers add (``module.``, ``_orig_mod.`` ...)."""
     for part in _WRAPPER_PARTS:
         if name.startswith(part):
-            name = name[len(part):]
+            name = name[len(part) :]
         name = name.replace("." + part, ".")
     return name
 
@@ -90,15 +90,23 @@ def param_groups(
             continue
         name = clean_name(raw)
         in_backbone = name.startswith(prefix)
-        lid = layer_id(name[len(prefix):], num_layers) if in_backbone else num_layers + 1
+        lid = layer_id(name[len(prefix) :], num_layers) if in_backbone else num_layers + 1
         lr_mult = layer_decay ** (num_layers + 1 - lid)
         if "patch_embed" in name:
             lr_mult *= patch_embed_lr_mult
         wd_mult = 0.0 if (name.endswith(".bias") or "norm" in name or "gamma" in name) else 1.0
         frozen_until = until.get(id(p), 0)
         key = (lr_mult, wd_mult, frozen_until)
-        g = fused.setdefault(key, {"params": [], "names": [], "lr_multiplier": lr_mult,
-                                   "wd_multiplier": wd_mult, "frozen_until": frozen_until})
+        g = fused.setdefault(
+            key,
+            {
+                "params": [],
+                "names": [],
+                "lr_multiplier": lr_mult,
+                "wd_multiplier": wd_mult,
+                "frozen_until": frozen_until,
+            },
+        )
         g["params"].append(p)
         g["names"].append(name)
     found = {id(p) for g in fused.values() if g["frozen_until"] for p in g["params"]}
@@ -106,7 +114,8 @@ def param_groups(
     if missing:
         raise ValueError(
             f"{len(missing)} of the frozen parameters are not trainable parameters of the module: "
-            "pass parameters of this module (with requires_grad=True)")
+            "pass parameters of this module (with requires_grad=True)"
+        )
     return list(fused.values())
 
 

@@ -27,15 +27,21 @@ class CosineSchedule:
         start_warmup_value: float = 0.0,
         freeze_iters: int = 0,
     ):
-        total_iters, warmup_iters, freeze_iters = int(total_iters), int(warmup_iters), int(freeze_iters)
+        total_iters, warmup_iters, freeze_iters = (
+            int(total_iters),
+            int(warmup_iters),
+            int(freeze_iters),
+        )
         if min(total_iters, warmup_iters, freeze_iters) < 0:
             raise ValueError(
                 f"iteration counts must be >= 0, got total_iters={total_iters}, "
-                f"warmup_iters={warmup_iters}, freeze_iters={freeze_iters}")
+                f"warmup_iters={warmup_iters}, freeze_iters={freeze_iters}"
+            )
         if warmup_iters + freeze_iters > total_iters:
             raise ValueError(
                 f"warmup_iters ({warmup_iters}) + freeze_iters ({freeze_iters}) exceed total_iters "
-                f"({total_iters}): shorten the warm-up or lengthen the run")
+                f"({total_iters}): shorten the warm-up or lengthen the run"
+            )
         self.base_value = float(base_value)
         self.final_value = float(final_value)
         self.total_iters = total_iters
@@ -63,9 +69,12 @@ class CosineSchedule:
         i -= self.warmup_iters
         n = self.total_iters - self.warmup_iters - self.freeze_iters
         return self.final_value + 0.5 * (self.base_value - self.final_value) * (
-            1.0 + math.cos(math.pi * i / n))
+            1.0 + math.cos(math.pi * i / n)
+        )
 
     def __repr__(self) -> str:
-        return (f"CosineSchedule(base_value={self.base_value}, final_value={self.final_value}, "
-                f"total_iters={self.total_iters}, warmup_iters={self.warmup_iters}, "
-                f"start_warmup_value={self.start_warmup_value}, freeze_iters={self.freeze_iters})")
+        return (
+            f"CosineSchedule(base_value={self.base_value}, final_value={self.final_value}, "
+            f"total_iters={self.total_iters}, warmup_iters={self.warmup_iters}, "
+            f"start_warmup_value={self.start_warmup_value}, freeze_iters={self.freeze_iters})"
+        )

@@ -53,8 +53,9 @@ def _border_mask(h: int, w: int) -> np.ndarray:
     return m
 
 
-def pca_rgb(tokens: np.ndarray, grid: tuple[int, int], *,
-            foreground_threshold: float | None = None) -> np.ndarray:
+def pca_rgb(
+    tokens: np.ndarray, grid: tuple[int, int], *, foreground_threshold: float | None = None
+) -> np.ndarray:
     """Patch tokens (B, h*w, D) -> RGB maps (B, h, w, 3) float in [0, 1] (module docstring).
 
     ``foreground_threshold``: in [0, 1], on the min-max scaled first component; patches above it
@@ -101,8 +102,10 @@ def _to_batch(model, images: Any, resolution: int | None):
     if isinstance(images, torch.Tensor):
         x = images
         if x.ndim != 4 or not torch.is_floating_point(x):
-            raise ValueError("a tensor of images must be float (B, 3, H, W), normalized as for "
-                             f"the model; got {tuple(x.shape)} {x.dtype}")
+            raise ValueError(
+                "a tensor of images must be float (B, 3, H, W), normalized as for "
+                f"the model; got {tuple(x.shape)} {x.dtype}"
+            )
     else:
         from PIL import Image
 
@@ -123,8 +126,9 @@ def _to_batch(model, images: Any, resolution: int | None):
     return x, (h, w)
 
 
-def patch_tokens(model, images: Any, *, resolution: int | None = None,
-                 batch_size: int = 64) -> tuple[np.ndarray, tuple[int, int]]:
+def patch_tokens(
+    model, images: Any, *, resolution: int | None = None, batch_size: int = 64
+) -> tuple[np.ndarray, tuple[int, int]]:
     """``(tokens (B, h*w, D) float32, (h, w))``: ``x_norm_patchtokens`` of ``images`` in eval
     mode (the model's training flags are restored)."""
     import torch
@@ -137,20 +141,28 @@ def patch_tokens(model, images: Any, *, resolution: int | None = None,
     try:
         with torch.inference_mode():
             for start in range(0, x.shape[0], batch_size):
-                xb = x[start:start + batch_size].to(param.device, param.dtype)
+                xb = x[start : start + batch_size].to(param.device, param.dtype)
                 out.append(model.forward_features(xb)["x_norm_patchtokens"].float().cpu())
     finally:
         for m, training in modes:
             m.training = training
     tokens = torch.cat(out).numpy()
     if tokens.shape[1] != grid[0] * grid[1]:
-        raise ValueError(f"the model returned {tokens.shape[1]} patch tokens for a {grid} grid "
-                         "(register tokens should not be among x_norm_patchtokens)")
+        raise ValueError(
+            f"the model returned {tokens.shape[1]} patch tokens for a {grid} grid "
+            "(register tokens should not be among x_norm_patchtokens)"
+        )
     return tokens, grid
 
 
-def pca_maps(model, images: Sequence[Any] | Any, *, resolution: int | None = None,
-             foreground_threshold: float | None = None, upsample: bool = True) -> list[np.ndarray]:
+def pca_maps(
+    model,
+    images: Sequence[Any] | Any,
+    *,
+    resolution: int | None = None,
+    foreground_threshold: float | None = None,
+    upsample: bool = True,
+) -> list[np.ndarray]:
     """One RGB ``uint8`` map (H, W, 3) per image: the first 3 principal components of the
     patch tokens of all ``images`` as colours (module docstring).
 

@@ -20,12 +20,31 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "COLORS", "image_table", "line_chart", "loss_series", "metric_series", "png_data_uri",
-    "read_metrics", "render_page", "table", "training_report", "write_page",
+    "COLORS",
+    "image_table",
+    "line_chart",
+    "loss_series",
+    "metric_series",
+    "png_data_uri",
+    "read_metrics",
+    "render_page",
+    "table",
+    "training_report",
+    "write_page",
 ]
 
-COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3",
-          "#8c8c8c", "#ccb974", "#64b5cd"]
+COLORS = [
+    "#4c72b0",
+    "#dd8452",
+    "#55a868",
+    "#c44e52",
+    "#8172b3",
+    "#937860",
+    "#da8bc3",
+    "#8c8c8c",
+    "#ccb974",
+    "#64b5cd",
+]
 LOSS_TERMS = ("dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss")
 
 
@@ -47,8 +66,11 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 def metric_series(rows: Sequence[dict], key: str) -> list[tuple[float, float]]:
     """``[(step, value)]`` of every row that has ``key`` with a finite number, by step."""
-    pts = [(float(r["step"]), float(r[key])) for r in rows
-           if "step" in r and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    pts = [
+        (float(r["step"]), float(r[key]))
+        for r in rows
+        if "step" in r and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+    ]
     return sorted(pts)
 
 
@@ -88,16 +110,25 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
-def line_chart(series: dict[str, Sequence[tuple[float, float]]], *, title: str = "",
-               xlabel: str = "step", ylabel: str = "", width: int = 520, height: int = 280,
-               y_range: tuple[float, float] | None = None) -> str:
+def line_chart(
+    series: dict[str, Sequence[tuple[float, float]]],
+    *,
+    title: str = "",
+    xlabel: str = "step",
+    ylabel: str = "",
+    width: int = 520,
+    height: int = 280,
+    y_range: tuple[float, float] | None = None,
+) -> str:
     """An SVG line chart of ``{name: [(x, y), ...]}`` with axes, ticks and a legend.
 
     Non-finite points are left out. A series of one point is drawn as a dot. ``y_range`` fixes
     the vertical axis (e.g. (0, 1) for accuracies). Returns "" when there is nothing to draw.
     """
-    clean = {name: [(float(x), float(y)) for x, y in pts if math.isfinite(x) and math.isfinite(y)]
-             for name, pts in series.items()}
+    clean = {
+        name: [(float(x), float(y)) for x, y in pts if math.isfinite(x) and math.isfinite(y)]
+        for name, pts in series.items()
+    }
     clean = {k: v for k, v in clean.items() if v}
     if not clean:
         return ""
@@ -121,42 +152,61 @@ def line_chart(series: dict[str, Sequence[tuple[float, float]]], *, title: str =
         return pad_t + ph - (y - y0) / (y1 - y0) * ph
 
     e = html.escape
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="{e(title)}" '
-             'font-family="sans-serif">',
-             f'<text x="{width / 2:.0f}" y="17" text-anchor="middle" font-size="13">{e(title)}</text>',
-             f'<rect x="{pad_l}" y="{pad_t}" width="{pw}" height="{ph}" fill="none" stroke="#bbb"/>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{e(title)}" '
+        'font-family="sans-serif">',
+        f'<text x="{width / 2:.0f}" y="17" text-anchor="middle" font-size="13">{e(title)}</text>',
+        f'<rect x="{pad_l}" y="{pad_t}" width="{pw}" height="{ph}" fill="none" stroke="#bbb"/>',
+    ]
     for t in _nice_ticks(y0, y1):
         y = sy(t)
-        parts.append(f'<line x1="{pad_l}" y1="{y:.1f}" x2="{pad_l + pw}" y2="{y:.1f}" '
-                     'stroke="#eee"/>')
-        parts.append(f'<text x="{pad_l - 5}" y="{y + 3.5:.1f}" text-anchor="end" '
-                     f'font-size="10">{_fmt(t)}</text>')
+        parts.append(
+            f'<line x1="{pad_l}" y1="{y:.1f}" x2="{pad_l + pw}" y2="{y:.1f}" stroke="#eee"/>'
+        )
+        parts.append(
+            f'<text x="{pad_l - 5}" y="{y + 3.5:.1f}" text-anchor="end" '
+            f'font-size="10">{_fmt(t)}</text>'
+        )
     for t in _nice_ticks(x0, x1):
         x = sx(t)
-        parts.append(f'<line x1="{x:.1f}" y1="{pad_t + ph}" x2="{x:.1f}" y2="{pad_t + ph + 4}" '
-                     'stroke="#666"/>')
-        parts.append(f'<text x="{x:.1f}" y="{pad_t + ph + 15}" text-anchor="middle" '
-                     f'font-size="10">{_fmt(t)}</text>')
-    parts.append(f'<text x="{pad_l + pw / 2:.0f}" y="{pad_t + ph + 29}" text-anchor="middle" '
-                 f'font-size="11">{e(xlabel)}</text>')
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{pad_t + ph}" x2="{x:.1f}" y2="{pad_t + ph + 4}" '
+            'stroke="#666"/>'
+        )
+        parts.append(
+            f'<text x="{x:.1f}" y="{pad_t + ph + 15}" text-anchor="middle" '
+            f'font-size="10">{_fmt(t)}</text>'
+        )
+    parts.append(
+        f'<text x="{pad_l + pw / 2:.0f}" y="{pad_t + ph + 29}" text-anchor="middle" '
+        f'font-size="11">{e(xlabel)}</text>'
+    )
     if ylabel:
-        parts.append(f'<text x="12" y="{pad_t + ph / 2:.0f}" text-anchor="middle" font-size="11" '
-                     f'transform="rotate(-90 12 {pad_t + ph / 2:.0f})">{e(ylabel)}</text>')
+        parts.append(
+            f'<text x="12" y="{pad_t + ph / 2:.0f}" text-anchor="middle" font-size="11" '
+            f'transform="rotate(-90 12 {pad_t + ph / 2:.0f})">{e(ylabel)}</text>'
+        )
     for i, (name, pts) in enumerate(clean.items()):
         color = COLORS[i % len(COLORS)]
         if len(pts) == 1:
             x, y = pts[0]
-            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}">'
-                         f'<title>{e(name)}: {_fmt(y)}</title></circle>')
+            parts.append(
+                f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}">'
+                f"<title>{e(name)}: {_fmt(y)}</title></circle>"
+            )
         else:
             coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-            parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" '
-                         f'stroke-width="1.8"><title>{e(name)}</title></polyline>')
+            parts.append(
+                f'<polyline points="{coords}" fill="none" stroke="{color}" '
+                f'stroke-width="1.8"><title>{e(name)}</title></polyline>'
+            )
         lx = pad_l + (i % 3) * (pw / 3)
         ly = pad_t + ph + 44 + 16 * (i // 3) - 6
-        parts.append(f'<rect x="{lx:.1f}" y="{ly - 8:.1f}" width="10" height="10" fill="{color}"/>'
-                     f'<text x="{lx + 14:.1f}" y="{ly + 1:.1f}" font-size="10">{e(name)}</text>')
+        parts.append(
+            f'<rect x="{lx:.1f}" y="{ly - 8:.1f}" width="10" height="10" fill="{color}"/>'
+            f'<text x="{lx + 14:.1f}" y="{ly + 1:.1f}" font-size="10">{e(name)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -167,8 +217,11 @@ def png_data_uri(image: np.ndarray | Any, scale: int = 1) -> str:
     ``scale`` times with nearest-neighbour (so small maps stay crisp)."""
     from PIL import Image
 
-    img = image if isinstance(image, Image.Image) else Image.fromarray(
-        np.ascontiguousarray(np.asarray(image, dtype=np.uint8)))
+    img = (
+        image
+        if isinstance(image, Image.Image)
+        else Image.fromarray(np.ascontiguousarray(np.asarray(image, dtype=np.uint8)))
+    )
     if scale != 1:
         img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     buf = io.BytesIO()
@@ -178,6 +231,7 @@ def png_data_uri(image: np.ndarray | Any, scale: int = 1) -> str:
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, cls: str = "") -> str:
     """An HTML table; floats are shown with 4 significant digits."""
+
     def cell(v):
         if isinstance(v, float):
             return _fmt(v)
@@ -188,14 +242,17 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, cls: str = ""
     return f'<table class="{cls}"><tr>{head}</tr>{body}</table>'
 
 
-def image_table(columns: Sequence[str], rows: Sequence[tuple[str, Sequence[Any]]], *,
-                scale: int = 3) -> str:
+def image_table(
+    columns: Sequence[str], rows: Sequence[tuple[str, Sequence[Any]]], *, scale: int = 3
+) -> str:
     """A grid of inline PNGs: one row per ``(label, [image per column])``."""
     head = "<th></th>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for label, images in rows:
-        cells = "".join(f'<td><img src="{png_data_uri(im, scale)}" alt="{html.escape(label)}">'
-                        "</td>" for im in images)
+        cells = "".join(
+            f'<td><img src="{png_data_uri(im, scale)}" alt="{html.escape(label)}"></td>'
+            for im in images
+        )
         body.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
     return f'<table class="images"><tr>{head}</tr>{"".join(body)}</table>'
 
@@ -210,11 +267,14 @@ svg{margin:4px 8px 4px 0}"""
 
 def render_page(title: str, sections: Sequence[tuple[str, str]], *, intro: str = "") -> str:
     """A complete HTML page: ``sections`` are ``(heading, inner html)`` pairs."""
-    body = "".join(f'<section><h2>{html.escape(h)}</h2>{content}</section>'
-                   for h, content in sections)
-    return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}'
-            f'</title><style>{_STYLE}</style></head>\n<body><h1>{html.escape(title)}</h1>'
-            f"{intro}{body}</body></html>\n")
+    body = "".join(
+        f"<section><h2>{html.escape(h)}</h2>{content}</section>" for h, content in sections
+    )
+    return (
+        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}'
+        f"</title><style>{_STYLE}</style></head>\n<body><h1>{html.escape(title)}</h1>"
+        f"{intro}{body}</body></html>\n"
+    )
 
 
 def write_page(path: str | os.PathLike, page: str) -> Path:
@@ -224,9 +284,14 @@ def write_page(path: str | os.PathLike, page: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
 
 
-def training_report(rows: Sequence[dict], *, title: str = "vssl pretraining run",
-                    intro: str = "", extra_sections: Sequence[tuple[str, str]] = (),
-                    knn_baselines: dict[str, float] | None = None) -> str:
+def training_report(
+    rows: Sequence[dict],
+    *,
+    title: str = "vssl pretraining run",
+    intro: str = "",
+    extra_sections: Sequence[tuple[str, str]] = (),
+    knn_baselines: dict[str, float] | None = None,
+) -> str:
     """The page for a run's ``metrics.jsonl`` rows: loss curves, kNN curve, throughput; then
     ``extra_sections`` (e.g. kNN comparisons, PCA maps). ``knn_baselines`` (``{"raw pixels":
     0.18}``) are drawn as flat reference lines in the kNN chart."""
@@ -248,9 +313,17 @@ def training_report(rows: Sequence[dict], *, title: str = "vssl pretraining run"
         for name, value in knn_baselines.items():
             knn[name] = [(lo, value), (hi, value)] if hi > lo else [(lo, value)]
     if knn:
-        sections.append(("kNN accuracy during training",
-                         line_chart(knn, title="kNN on the teacher's CLS token", ylabel="accuracy",
-                                    y_range=(0.0, 1.0))))
+        sections.append(
+            (
+                "kNN accuracy during training",
+                line_chart(
+                    knn,
+                    title="kNN on the teacher's CLS token",
+                    ylabel="accuracy",
+                    y_range=(0.0, 1.0),
+                ),
+            )
+        )
     sched = {k: metric_series(rows, k) for k in ("lr",)}
     ips = metric_series(rows, "images_per_s")
     small = []
