@@ -213,11 +213,110 @@ def test_registers_missing_suggests_override(tmp_path):
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.pth").write_text("hello, not a checkpoint")
     _raises(
-        r"cannot read .*notes\.pth",
+        r"notes\.pth is not a checkpoint: it is a text file",
         vssl.create_model,
         "vit-test-p14",
         weights=tmp_path / "notes.pth",
     )
+
+
+def test_not_a_checkpoint_names_what_the_file_is(tmp_path):
+    """Issue 16: `vssl info fake.jpg` said `...: 101`; now the file's real kind is named."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.pth", format="PNG")
+    (tmp_path / "page.safetensors").write_text("<html><body>404</body></html>")
+    _raises(
+        r"photo\.jpg is not a checkpoint: it is a JPEG image",
+        ck.read_checkpoint,
+        tmp_path / "photo.jpg",
+    )
+    _raises(r"it is a PNG image", ck.read_checkpoint, tmp_path / "photo.pth")
+    _raises(r"it is a text file \(HTML", ck.read_checkpoint, tmp_path / "page.safetensors")
+
+
+def test_safetensors_content_under_a_pth_name_is_read(model, tmp_path):
+    ck.save_vssl(model, tmp_path / "m.safetensors")
+    (tmp_path / "m.pth").write_bytes((tmp_path / "m.safetensors").read_bytes())
+    same_outputs(model, vssl.create_model(tmp_path / "m.pth"))
+
+
+def test_missing_path_is_not_an_unknown_model(tmp_path):
+    _raises(r"/missing\.pth does not exist", vssl.create_model, "/missing.pth")
+    _raises(r"does not exist", vssl.create_model, str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="unknown model"):
+        vssl.create_model("dinov2-vitx14")
+
+
+def _damage(path, offset_frac=0.5):
+    """Overwrite 8 bytes inside a file's data with 0xff (NaN in float32), same size."""
+    data = bytearray(path.read_bytes())
+    at = int(len(data) * offset_frac) // 4 * 4
+    data[at : at + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+def test_non_finite_weights_are_refused_naming_the_tensors(model, tmp_path):
+    """Issue 16: 8 bytes overwritten inside a .safetensors loaded silently and embedded NaN."""
+    path = ck.save_vssl(model, tmp_path / "m.safetensors")
+    _damage(path)
+    ck_ok = ck.read_checkpoint(path, check_weights=False)  # `vssl info` still reads it
+    bad = ck.nonfinite_tensors(ck_ok.state_dict)
+    assert bad and all(n >= 1 for n, _ in bad.values())
+    name = sorted(bad)[0]
+    _raises(rf"NaN/Inf values: .*{re.escape(name)}", vssl.create_model, path)
+    _raises(r"NaN/Inf", vssl.create_model, "webssl-dino1b-full2b-224", weights=path, **TINY)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["blocks.1.attn.proj.weight"][0, 0] = float("inf")
+    torch.save(sd, tmp_path / "inf.pth")
+    _raises(
+        r"blocks\.1\.attn\.proj\.weight \(1 of 2,304 values\)",
+        vssl.create_model,
+        "webssl-dino1b-full2b-224",
+        weights=tmp_path / "inf.pth",
+        **TINY,
+    )
+
+
+def test_fp16_overflow_on_load_is_refused(model, tmp_path):
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["norm.weight"][0] = 1e6  # finite in fp32, Inf in fp16
+    torch.save(sd, tmp_path / "big.pth")
+    vssl.create_model("webssl-dino1b-full2b-224", weights=tmp_path / "big.pth", **TINY)  # fp32
+    _raises(
+        r"after conversion to fp16",
+        vssl.create_model,
+        "webssl-dino1b-full2b-224",
+        weights=tmp_path / "big.pth",
+        dtype="fp16",
+        **TINY,
+    )
+
+
+def _fake_run(tmp_path, model=None):
+    run = tmp_path / "run"
+    step = run / "ckpt" / "step_00000042"
+    step.mkdir(parents=True)
+    (step / ".metadata").write_bytes(b"not read")
+    (run / "config.yaml").write_text("method: {name: dinov2}\n")
+    if model is not None:
+        ck.save_vssl(model, run / "backbone.safetensors")
+    return run, step
+
+
+def test_run_folder_reads_as_its_encoder_and_says_so(model, tmp_path):
+    run, step = _fake_run(tmp_path, model)
+    assert ck.describe_source(run) == f"run folder {run}: using its encoder backbone.safetensors"
+    same_outputs(model, vssl.create_model(run))
+    # a step folder is a training checkpoint: pointed to the run's exported encoder
+    _raises(r"training checkpoint.*backbone\.safetensors", vssl.create_model, step)
+
+
+def test_step_folder_of_an_unfinished_run(tmp_path):
+    run, step = _fake_run(tmp_path)
+    _raises(r"has no exported encoder.*resume the run", ck.read_checkpoint, step)
+    _raises(r"run folder without an exported encoder", ck.read_checkpoint, run)
 
 
 def test_empty_and_missing_files(tmp_path):

@@ -200,3 +200,88 @@ def test_pretrain_and_quickstart_are_subcommands(capsys):
     with pytest.raises(SystemExit) as e:
         main(["quickstart", "--help"])
     assert e.value.code == 0 and "--minutes" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ issue 16: rough edges
+def test_info_and_convert_name_the_real_problem(tmp_path, capsys):
+    """`vssl info fake.jpg` said `...: 101`, `convert /missing.pth` "unknown model"; torch's
+    "re-run with weights_only=False" advice never reaches the user."""
+    import argparse
+
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "fake.jpg")
+    (tmp_path / "notes.pth").write_text("just text\n")
+    torch.save({"w": torch.zeros(1), "ns": argparse.Namespace(a=1)}, tmp_path / "evil.pth")
+    assert main(["info", str(tmp_path / "fake.jpg")]) == 2
+    assert "fake.jpg is not a checkpoint: it is a JPEG image" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "notes.pth")]) == 2
+    assert "it is a text file" in capsys.readouterr().err
+    missing = str(tmp_path / "missing.pth")
+    assert main(["convert", missing, str(tmp_path / "o"), "--to", "vssl"]) == 2
+    err = capsys.readouterr().err
+    assert f"{missing} does not exist" in err and "unknown model" not in err
+    assert main(["info", str(tmp_path / "evil.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to unpickle" in err and "argparse.Namespace" in err
+    assert "weights_only=False" not in err and "Re-running" not in err
+
+
+def test_info_reports_damaged_weights_and_run_folders(native_ckpt, tmp_path, capsys):
+    model, _ = native_ckpt
+    run = tmp_path / "run"
+    vssl.save_vssl(model, run / "backbone.safetensors")
+    assert main(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"run folder {run}: using its encoder backbone.safetensors" in out
+    assert "values:      all finite" in out
+
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["blocks.0.attn.qkv.weight"][3, :2] = float("nan")
+    torch.save(sd, tmp_path / "nan.pth")
+    assert main(["info", str(tmp_path / "nan.pth")]) == 1
+    captured = capsys.readouterr()
+    assert "DAMAGED:     1 tensor(s) hold NaN/Inf values: blocks.0.attn.qkv.weight (2 of" in (
+        captured.out
+    )
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "nan.pth"),
+                str(tmp_path / "x.safetensors"),
+                "--to",
+                "vssl",
+                "--model",
+                "dinov2-vits14",
+                "--set",
+                "depth=2",
+                "--set",
+                "embed_dim=48",
+                "--set",
+                "num_heads=3",
+                "--set",
+                "img_size=56",
+            ]
+        )
+        == 2
+    )
+    assert "blocks.0.attn.qkv.weight (2 of" in capsys.readouterr().err
+
+    assert main(["convert", str(run), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    captured = capsys.readouterr()
+    assert "run folder" in captured.err and "wrote" in captured.out
+
+
+def test_closed_pipe_exits_quietly():
+    """`vssl models | head -1`: no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vssl", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # like `head` exiting before vssl has written (it is still importing)
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

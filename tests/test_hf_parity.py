@@ -210,3 +210,67 @@ def test_bf16_load_matches_fp32_closely(hf_dir):
         b = m16.forward_features(x.bfloat16())["x_norm_clstoken"].float()
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
     assert cos.min() > 0.99, cos
+
+
+def test_model_without_layerscale_survives_a_transformers_round_trip(tmp_path, capsys):
+    """Issue 16: transformers' Dinov2 always has LayerScale, so a model without it is exported with
+    gammas of ones and read back without LayerScale: same architecture, parameter count and zoo
+    match, same outputs in transformers and after the round trip."""
+    from vssl.cli import main
+    from vssl.models import checkpoints as ck
+
+    torch.manual_seed(5)
+    model = perturb_(vssl.create_model("vit-tiny-p8-32", depth=2)).eval()
+    assert model.config.layerscale is None
+    n = sum(p.numel() for p in model.parameters())
+    out = vssl.export_hf(model, tmp_path / "hf")
+    hf_model = transformers.Dinov2Model.from_pretrained(out).eval()
+    assert_same_tokens(hf_model, model, torch.randn(2, 3, 32, 32))
+
+    back = vssl.create_model(out)
+    assert back.config.layerscale is None
+    assert sum(p.numel() for p in back.parameters()) == n
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            back.forward_features(x)["x_norm_clstoken"],
+            model.forward_features(x)["x_norm_clstoken"],
+            atol=0,
+            rtol=0,
+        )
+
+    # the CLI round trip, native -> hf -> native: the zoo match is kept
+    full = perturb_(vssl.create_model("vit-tiny-p8-32")).eval()
+    ck.export_native(full, tmp_path / "m.pth")
+    assert main(["convert", str(tmp_path / "m.pth"), str(tmp_path / "hf2"), "--to", "hf"]) == 0
+    assert main(["convert", str(tmp_path / "hf2"), str(tmp_path / "m2.pth"), "--to", "native"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "m2.pth")]) == 0
+    info = capsys.readouterr().out
+    assert "layerscale=False" in info and "vit-tiny-p8-32" in info, info
+    assert f"{sum(p.numel() for p in full.parameters()):,} parameters" in info
+
+
+def test_transformers_dinov2_with_exact_unit_layerscale_reads_as_none(tmp_path):
+    """A Dinov2Model from elsewhere (no vssl marker) whose gammas are all exactly 1.0 is a model
+    without LayerScale; one with trained gammas keeps its LayerScale."""
+    torch.manual_seed(6)
+    hf_model = transformers.Dinov2Model(
+        transformers.Dinov2Config(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            image_size=56,
+            patch_size=14,
+            layerscale_value=1.0,
+        )
+    ).eval()
+    hf_model.save_pretrained(tmp_path / "ones")
+    model = vssl.create_model(tmp_path / "ones")
+    assert model.config.layerscale is None
+    assert_same_tokens(hf_model, model, torch.randn(1, 3, 56, 56))
+
+    perturb_(hf_model).save_pretrained(tmp_path / "trained")
+    model = vssl.create_model(tmp_path / "trained")
+    assert model.config.layerscale == 1.0
+    assert_same_tokens(hf_model, model, torch.randn(1, 3, 56, 56))

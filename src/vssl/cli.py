@@ -59,6 +59,9 @@ def _cmd_convert(args) -> int:
     from .models.zoo import create_model
 
     overrides = parse_overrides(args.set)
+    note = ck.describe_source(args.input)
+    if note:
+        print(f"vssl convert: {note}", file=sys.stderr, flush=True)
     if args.model:
         model = create_model(
             args.model,
@@ -91,9 +94,17 @@ def _add_convert(sub):
         epilog="examples:\n"
         "  vssl convert webssl_dino1b_full2b_224.pth out_hf/ --model webssl-dino1b-full2b-224 --to hf\n"
         "  vssl convert hf_dir/ dinov2_vitb14.pth --to native\n"
-        "  vssl convert teacher_checkpoint.pth model.safetensors --model dinov2-vits14 --to vssl",
+        "  vssl convert teacher_checkpoint.pth model.safetensors --model dinov2-vits14 --to vssl\n"
+        "  vssl convert runs/my_run/ my_run_hf/ --to hf        # a run folder's trained encoder\n"
+        "\n"
+        "transformers' Dinov2 always has LayerScale: a model without it is written with gammas of\n"
+        "ones, and read back (by vssl) as a model without LayerScale.",
     )
-    p.add_argument("input", help="checkpoint: .pth/.bin, .safetensors, or a transformers directory")
+    p.add_argument(
+        "input",
+        help="checkpoint: .pth/.bin, .safetensors, a transformers directory, or a `vssl "
+        "pretrain` run folder (its backbone.safetensors)",
+    )
     p.add_argument("output", help="output file (.pth / .safetensors) or directory (--to hf)")
     p.add_argument(
         "--to",
@@ -137,7 +148,10 @@ def _add_convert(sub):
 def _cmd_info(args) -> int:
     from .models import checkpoints as ck
 
-    c = ck.read_checkpoint(args.checkpoint, checkpoint_key=args.checkpoint_key)
+    note = ck.describe_source(args.checkpoint)
+    if note:
+        print(f"found:       {note}")
+    c = ck.read_checkpoint(args.checkpoint, checkpoint_key=args.checkpoint_key, check_weights=False)
     n = sum(t.numel() for t in c.state_dict.values())
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in c.state_dict.values()})
     print(
@@ -156,6 +170,19 @@ def _cmd_info(args) -> int:
     if c.heads:
         groups = sorted({k.split(".")[0] for k in c.heads})
         print(f"also holds:  {len(c.heads)} head tensors ({', '.join(groups)})")
+    bad = ck.nonfinite_tensors(c.state_dict | c.heads)
+    if bad:
+        names = sorted(bad, key=ck._natural)
+        shown = ", ".join(f"{k} ({bad[k][0]:,} of {bad[k][1]:,})" for k in names[:8])
+        more = f" ... and {len(names) - 8} more" if len(names) > 8 else ""
+        print(f"DAMAGED:     {len(names)} tensor(s) hold NaN/Inf values: {shown}{more}")
+        print(
+            f"vssl info: error: {c.source} holds non-finite weights: it cannot be loaded "
+            "(re-download or re-export it)",
+            file=sys.stderr,
+        )
+        return 1
+    print("values:      all finite")
     return 0
 
 
@@ -166,7 +193,11 @@ def _add_info(sub):
         description="Detect a checkpoint's format, infer its architecture from the "
         "shapes, and list the zoo entries it fits.",
     )
-    p.add_argument("checkpoint")
+    p.add_argument(
+        "checkpoint",
+        help="a .pth/.bin/.safetensors file, a transformers directory, or a `vssl pretrain` "
+        "run folder",
+    )
     p.add_argument("--checkpoint-key")
     p.set_defaults(func=_cmd_info)
 
@@ -207,6 +238,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``vssl`` entry point. A closed pipe (``vssl models | head``) ends it quietly."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe surfaces here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # Python's documented recipe: point stdout at devnull so the exit flush cannot fail again
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None = None) -> int:
     from .models.checkpoints import CheckpointError
 
     parser = build_parser()

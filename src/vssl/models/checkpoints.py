@@ -79,21 +79,115 @@ class Checkpoint:
 # ---------------------------------------------------------------------------------------------
 # reading raw tensors
 # ---------------------------------------------------------------------------------------------
-def _torch_load(path: Path):
+# What a file that is not a checkpoint starts with: named in the error instead of torch's
+# unpickler message (``invalid load key``, ``101``, ``Unsupported operand 255``).
+_MAGIC = (
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"GIF87a", "a GIF image"),
+    (b"GIF89a", "a GIF image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"%PDF", "a PDF document"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"BZh", "a bzip2 archive"),
+    (b"\xfd7zXZ\x00", "an xz archive"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-zip archive"),
+    (b"\x93NUMPY", "a NumPy .npy array"),
+    (b"PAR1", "a Parquet file"),
+    (b"\x89HDF", "an HDF5 file"),
+    (b"GGUF", "a GGUF model file"),
+    (b"\x7fELF", "an executable (ELF)"),
+)
+
+
+def sniff_file(path: str | Path) -> tuple[str | None, str]:
+    """What ``path`` holds by its first bytes: ``(kind, description)``.
+
+    ``kind``: ``"zip"`` (torch's zip format), ``"pickle"`` (legacy torch format), ``"safetensors"``,
+    or None for anything else (``description`` then says what it looks like: "a JPEG image",
+    "a text file", ...).
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(512)
+    size = path.stat().st_size
+    if head.startswith(b"PK\x03\x04"):
+        return "zip", "a zip archive"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle", "a pickle"
+    if len(head) >= 9:
+        n = int.from_bytes(head[:8], "little")
+        if 0 < n <= size - 8 and head[8:9] == b"{":
+            return "safetensors", "a safetensors file"
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return None, what
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return None, "a WebP image"
+    if len(head) > 262 and head[257:262] == b"ustar":
+        return None, "a tar archive"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e) and "zip" not in str(e).lower():
-            raise CheckpointError(f"cannot read {path}: {e}") from None
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\t\r\n" for c in text):
+        stripped = text.lstrip()
+        if stripped.startswith(("{", "[")):
+            return None, "a text file (JSON)"
+        if stripped.startswith("<"):
+            return None, "a text file (HTML/XML: a web page saved instead of the file?)"
+        return None, "a text file"
+    return None, f"an unknown binary format (first bytes {head[:8].hex(' ')})"
+
+
+_READS = (
+    "vssl reads torch .pth/.pt/.bin files, .safetensors, transformers model folders and "
+    "`vssl pretrain` run folders"
+)
+
+
+def _not_a_checkpoint(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path} is not a checkpoint: it is {what}. {_READS}")
+
+
+def _explain_torch_error(path: Path, e: Exception) -> CheckpointError:
+    """torch.load's failure in words a user can act on; never torch's weights_only=False advice."""
+    text = str(e)
+    if "weights_only" in text or "Weights only load failed" in text or "WeightsUnpickler" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f" (e.g. {found.group(1)})" if found else ""
+        return CheckpointError(
+            f"refusing to unpickle {path}: the file holds Python objects other than tensors{what}, "
+            "and vssl loads checkpoints with weights_only=True so that no code inside a file can "
+            "run. If you trust the file's source, extract its tensors in your own Python session "
+            "and save them as a plain state dict (torch.save(state_dict, ...)) or as .safetensors"
+        )
+    if "central directory" in text or "PytorchStreamReader" in text or "zip" in text.lower():
+        return CheckpointError(
+            f"cannot read {path}: it is a zip archive but not a complete torch checkpoint "
+            f"(truncated download or another kind of zip?): {text.splitlines()[0] if text else e}"
+        )
+    first = text.splitlines()[0] if text else type(e).__name__
+    return CheckpointError(
+        f"cannot read {path} as a torch checkpoint ({type(e).__name__}: {first}); the file is "
+        "damaged or not a torch file. " + _READS
+    )
+
+
+def _torch_load(path: Path):
+    kind, what = sniff_file(path)
+    if kind not in ("zip", "pickle"):
+        if what.startswith("an unknown"):
+            raise CheckpointError(
+                f"cannot read {path} as a torch checkpoint: it is damaged or not a torch file "
+                f"({what}). {_READS}"
+            )
+        raise _not_a_checkpoint(path, what)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
     except Exception as e:  # pickle errors, truncated zips, unsupported globals
-        raise CheckpointError(
-            f"cannot read {path} as a torch checkpoint ({type(e).__name__}: {e}). vssl loads with "
-            "weights_only=True: re-save the file as a plain state_dict or safetensors."
-        ) from None
-    try:  # legacy (non-zip) serialization cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read {path} as a torch checkpoint: {e}") from None
+        raise _explain_torch_error(path, e) from None
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -104,7 +198,12 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             meta = f.metadata() or {}
             return {k: f.get_tensor(k) for k in f.keys()}, meta
     except Exception as e:
-        raise CheckpointError(f"cannot read {path} as safetensors: {e}") from None
+        kind, what = sniff_file(path)
+        if kind != "safetensors" and not what.startswith("an unknown"):
+            raise _not_a_checkpoint(path, what) from None
+        raise CheckpointError(
+            f"cannot read {path} as safetensors (damaged or truncated?): {e}"
+        ) from None
 
 
 def _unwrap(obj, path: Path, checkpoint_key: str | None) -> dict[str, torch.Tensor]:
@@ -370,32 +469,249 @@ def run_backbone(run_dir: str | Path) -> Path | None:
     return None
 
 
-def read_checkpoint(
-    path: str | Path, checkpoint_key: str | None = None, branch: str | None = None
-) -> Checkpoint:
-    """Read any supported checkpoint into native key names (no model is built)."""
+def is_step_folder(path: str | Path) -> bool:
+    """A training checkpoint folder (``RUN/ckpt/step_N/``: torch.distributed.checkpoint)."""
+    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
+
+
+def describe_source(path: str | Path) -> str | None:
+    """One line saying what a folder given as a checkpoint is and what is read from it (a run
+    folder: its exported encoder); None for a plain file or a transformers folder."""
     path = Path(path)
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    exported = run_backbone(path)
+    if exported is not None:
+        return f"run folder {path}: using its encoder {exported.name}"
+    if is_step_folder(path):
+        cfg = _run_config(path.parent.parent)
+        method = str((cfg.get("method") or {}).get("name") or "")
+        branch = {"dinov2": "the teacher's", "mae": "the student's"}.get(method, "its")
+        return (
+            f"training checkpoint {path}: using {branch} backbone (the encoder at this step; "
+            "optimizer state and heads are not read)"
+        )
+    return None
+
+
+def _run_config(run: Path) -> dict:
+    """The ``model`` and ``method`` sections of a run's ``config.yaml`` ({} when unreadable)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _read_step_folder(path: Path) -> Checkpoint | None:
+    """The encoder of a training checkpoint ``RUN/ckpt/step_N/`` (torch.distributed.checkpoint):
+    ``model.teacher.backbone.*`` (DINOv2: the teacher is the encoder it evaluates and exports) or
+    ``model.student.backbone.*`` (MAE), with the architecture from the run's ``config.yaml``.
+
+    ``.metadata`` is read only through the trainer's restricted unpickler; None when this vssl has
+    none (the caller then points to the run's exported encoder).
+    """
+    try:
+        from ..train import checkpoint as tc
+
+        reader_cls, planner_cls = tc._SafeReader, tc._SafeLoadPlanner
+        read_metadata, quiet = tc.read_dcp_metadata, tc._quiet_single_process
+    except (ImportError, AttributeError):
+        return None
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    why = tc.verify_checkpoint(path) if hasattr(tc, "verify_checkpoint") else None
+    if why is not None:
+        raise CheckpointError(f"{path} is not a complete training checkpoint: {why}")
+    md = read_metadata(path)
+    run = path.parent.parent if path.parent.name == "ckpt" else path.parent
+    cfg = _run_config(run)
+    method = str((cfg.get("method") or {}).get("name") or "")
+    keys = set(md.state_dict_metadata)
+    has = {
+        b: any(k.startswith(f"model.{b}.backbone.") for k in keys) for b in ("teacher", "student")
+    }
+    branch = {"dinov2": "teacher", "mae": "student"}.get(method)
+    if branch is None or not has[branch]:
+        branch = "teacher" if has["teacher"] else "student"
+    prefix = f"model.{branch}.backbone."
+    sd = {
+        k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+        for k, m in md.state_dict_metadata.items()
+        if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)
+    }
+    if not sd:
+        raise CheckpointError(
+            f"{path} holds no encoder weights (no model.teacher.backbone.* or "
+            "model.student.backbone.* entries): not a `vssl pretrain` checkpoint"
+        )
+    try:
+        with quiet():
+            dcp.load(
+                sd,
+                checkpoint_id=str(path),
+                storage_reader=reader_cls(str(path)),
+                planner=planner_cls(allow_partial_load=True),
+            )
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        inner = [x for x in (e, e.__cause__, e.__context__) if isinstance(x, CheckpointError)]
+        why = str(inner[0]) if inner else (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} cannot be read: {why}") from None
+    backbone = {k[len(prefix) :]: v for k, v in sd.items()}
+    model_cfg = cfg.get("model") or {}
+    config = None
+    name = model_cfg.get("name")
+    if isinstance(name, str) and name in ZOO:
+        arch = {
+            k: v for k, v in model_cfg.items() if k not in ("name", "weights", "checkpoint_key")
+        }
+        arch = arch.pop("arch", None) or arch  # written flat; an `arch:` mapping works too
+        try:
+            config = get_config(name, **arch)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{run / 'config.yaml'}: model section: {e}") from None
+    source = f"{path} ({branch} backbone)"
+    return Checkpoint(backbone, "vssl-step", source, config, {})
+
+
+def _step_folder_error(path: Path) -> CheckpointError:
+    run = path.parent.parent if path.parent.name == "ckpt" else None
+    exported = run_backbone(run) if run is not None else None
+    msg = (
+        f"{path} is a training checkpoint (a torch.distributed.checkpoint step folder with "
+        "optimizer state), not a model checkpoint. "
+    )
+    if exported is not None:
+        msg += (
+            f"Use the run's exported encoder: {exported} (or the run folder {run}), the weights "
+            "of the run's last step"
+        )
+    elif run is not None:
+        msg += (
+            f"The run folder {run} has no exported encoder (backbone.safetensors) yet: it is "
+            "written when the run ends; resume the run (`vssl pretrain` on the same output folder) "
+            "and use RUN/backbone.safetensors"
+        )
+    else:
+        msg += "Pass the run folder's backbone.safetensors instead (written when a run ends)"
+    return CheckpointError(msg)
+
+
+_LAYERSCALE_KEY = re.compile(r"^blocks\.\d+\.ls[12]\.gamma$")
+
+
+def _drop_identity_layerscale(
+    sd: dict[str, torch.Tensor], config: ViTConfig | None, hf_cfg: dict | None
+) -> tuple[dict[str, torch.Tensor], ViTConfig | None]:
+    """transformers' Dinov2 always has LayerScale; a model without it is exported with gammas of
+    ones (``_native_to_hf``). Read those back as no LayerScale, so a round trip keeps the
+    architecture: when every gamma is exactly 1.0 (or the export marked ``vssl_layerscale: null``
+    in config.json and the gammas are still ones)."""
+    keys = [k for k in sd if _LAYERSCALE_KEY.match(k)]
+    if not keys or (config is not None and config.family != "dinov2"):
+        return sd, config
+    marker = (hf_cfg or {}).get("vssl_layerscale", "absent")
+    if marker not in (None, "absent"):  # exported from a model with LayerScale: keep it
+        return sd, config
+    if not all(bool((sd[k] == 1).all()) for k in keys):
+        return sd, config
+    log.info("LayerScale gammas are all exactly 1.0: read as a model without LayerScale")
+    sd = {k: v for k, v in sd.items() if k not in set(keys)}
+    return sd, (config.replace(layerscale=None) if config is not None else None)
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """``{name: (non-finite values, values)}`` for every floating tensor holding NaN or Inf.
+
+    One reduction per tensor (a sum is non-finite when any value is), the exact count only for
+    the tensors that fail it.
+    """
+    bad = {}
+    for k, t in tensors.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+        if bool(torch.isfinite(t.sum(dtype=acc))):  # sums of finite values stay finite in fp32
+            continue
+        n = int((~torch.isfinite(t)).sum())
+        if n:
+            bad[k] = (n, t.numel())
+    return bad
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str, what: str = "") -> None:
+    """CheckpointError naming the tensors of ``source`` that hold NaN or Inf values."""
+    bad = nonfinite_tensors(tensors)
+    if not bad:
+        return
+    names = sorted(bad, key=_natural)
+    shown = "; ".join(f"{k} ({bad[k][0]:,} of {bad[k][1]:,} values)" for k in names[:8])
+    more = f"; ... and {len(names) - 8} more" if len(names) > 8 else ""
+    raise CheckpointError(
+        f"{source}: {len(names)} tensor(s){what} hold NaN/Inf values: {shown}{more}. The file is "
+        "damaged (re-download or re-export it) or was saved from a run that diverged"
+    )
+
+
+def read_checkpoint(
+    path: str | Path,
+    checkpoint_key: str | None = None,
+    branch: str | None = None,
+    *,
+    check_weights: bool = True,
+) -> Checkpoint:
+    """Read any supported checkpoint into native key names (no model is built).
+
+    ``check_weights``: raise ``CheckpointError`` naming any tensor with NaN or Inf values (a
+    damaged file); ``vssl info`` passes False and reports them instead.
+    """
+    ck = _read_checkpoint(Path(path), checkpoint_key, branch)
+    if check_weights:
+        check_finite(ck.state_dict, ck.source)
+        check_finite(ck.heads, ck.source, " of its heads")
+    return ck
+
+
+def _read_checkpoint(path: Path, checkpoint_key: str | None, branch: str | None) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir() and not (path / "config.json").exists():
         exported = run_backbone(path)
         if exported is not None:  # a `vssl pretrain` run folder: its exported encoder
             log.info("%s is a run folder: reading its encoder %s", path, exported.name)
-            return read_checkpoint(exported, checkpoint_key, branch)
+            return _read_checkpoint(exported, checkpoint_key, branch)
+        if is_step_folder(path):
+            ck = _read_step_folder(path)
+            if ck is None:
+                raise _step_folder_error(path)
+            return ck
+        if (path / "config.yaml").is_file() or (path / "ckpt").is_dir():
+            raise CheckpointError(
+                f"{path} is a `vssl pretrain` run folder without an exported encoder "
+                "(backbone.safetensors, written when the run ends): resume the run to finish it"
+            )
     if path.is_dir():
         raw, hf_cfg = read_hf_dir(path)
         sd, heads = hf_to_native(raw)
+        config = config_from_hf(hf_cfg, "mask_token" in sd)
+        sd, config = _drop_identity_layerscale(sd, config, hf_cfg)
         return Checkpoint(
             sd,
             "hf",
             str(path),
-            config_from_hf(hf_cfg, "mask_token" in sd),
+            config,
             heads,
             _hf_interpolation(hf_cfg.get("model_type", "")),
         )
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-    if path.suffix == ".safetensors":
+    kind = "safetensors" if path.suffix == ".safetensors" else sniff_file(path)[0]
+    if kind == "safetensors":
         raw, meta = _load_safetensors(path)
         if meta.get("format") == "vssl" and "vssl_config" in meta:
             try:
@@ -408,6 +724,7 @@ def read_checkpoint(
         raw = _unwrap(_torch_load(path), path, checkpoint_key)
     if is_hf_naming(raw):
         sd, heads = hf_to_native(raw)
+        sd, _ = _drop_identity_layerscale(sd, None, None)
         # no config.json beside it: registers mean Dinov2WithRegisters (antialiased resize)
         interp = _hf_interpolation("dinov2_with_registers" if "register_tokens" in sd else "dinov2")
         return Checkpoint(sd, "hf", str(path), None, heads, interp)
@@ -573,6 +890,8 @@ def build_loaded(
         t = sd[k]
         if t.dtype != target_dtype or t.device != torch.device(device):
             sd[k] = t.to(device=device, dtype=target_dtype)
+    if target_dtype == torch.float16:  # values beyond fp16's range (65504) become Inf
+        check_finite(sd, source, " after conversion to fp16 (use bf16 or fp32)")
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
 
@@ -757,6 +1076,9 @@ def hf_config_for(model: VisionTransformer) -> dict:
         "mlp_ratio": int(cfg.mlp_ratio),
         "use_swiglu_ffn": cfg.ffn == "swiglu",
         "layerscale_value": cfg.layerscale if cfg.layerscale is not None else 1.0,
+        # transformers' Dinov2 always has LayerScale: a model without it is written with gammas of
+        # ones, and this marker (ignored by transformers) lets vssl read it back without LayerScale
+        "vssl_layerscale": cfg.layerscale,
         "drop_path_rate": 0.0,
         "use_mask_token": True,
         **({"num_register_tokens": cfg.num_register_tokens} if reg else {}),

@@ -37,6 +37,22 @@ __all__ = [
 _ZOO = ZOO  # the old private name, still imported by callers; use ZOO or is_zoo_name()
 
 
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".pkl", ".tar")
+
+
+def looks_like_path(name: str | Path) -> bool:
+    """Whether a MODEL argument that is no zoo name was meant as a file or folder."""
+    if isinstance(name, Path):
+        return True
+    text = str(name)
+    return (
+        "/" in text
+        or "\\" in text
+        or text.startswith(("~", "."))
+        or text.lower().endswith(_CHECKPOINT_SUFFIXES)
+    )
+
+
 def count_params(config: ViTConfig) -> int:
     """Exact parameter count, computed on the meta device (no memory is allocated)."""
     with torch.device("meta"):
@@ -52,6 +68,7 @@ def create_model(
     device: str | torch.device = "cpu",
     random_init: bool = False,
     checkpoint_key: str | None = None,
+    seed: int | None = None,
     **overrides,
 ) -> VisionTransformer:
     """Build a model by zoo name or from a checkpoint, weights loaded strictly.
@@ -60,11 +77,17 @@ def create_model(
     transformers directory, a vssl ``.safetensors``, or a native ``.pth`` whose shapes match one
     zoo architecture). ``overrides`` (``depth=2``, ``img_size=518``, ...) change the architecture
     before the weights load. Weights are read memory-mapped into a model built on the meta device,
-    so the model is never held twice. Returns the model in eval mode.
+    so the model is never held twice. Weights holding NaN or Inf are refused, naming the tensors.
+    ``seed``: a random-init model is initialized from this seed (the same network every call).
+    Returns the model in eval mode.
     """
     if isinstance(name_or_path, Path) or not is_zoo_name(str(name_or_path)):
         path = Path(name_or_path)
         if not path.exists():
+            if looks_like_path(name_or_path):
+                raise ckpt.CheckpointError(
+                    f"{path} does not exist (a checkpoint file or folder was expected there)"
+                )
             get_entry(str(name_or_path))  # raises "unknown model" with suggestions
         if weights is not None:
             raise ValueError(
@@ -83,7 +106,12 @@ def create_model(
                 f"{entry.name} has released weights but none were given: pass weights=PATH "
                 "(--weights), or random_init=True (--random-init) for an untrained model"
             )
-        model = VisionTransformer(config)
+        if seed is None:
+            model = VisionTransformer(config)
+        else:  # the same network for the same seed, without touching the caller's RNG
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = VisionTransformer(config)
         model = model.to(device=device, dtype=ckpt.parse_dtype(dtype) or torch.float32)
         return model.eval()
     return ckpt.load_model(
