@@ -402,3 +402,104 @@ def test_help_has_example(capsys):
     assert "examples:" in text and "vssl embed webssl-dino1b-full2b-224 --weights" in text
     for flag in ("--patch-tokens", "--random-init", "--dtype", "--num-workers", "--no-progress"):
         assert flag in text
+
+
+# ------------------------------------------------------------------ issue 16: the first hour
+def _labeled(tmp_path: Path) -> Path:
+    d = tmp_path / "labeled"
+    for i, p in enumerate(sorted(sample_images_dir().iterdir())):
+        (d / ("a" if i % 2 else "b")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, d / ("a" if i % 2 else "b") / p.name)
+    return d
+
+
+def _embed_cli(*argv) -> int:
+    return main(["embed", *argv, "--no-progress", "--num-workers", "0"])
+
+
+def test_random_init_is_seeded_and_recorded(tmp_path, capsys):
+    """`--random-init` builds the same network for the same --seed (default 0), another for
+    another seed; embed.json records model, seed and a digest of the weights."""
+    imgs = _labeled(tmp_path)
+    for name, seed in (("s0", []), ("s0b", ["--seed", "0"]), ("s1", ["--seed", "1"])):
+        assert (
+            _embed_cli(
+                "vit-test-p14", "--random-init", "-i", str(imgs), "-o", str(tmp_path / name), *seed
+            )
+            == 0
+        )
+    a, b, c = (np.load(tmp_path / n / "embeddings.npy") for n in ("s0", "s0b", "s1"))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    info = json.loads((tmp_path / "s0" / "embed.json").read_text())
+    assert info["model"] == "vit-test-p14" and info["seed"] == 0 and info["resolution"] == 56
+    assert (
+        info["weights_digest"]
+        == json.loads((tmp_path / "s0b" / "embed.json").read_text())["weights_digest"]
+    )
+    assert "--seed 0" in capsys.readouterr().err
+
+    # vssl eval warns when train and test come from different networks, not when they match
+    capsys.readouterr()
+    knn = ["eval", "knn", "--results", str(tmp_path / "r.jsonl"), "--k", "1"]
+    main([*knn, "--train", str(tmp_path / "s0"), "--test", str(tmp_path / "s1")])
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "different models/weights" in err and "seed 1" in err, err
+    main([*knn, "--train", str(tmp_path / "s0"), "--test", str(tmp_path / "s0b")])
+    assert "different models" not in capsys.readouterr().err
+
+
+def test_embed_takes_set_overrides_and_says_its_resolution(tmp_path, capsys):
+    """`--set` as in `vssl convert`; a DINOv2 hub model embeds at 224 (its evaluation
+    resolution), not its 518 img_size, and says so."""
+    out = tmp_path / "o"
+    rc = _embed_cli(
+        "dinov2-vits14",
+        "--random-init",
+        "--set",
+        "depth=1",
+        "--set",
+        "layerscale=None",
+        "-o",
+        str(out),
+    )
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "resolution 224 (DINOv2's evaluation resolution; --resolution to change)" in err
+    info = json.loads((out / "embed.json").read_text())
+    assert info["resolution"] == 224 and info["overrides"] == {"depth": 1, "layerscale": None}
+    assert np.load(out / "embeddings.npy").shape == (8, 384)
+    assert _embed_cli("vit-test-p14", "--set", "depth", "-o", str(out)) == 2
+    assert "not KEY=VALUE" in capsys.readouterr().err
+
+
+def test_non_finite_features_are_refused(tmp_path, capsys):
+    """Issue 16: NaN embeddings were written with exit 0. Now: an error naming the rows, nothing
+    written, exit 2."""
+    from vssl.embed import NonFiniteFeaturesError
+
+    model = vssl.create_model("vit-test-p14", random_init=True)
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    imgs = sorted(sample_images_dir().iterdir())
+    with pytest.raises(NonFiniteFeaturesError, match=r"8 of 8 embedded rows hold NaN/Inf"):
+        embed_images(model, imgs, tmp_path / "o", num_workers=0, progress=False)
+    assert (
+        not list((tmp_path / "o").glob("*.npy*")) and not (tmp_path / "o" / "embed.json").exists()
+    )
+
+    path = vssl.save_vssl(model, tmp_path / "nan.safetensors")  # refused at load, naming it
+    assert _embed_cli(str(path), "-o", str(tmp_path / "o2")) == 2
+    assert "norm.weight (1 of 32 values)" in capsys.readouterr().err
+
+
+def test_embed_run_folder_says_what_it_found(tmp_path, capsys, tiny):
+    model, ckpt = tiny
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(ckpt, run / "backbone.safetensors")
+    assert _embed_cli(str(run), "-o", str(tmp_path / "o")) == 0
+    err = capsys.readouterr().err
+    assert f"run folder {run}: using its encoder backbone.safetensors" in err
+    info = json.loads((tmp_path / "o" / "embed.json").read_text())
+    assert info["model"] == str(run) and info["seed"] is None

@@ -102,6 +102,7 @@ def test_avgpool_without_layers_and_stale_files_removed(tmp_path, model3):
     np.testing.assert_allclose(np.load(out / "avgpool.npy"), ref_patches.mean(axis=1), atol=1e-5)
     embed_images(model3, inputs, out, num_workers=0, progress=False)
     assert sorted(p.name for p in out.iterdir()) == [
+        "embed.json",
         "embeddings.npy",
         "errors.jsonl",
         "manifest.parquet",
@@ -390,3 +391,24 @@ def test_feature_args_share_a_protocols_own_options(monkeypatch, tmp_path):
     monkeypatch.delenv("VSSL_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert F.default_cache_dir() == tmp_path / "xdg" / "vssl" / "features"
+
+
+def test_provenance_mismatch_compares_networks_not_folders():
+    """Issue 16: `vssl eval` warns when train and test features come from different networks
+    (embed.json: the weights' digest, else model + weights + seed); folders without embed.json
+    (older embeds) are not compared."""
+    from vssl.evaluate.features import provenance_mismatch
+
+    def f(**prov):
+        return Features(cls=np.zeros((1, 2), np.float32), paths=["x"], source="s", provenance=prov)
+
+    a = f(model="m", seed=0, weights_digest="aa", resolution=224)
+    assert provenance_mismatch(a, f(model="m", seed=0, weights_digest="aa", resolution=224)) is None
+    why = provenance_mismatch(a, f(model="m", seed=1, weights_digest="bb", resolution=224))
+    assert "different models/weights" in why and "seed 1" in why
+    assert "resolutions" in provenance_mismatch(
+        a, f(model="m", weights_digest="aa", resolution=518)
+    )
+    assert "different models" in provenance_mismatch(f(model="m", seed=0), f(model="m", seed=1))
+    old = Features(cls=np.zeros((1, 2), np.float32), paths=["x"])
+    assert provenance_mismatch(a, old) is None

@@ -12,7 +12,13 @@ Outputs in ``--output`` (row ``i`` of every array is row ``i`` of the manifest):
   normalized patch tokens (DINOv2's linear-probe ``avgpool`` input);
 - ``manifest.parquet`` columns ``row`` (int64), ``path`` (absolute, string), ``label`` (string or
   null: the first-level subfolder of an input folder);
-- ``errors.jsonl``     one ``{"path": ..., "error": ...}`` line per skipped input (always written).
+- ``errors.jsonl``     one ``{"path": ..., "error": ...}`` line per skipped input (always written);
+- ``embed.json``       where the features come from: the model and weights named, the seed of a
+  random init, resolution, dtype, and ``weights_digest`` (a digest of the model's parameters), so
+  ``vssl eval`` can warn when train and test features come from different networks.
+
+Non-finite features (NaN/Inf: damaged weights, fp16 overflow) are refused: nothing is written and
+``NonFiniteFeaturesError`` says how many rows.
 
 Decoding and the eval transform run in DataLoader workers so they overlap the model; a bad file is
 counted and skipped, never fatal (docs/architecture.md, Robustness).
@@ -40,11 +46,20 @@ from .extract import (
     ImageDataset,
     autocast_context,
     check_resolution,
+    eval_resolution,
     make_loader,
     model_resolution,
 )
 
-__all__ = ["EmbedResult", "add_embed_parser", "embed_images", "list_inputs", "run_embed"]
+__all__ = [
+    "EmbedResult",
+    "NonFiniteFeaturesError",
+    "add_embed_parser",
+    "embed_images",
+    "list_inputs",
+    "run_embed",
+    "weights_digest",
+]
 
 EMBEDDINGS = "embeddings.npy"
 PATCH_TOKENS = "patch_tokens.npy"
@@ -52,6 +67,27 @@ LAYERS = "layers.npy"
 AVGPOOL = "avgpool.npy"
 MANIFEST = "manifest.parquet"
 ERRORS = "errors.jsonl"
+INFO = "embed.json"
+
+
+class NonFiniteFeaturesError(ValueError):
+    """The model produced NaN/Inf features; nothing was written."""
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A short digest of a model's parameters: names, shapes, dtypes and a strided sample of at
+    most 4096 values per tensor (cheap for a 7B model; two different networks, e.g. two random
+    inits with different seeds, practically never share it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step][:4096].to(device="cpu", dtype=torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------ outputs
@@ -101,6 +137,10 @@ class _RowWriter:
             )
         self.array[self.rows : self.rows + len(block)] = block
         self.rows += len(block)
+
+    def discard(self) -> None:
+        self.array = None
+        self.partial.unlink(missing_ok=True)
 
     def close(self, empty_shape: tuple[int, ...]) -> tuple[int, ...]:
         if self.array is None:  # nothing embedded: still write a valid, empty array
@@ -163,7 +203,7 @@ class EmbedResult:
         ):
             if shape is not None:
                 files.append(f"{name} {shape}")
-        files += [MANIFEST, ERRORS]
+        files += [MANIFEST, ERRORS, INFO]
         skipped = f"skipped {self.num_skipped}"
         if self.num_skipped:
             skipped += f" (see {self.output_dir / ERRORS})"
@@ -230,6 +270,7 @@ def embed_images(
     draft: bool = True,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     compile: bool = False,
+    provenance: dict | None = None,
 ) -> EmbedResult:
     """Embed ``inputs`` (``list_inputs`` output, or plain paths) with ``model`` into ``output_dir``.
 
@@ -244,7 +285,9 @@ def embed_images(
     ``layers.npy``, the normalized CLS tokens of the last ``layers`` blocks; ``avgpool``: also write
     ``avgpool.npy``, the mean normalized patch token (both from the same forward pass; DINOv2's
     linear-probe inputs). Bad inputs are skipped and listed in ``errors.jsonl``, never raised.
-    ``verbose`` prints the summary line at the end.
+    ``verbose`` prints the summary line at the end. ``provenance``: what the model is (``model``,
+    ``weights``, ``seed``, ...), written to ``embed.json`` with the weights' digest. Features with
+    NaN/Inf raise ``NonFiniteFeaturesError`` and no output is written.
     """
     items = [
         (Path(os.path.abspath(x[0])), x[1])
@@ -264,7 +307,7 @@ def embed_images(
         raise NotADirectoryError(f"output {out_dir} exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     # Leftovers of an earlier run here would not match this run's manifest.
-    for stale in (EMBEDDINGS, PATCH_TOKENS, LAYERS, AVGPOOL, MANIFEST, ERRORS):
+    for stale in (EMBEDDINGS, PATCH_TOKENS, LAYERS, AVGPOOL, MANIFEST, ERRORS, INFO):
         (out_dir / stale).unlink(missing_ok=True)
 
     device = torch.device(device)
@@ -296,6 +339,7 @@ def embed_images(
         writers["avgpool"] = _RowWriter(out_dir / AVGPOOL, len(items))
     manifest: list[tuple[str, str | None]] = []
     errors: list[dict] = []
+    nonfinite = 0  # rows with a NaN/Inf in any output
     start = time.perf_counter()
     bar = tqdm(
         total=len(items),
@@ -316,16 +360,39 @@ def embed_images(
                     if compile and n < batch_size:  # same shape every call: no recompilation
                         x = torch.cat([x, x.new_zeros((batch_size - n,) + x.shape[1:])])
                     out = forward(x)
+                    finite = np.ones(n, dtype=bool)
                     for name, writer in writers.items():
-                        writer.write(out[name][:n].float().cpu().numpy())
+                        block = out[name][:n].float().cpu().numpy()
+                        finite &= np.isfinite(block.reshape(n, -1)).all(axis=1)
+                        writer.write(block)
+                    nonfinite += int(n - finite.sum())
                     manifest.extend((str(items[i][0]), items[i][1]) for i in indices)
+                    if nonfinite and nonfinite == len(manifest) and nonfinite >= batch_size:
+                        break  # every row so far is NaN/Inf: the model is broken, stop here
                 bar.update(len(indices) + len(batch_errors))
                 if errors:
                     bar.set_postfix(skipped=len(errors), refresh=False)
+    except BaseException:
+        for writer in writers.values():
+            writer.discard()
+        raise
     finally:
         bar.close()
         if was_training:
             model.train()
+    if nonfinite:
+        for writer in writers.values():
+            writer.discard()
+        stopped = (
+            f" (stopped after {len(manifest)} of {len(items)} images: every row was non-finite)"
+            if len(manifest) + len(errors) < len(items)
+            else ""
+        )
+        raise NonFiniteFeaturesError(
+            f"{nonfinite} of {len(manifest)} embedded rows hold NaN/Inf values{stopped}; "
+            f"nothing was written to {out_dir}. The model computes non-finite features: damaged "
+            "or diverged weights, or fp16 overflow (try --dtype bf16 or fp32)"
+        )
 
     cfg = getattr(model, "config", None)
     dim = int(getattr(cfg, "embed_dim", 0) or 0)
@@ -340,6 +407,16 @@ def embed_images(
     shapes = {name: writer.close(empty_shapes[name]) for name, writer in writers.items()}
     _write_manifest(out_dir / MANIFEST, manifest)
     _write_errors(out_dir / ERRORS, errors)
+    info = dict(provenance or {})
+    info.update(
+        resolution=list(resolution) if isinstance(resolution, tuple) else resolution,
+        dtype=str(dtype) if dtype is not None else str(param_dtype).replace("torch.", ""),
+        weights_digest=weights_digest(model),
+        images=len(manifest),
+        skipped=len(errors),
+    )
+    text = json.dumps(info, indent=1, default=str) + "\n"
+    atomic_write(out_dir / INFO, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     seconds = time.perf_counter() - start
     result = EmbedResult(
         output_dir=out_dir,
@@ -368,6 +445,7 @@ examples:
   vssl embed dinov2-vitb14 --weights dinov2_vitb14.pth --input train/ --output feats/ \\
       --layers 4 --avgpool                                # inputs of `vssl eval linear`
   vssl embed vit-test-p14 --random-init --output /tmp/feats     # smoke test on bundled samples
+  vssl embed runs/my_run/ --input photos/ --output feats/       # a pretraining run's encoder
 
 --input is a folder (walked recursively; hidden files skipped; first-level subfolders become
 labels), a .txt/.lst list of image paths (one per line, optionally TAB and a label; relative
@@ -403,6 +481,13 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
         help="weights for a zoo-name MODEL (.pth / .safetensors)",
     )
     p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="architecture override, as in `vssl convert`, e.g. --set layerscale=None or "
+        "--set img_size=224 (repeatable)",
+    )
+    p.add_argument(
         "--input",
         "-i",
         metavar="PATH",
@@ -415,8 +500,10 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="PX",
-        help="center-crop size in pixels, a multiple of the patch size (default: the "
-        "model's img_size); images are first resized to resolution*256/224",
+        help="center-crop size in pixels, a multiple of the patch size (default: the size the "
+        "model's family is evaluated at: 224 for DINOv2, Web-SSL and MAE, the 7B Web-DINO models "
+        "at the size in their name, else the model's img_size); images are first resized to "
+        "resolution*256/224",
     )
     p.add_argument(
         "--batch-size",
@@ -466,6 +553,14 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
         help="allow a zoo model without --weights (random weights: smoke tests only)",
     )
     p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seed of a random init (default 0: every call builds the same network, so the "
+        "train and test features of two calls match)",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the model (about 1.07x on CPU, more on GPU; 20-40 s to "
@@ -486,6 +581,10 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_embed)
     return p
+
+
+def _abs(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def _fail(msg: str) -> int:
@@ -525,8 +624,18 @@ def run_embed(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         return _fail(f"--output {out} exists and is not a folder")
 
+    from .cli import parse_overrides
     from .models import create_model, list_models
+    from .models.checkpoints import describe_source
 
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as exc:
+        return _fail(str(exc))
+    random = args.weights is None and args.model in list_models()
+    note = describe_source(args.model) if args.model not in list_models() else None
+    if note:
+        print(f"vssl embed: {note}", file=sys.stderr, flush=True)
     try:
         model = create_model(
             args.model,
@@ -534,25 +643,44 @@ def run_embed(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             device=args.device,
             random_init=args.random_init,
+            seed=args.seed if random else None,
+            **overrides,
         )
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - any load failure: say what it was, no traceback
         return _fail(f"cannot load model {args.model!r}: {exc}")
-    if args.weights is None and args.model in list_models():
+    if random:
         print(
-            f"WARNING: {args.model} has RANDOM weights (no --weights given); these embeddings "
-            "are meaningless except as a smoke test",
+            f"WARNING: {args.model} has RANDOM weights (no --weights given; --seed {args.seed}); "
+            "these embeddings are meaningless except as a smoke test",
             file=sys.stderr,
             flush=True,
         )
+    resolution = args.resolution
+    if resolution is None:
+        try:
+            resolution, why = eval_resolution(model, args.model)
+        except ValueError as exc:
+            return _fail(str(exc))
+        print(
+            f"vssl embed: resolution {resolution} ({why}; --resolution to change)",
+            file=sys.stderr,
+            flush=True,
+        )
+    provenance = {
+        "model": args.model if random or args.model in list_models() else _abs(args.model),
+        "weights": None if args.weights is None else _abs(args.weights),
+        "seed": args.seed if random else None,
+        "overrides": overrides or None,
+    }
 
     try:
         result = embed_images(
             model,
             inputs,
             out,
-            resolution=args.resolution,
+            resolution=resolution,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             device=args.device,
@@ -565,6 +693,7 @@ def run_embed(args: argparse.Namespace) -> int:
             draft=not args.no_draft,
             max_pixels=args.max_pixels,
             compile=args.compile,
+            provenance=provenance,
         )
     except (ValueError, NotADirectoryError) as exc:
         return _fail(str(exc))

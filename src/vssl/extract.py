@@ -10,7 +10,7 @@ crash on one bad file. What they share lives here, once:
   in-order DataLoader, never more workers than batches, one torch thread per worker;
 - ``autocast_context``: ``torch.autocast`` for a requested bf16/fp16 over fp32 weights;
 - ``model_resolution`` and ``check_resolution``: the default input size, and the refusal of a
-  size off the patch grid.
+  size off the patch grid; ``eval_resolution``: the size a model's family is evaluated at.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ __all__ = [
     "cpu_count",
     "default_num_workers",
     "init_decode_worker",
+    "eval_resolution",
     "make_loader",
     "model_resolution",
 ]
@@ -188,3 +189,28 @@ def check_resolution(model: torch.nn.Module, resolution: int | tuple[int, int]) 
                 f"resolution {side} is not a multiple of the patch size {patch}: use "
                 f"{lo if lo else hi} or {hi}"
             )
+
+
+def eval_resolution(
+    model: torch.nn.Module, name: str | None = None
+) -> tuple[int | tuple[int, int], str]:
+    """``(resolution, why)``: the input size a model's family is evaluated at.
+
+    DINOv2's hub models are built at 518 px (the size of their last training phase) but DINOv2
+    evaluates them at 224 (kNN, linear probes): 224, 5x fewer tokens than 518. Web-SSL models are
+    evaluated at their ``img_size`` (224; the 7B models at the size in their name), MAE at 224 (its
+    ``img_size``). Anything else: its ``img_size``. ``name``: the zoo name the model was built
+    from, if any (``dinov2-*`` is a DINOv2 hub model whatever its overrides). ``why`` is the words
+    for the user.
+    """
+    cfg = getattr(model, "config", None)
+    size = model_resolution(model)
+    family = getattr(cfg, "family", None)
+    patch = getattr(cfg, "patch_size", None)
+    # DINOv2's released backbones: img_size 518, patch 14, LayerScale init 1.0 (Web-DINO: 1e-5)
+    hub = str(name or "").startswith("dinov2-") or getattr(cfg, "layerscale", None) == 1.0
+    if family == "dinov2" and size == 518 and patch == 14 and hub:
+        return 224, "DINOv2's evaluation resolution"
+    if family == "mae":
+        return size, "MAE's evaluation resolution, the model's img_size"
+    return size, "the model's img_size"

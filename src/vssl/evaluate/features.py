@@ -13,6 +13,10 @@ blocks asked for so far, ``avgpool.npy``, ``patch_tokens.npy``), so ``vssl eval 
 re-uses linear's folder. A folder is always written whole: embedded into a temporary folder, then
 renamed into place.
 
+A folder's ``embed.json`` (written by ``vssl embed`` and the cache) says which network made the
+features (model, weights, seed, a digest of the parameters); when the splits of one command come
+from different networks, ``features_from_args`` warns.
+
 Every user-facing problem is raised as a ``ValueError`` whose message says what to change, so a
 protocol's ``run`` can turn it into ``vssl eval NAME: error: ...`` with one ``except``.
 """
@@ -47,9 +51,11 @@ AVGPOOL = "avgpool.npy"
 PATCH_TOKENS = "patch_tokens.npy"
 MANIFEST = "manifest.parquet"
 CACHE_INFO = "cache.json"
+EMBED_INFO = "embed.json"
 # Part of every cache key: bump it when a change to the embedding pipeline changes feature values,
-# so old cache folders are no longer matched.
-CACHE_FORMAT = 1
+# so old cache folders are no longer matched. 2: no --resolution means the family's evaluation
+# resolution (DINOv2: 224), no longer the model's img_size; random inits are seeded.
+CACHE_FORMAT = 2
 
 
 @dataclass
@@ -66,6 +72,7 @@ class Features:
     patch_tokens: np.ndarray | None = None  # (N, P, D) read-only memmap from disk
     source: str = ""  # what the user named (features folder or image folder), for results
     features_dir: str | None = None  # the folder the arrays came from (`source` or a cache folder)
+    provenance: dict | None = None  # embed.json: model, weights, seed, weights_digest, resolution
 
     def __post_init__(self):
         if self.cls.ndim != 2:
@@ -224,6 +231,12 @@ def load_features(
     layers = optional(LAYERS, "--layers", mmap=True)
     avgpool = optional(AVGPOOL, "--avgpool", mmap=False)
     tokens = optional(PATCH_TOKENS, "--patch-tokens", mmap=True)
+    provenance = None
+    if (d / EMBED_INFO).is_file():  # folders from before embed.json have none: nothing to compare
+        try:
+            provenance = json.loads((d / EMBED_INFO).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            provenance = None
     return Features(
         cls=cls,
         paths=list(table["path"]),
@@ -234,7 +247,46 @@ def load_features(
         patch_tokens=tokens,
         source=str(d) if source is None else source,
         features_dir=str(d),
+        provenance=provenance if isinstance(provenance, dict) else None,
     )
+
+
+def _describe(p: dict) -> str:
+    parts = [f"model {p.get('model')}"]
+    if p.get("weights"):
+        parts.append(f"weights {p['weights']}")
+    if p.get("seed") is not None:
+        parts.append(f"random init, seed {p['seed']}")
+    if p.get("overrides"):
+        parts.append(f"overrides {p['overrides']}")
+    if p.get("weights_digest"):
+        parts.append(f"weights digest {p['weights_digest']}")
+    return ", ".join(parts)
+
+
+def provenance_mismatch(a: Features, b: Features) -> str | None:
+    """Why the features ``a`` and ``b`` come from different networks (or resolutions), or None
+    when they match or a folder does not say (written before ``embed.json`` existed)."""
+    pa, pb = a.provenance, b.provenance
+    if not pa or not pb:
+        return None
+    if pa.get("weights_digest") and pb.get("weights_digest"):
+        same_net = pa["weights_digest"] == pb["weights_digest"]
+    else:
+        keys = ("model", "weights", "seed", "overrides")
+        same_net = all(pa.get(k) == pb.get(k) for k in keys)
+    if not same_net:
+        return (
+            f"the features come from different models/weights: {a.source}: {_describe(pa)}; "
+            f"{b.source}: {_describe(pb)}. Scores across them measure nothing: embed both with "
+            "the same model and weights (and the same --seed for --random-init)"
+        )
+    if pa.get("resolution") != pb.get("resolution"):
+        return (
+            f"the features were embedded at different resolutions: {a.source} at "
+            f"{pa.get('resolution')}, {b.source} at {pb.get('resolution')}"
+        )
+    return None
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -283,14 +335,16 @@ def add_feature_args(parser: argparse.ArgumentParser, splits=("train", "test")) 
     add(
         "--random-init",
         action="store_true",
-        help="allow a zoo --model without --weights (random weights: smoke tests only)",
+        help="allow a zoo --model without --weights (random weights, seeded with 0 like "
+        "`vssl embed --random-init`: smoke tests only)",
     )
     add(
         "--resolution",
         type=int,
         default=None,
         metavar="PX",
-        help="center-crop size for embedding (default: the model's img_size)",
+        help="center-crop size for embedding (default: the size the model's family is "
+        "evaluated at: 224 for DINOv2, Web-SSL and MAE; else the model's img_size)",
     )
     add(
         "--batch-size",
@@ -339,10 +393,16 @@ def _fingerprint(path: Path) -> list:
 
 
 def features_cache_key(
-    model: str, weights: str | None, resolution: int | None, dtype: str | None, inputs
+    model: str,
+    weights: str | None,
+    resolution: int | None,
+    dtype: str | None,
+    inputs,
+    seed: int | None = None,
 ) -> str:
     """Hex digest of what decides the feature values: model and weights files (path, size, mtime),
-    resolution, dtype, and every input (path, label, size, mtime) in row order."""
+    resolution, dtype, the seed of a random init, and every input (path, label, size, mtime) in
+    row order."""
     from ..models import list_models
 
     h = hashlib.sha256()
@@ -354,6 +414,7 @@ def features_cache_key(
         "weights": None if weights is None else _fingerprint(Path(weights)),
         "resolution": resolution,
         "dtype": dtype or "fp32",
+        "seed": seed,
         "transform": "EvalTransform resize 256/224 bicubic, center crop, JPEG draft",
     }
     h.update(json.dumps(head, sort_keys=True).encode())
@@ -383,6 +444,17 @@ def _cached_has(d: Path, layers: int, avgpool: bool, patch_tokens: bool) -> bool
     )
 
 
+def _random_seed(args) -> int | None:
+    """The seed of a random-init --model (a zoo name without --weights), else None: always 0,
+    the default of `vssl embed --seed`, so on-the-fly features match `vssl embed --random-init`
+    ones (a protocol's own --seed is about the protocol, not the network)."""
+    from ..models.zoo import is_zoo_name
+
+    if args.weights is None and is_zoo_name(str(args.model)) and not Path(args.model).exists():
+        return 0
+    return None
+
+
 def _model_for(args):
     """The model for on-the-fly embedding, loaded once per command (train and test share it)."""
     model = getattr(args, "_features_model", None)
@@ -396,6 +468,7 @@ def _model_for(args):
                 dtype=args.dtype,
                 device=args.device,
                 random_init=getattr(args, "random_init", False),
+                seed=_random_seed(args),
             )
         except KeyboardInterrupt:
             raise
@@ -430,7 +503,8 @@ def _embed_cached(
         raise ValueError(f"--{split} not found: {src}") from None
     if not inputs:
         raise ValueError(f"--{split} {src}: no input files")
-    key = features_cache_key(args.model, args.weights, args.resolution, args.dtype, inputs)
+    seed = _random_seed(args)
+    key = features_cache_key(args.model, args.weights, args.resolution, args.dtype, inputs, seed)
     cache = Path(args.cache).expanduser()
     name = f"{_slug(Path(args.model).name)}_{_slug(src.name)}_{key[:20]}"
     final = cache / name
@@ -446,7 +520,20 @@ def _embed_cached(
             layers = max(layers, np.load(final / LAYERS, mmap_mode="r").shape[1])
         avgpool = avgpool or (final / AVGPOOL).is_file()
         patch_tokens = patch_tokens or (final / PATCH_TOKENS).is_file()
+    from ..models.zoo import is_zoo_name
+
+    is_zoo = is_zoo_name(str(args.model)) and not Path(args.model).exists()
     model = _model_for(args)
+    resolution = args.resolution
+    if resolution is None:
+        from ..extract import eval_resolution
+
+        resolution, why = eval_resolution(model, args.model)
+        print(
+            f"vssl eval: resolution {resolution} ({why}; --resolution to change)",
+            file=sys.stderr,
+            flush=True,
+        )
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     print(
@@ -460,7 +547,7 @@ def _embed_cached(
             model,
             inputs,
             tmp,
-            resolution=args.resolution,
+            resolution=resolution,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             device=args.device,
@@ -469,6 +556,12 @@ def _embed_cached(
             layers=layers,
             avgpool=avgpool,
             progress=sys.stderr.isatty(),
+            provenance={
+                "model": args.model if is_zoo else os.path.abspath(args.model),
+                "weights": None if args.weights is None else os.path.abspath(args.weights),
+                "seed": seed,
+                "overrides": None,
+            },
         )
         if result.num_embedded == 0:
             first = "; ".join(f"{e['path']}: {e['error']}" for e in result.errors[:3])
@@ -476,7 +569,8 @@ def _embed_cached(
         info = {
             "model": args.model,
             "weights": args.weights,
-            "resolution": args.resolution,
+            "resolution": resolution,
+            "seed": seed,
             "dtype": args.dtype,
             "input": str(src),
             "images": result.num_embedded,
@@ -553,4 +647,27 @@ def features_from_args(
         feats = load_features(path, classes=classes)
     else:
         feats = _embed_cached(args, split, path, layers, avgpool, patch_tokens, classes)
+    _warn_if_other_network(args, split, feats)
     return feats.require(layers=layers, avgpool=avgpool, patch_tokens=patch_tokens)
+
+
+def _warn_if_other_network(args, split: str, feats: Features) -> None:
+    """Warn once per pair when this split's features come from another network than a split read
+    before in the same command (``vssl eval knn --train A --test B`` with A and B embedded by two
+    different models, or two unseeded random inits)."""
+    seen = getattr(args, "_feature_splits", None)
+    if seen is None:
+        seen = []
+        try:
+            args._feature_splits = seen
+        except AttributeError:  # a frozen namespace: nothing to compare against
+            return
+    for other_split, other in seen:
+        why = provenance_mismatch(other, feats)
+        if why:
+            print(
+                f"vssl eval: WARNING: --{other_split} and --{split}: {why}",
+                file=sys.stderr,
+                flush=True,
+            )
+    seen.append((split, feats))
