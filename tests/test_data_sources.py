@@ -328,6 +328,23 @@ def test_cli_pack_and_inspect(tmp_path, capsys, hostile_tar):
         assert "examples:" in capsys.readouterr().out
 
 
+def test_cli_pack_empty_folder_and_inspect_missing_path_say_why(tmp_path, capsys):
+    """Issue 16: an empty folder is "no images found", a missing shard "does not exist" (not a
+    table row of zeros)."""
+    parser = _parser()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = parser.parse_args(["data", "pack", str(empty), str(tmp_path / "out")])
+    assert args.func(args) == 1
+    assert f"no images found in {empty}" in capsys.readouterr().err
+
+    missing = tmp_path / "nope.tar"
+    args = parser.parse_args(["data", "inspect", str(missing)])
+    assert args.func(args) == 2
+    out, err = capsys.readouterr()
+    assert f"{missing} does not exist" in err and "TOTAL" not in out
+
+
 def test_remote_shards_over_http_and_pipe(shared_data, tmp_path, monkeypatch):
     """URL shards go through webdataset.gopen: an http server on 127.0.0.1 (no outside network)
     and a ``pipe:`` command give the local shards' samples; sizes.json is fetched beside http

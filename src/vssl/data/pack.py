@@ -30,6 +30,7 @@ from .decode import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
 from .sources import (
     IMAGE_EXTS,
     SIZES_FILE,
+    URL_SCHEME,
     FileSource,
     SkipLog,
     expand_shards,
@@ -251,6 +252,14 @@ def inspect_shards(
     refused member names, a cut-off shard); and ``totals``. ``decode``: fully decode each image
     (at the cheapest JPEG draft scale) rather than only identify its format."""
     names = expand_shards(shards)
+    missing = [n for n in names if not URL_SCHEME.match(n) and not os.path.exists(n)]
+    if missing:
+        more = (
+            f" (and {len(missing) - 1} more of the {len(names)} shards)" if len(missing) > 1 else ""
+        )
+        raise ValueError(f"{missing[0]} does not exist{more}")
+    if not names:
+        raise ValueError(f"no shards (.tar) found in {shards}")
     report: dict = {"shards": [], "totals": {}}
     tot = Counter()
     fmts: Counter = Counter()
@@ -483,7 +492,15 @@ def _cmd_pack(args: argparse.Namespace) -> int:
             print(f"  {k}: {why}", file=sys.stderr)
         if len(stats.skipped) > 20:
             print(f"  ... and {len(stats.skipped) - 20} more", file=sys.stderr)
-    return 0 if stats.samples else 1
+    if not stats.samples:
+        if stats.skipped:
+            why = f"all {len(stats.skipped)} inputs were skipped (reasons above)"
+        else:
+            where = f"in {args.src}" if os.path.isdir(args.src) else f"from {args.src}"
+            why = f"no images found {where}"
+        print(f"error: nothing packed: {why}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
