@@ -579,27 +579,29 @@ def _read_step_folder(path: Path) -> Checkpoint | None:
     return Checkpoint(backbone, "vssl-step", source, config, {})
 
 
-def _step_folder_error(path: Path) -> CheckpointError:
+def _step_folder_hint(path: Path) -> str:
+    """Where the encoder of the run a step folder belongs to is (or will be)."""
     run = path.parent.parent if path.parent.name == "ckpt" else None
     exported = run_backbone(run) if run is not None else None
-    msg = (
-        f"{path} is a training checkpoint (a torch.distributed.checkpoint step folder with "
-        "optimizer state), not a model checkpoint. "
-    )
     if exported is not None:
-        msg += (
+        return (
             f"Use the run's exported encoder: {exported} (or the run folder {run}), the weights "
             "of the run's last step"
         )
-    elif run is not None:
-        msg += (
+    if run is not None:
+        return (
             f"The run folder {run} has no exported encoder (backbone.safetensors) yet: it is "
             "written when the run ends; resume the run (`vssl pretrain` on the same output folder) "
             "and use RUN/backbone.safetensors"
         )
-    else:
-        msg += "Pass the run folder's backbone.safetensors instead (written when a run ends)"
-    return CheckpointError(msg)
+    return "Pass the run folder's backbone.safetensors instead (written when a run ends)"
+
+
+def _step_folder_error(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is a training checkpoint (a torch.distributed.checkpoint step folder with "
+        f"optimizer state), not a model checkpoint. {_step_folder_hint(path)}"
+    )
 
 
 _LAYERSCALE_KEY = re.compile(r"^blocks\.\d+\.ls[12]\.gamma$")
@@ -686,7 +688,10 @@ def _read_checkpoint(path: Path, checkpoint_key: str | None, branch: str | None)
             log.info("%s is a run folder: reading its encoder %s", path, exported.name)
             return _read_checkpoint(exported, checkpoint_key, branch)
         if is_step_folder(path):
-            ck = _read_step_folder(path)
+            try:
+                ck = _read_step_folder(path)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}. {_step_folder_hint(path)}") from None
             if ck is None:
                 raise _step_folder_error(path)
             return ck
