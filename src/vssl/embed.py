@@ -462,17 +462,19 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
         "avgpool) from images",
         description="Embed images with a vision model: one row per image in OUTPUT/embeddings.npy\n"
         "(the normalized CLS token), the image paths and labels in OUTPUT/manifest.parquet, skipped\n"
-        "files with the reason in OUTPUT/errors.jsonl. Images are resized to resolution*256/224 and\n"
-        "center-cropped (DINOv2's evaluation transform). --layers/--avgpool add the inputs of\n"
-        "DINOv2's linear probes (layers.npy, avgpool.npy), computed in the same forward pass.",
+        "files with the reason in OUTPUT/errors.jsonl, which network made them in OUTPUT/embed.json.\n"
+        "Images are resized to resolution*256/224 and center-cropped (DINOv2's evaluation\n"
+        "transform). --layers/--avgpool add the inputs of DINOv2's linear probes (layers.npy,\n"
+        "avgpool.npy), computed in the same forward pass.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "model",
         metavar="MODEL",
-        help="a zoo name (see `vssl models`), or a checkpoint: a .pth/.safetensors file "
-        "or a transformers directory",
+        help="a zoo name (see `vssl models`), or a checkpoint: a .pth/.safetensors file, "
+        "a transformers directory, or a `vssl pretrain` run folder (its backbone.safetensors) or "
+        "one of its RUN/ckpt/step_N folders",
     )
     p.add_argument(
         "--weights",
