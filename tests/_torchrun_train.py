@@ -9,6 +9,8 @@ same tiny method for 6 steps on the images listed in ``LISTS/train.txt`` (with a
 ``LISTS/knn_{train,test}.txt``; ``path<TAB>label`` lines), with DDP in one go and with FSDP2 as 3 steps + a resumed run of 3, and
 writes each rank's full final state to ``OUT/<strategy>_rank<r>.pt`` and rank 0's fit() summaries
 to ``OUT/<strategy>_summaries.json``; runs, metrics and checkpoints go to ``OUT/<strategy>/``.
+Then ``ddp_signal``: DDP again, with a SIGTERM that reaches rank 1 only during step 2 (both ranks
+must stop after step 2 and write one checkpoint), and a resumed run to step 6.
 """
 
 from __future__ import annotations
@@ -189,6 +191,45 @@ def main(lists: str, out_dir: str) -> None:
         if info.is_main:
             with open(os.path.join(out_dir, f"{strategy}_summaries.json"), "w") as f:
                 json.dump(summaries, f)
+    # an interrupt that reaches one rank only: every rank stops after the same step
+    import signal
+
+    summaries = []
+    for phase in ("interrupted", "resumed"):
+        data = TrainData(
+            os.path.join(lists, "train.txt"),
+            batch_size=4,
+            seed=1,
+            batches_per_epoch=3,
+            **data_kwargs(),
+        )
+        method = make_method(seed=0, temp_warmup_epochs=0, freeze_epochs=0)
+        if phase == "interrupted" and info.rank == 1:
+            forward = method.forward
+
+            def forward_then_signal(batch, step, forward=forward, method=method):
+                out = forward(batch, step)
+                if method.calls == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return out
+
+            method.forward = forward_then_signal
+        cfg = TrainConfig(
+            epochs=2,
+            iters_per_epoch=3,
+            batch_size_per_rank=4,
+            base_lr=1e-2,
+            warmup_epochs=0,
+            strategy="ddp",
+            log_every=1,
+            output_dir=os.path.join(out_dir, "ddp_signal"),
+            seed=2,
+        )
+        summaries.append(Trainer(method, data, cfg, progress=False).fit())
+    full = {k: v.detach().clone() for k, v in method.state_dict().items()}
+    torch.save(full, os.path.join(out_dir, f"ddp_signal_rank{info.rank}.pt"))
+    with open(os.path.join(out_dir, f"ddp_signal_summaries_rank{info.rank}.json"), "w") as f:
+        json.dump(summaries, f)
     teardown()
 
 

@@ -140,8 +140,8 @@ def test_pretrain_cli_end_to_end_writes_metrics_checkpoint_and_resumes(
     # the same command with a larger step budget resumes from the checkpoint
     args = _parse([a if a != "train.max_steps=3" else "train.max_steps=4" for a in argv])
     assert args.func(args) == 0
-    out = capsys.readouterr().out
-    assert "resumed from" in out and "step_00000003" in out
+    err = capsys.readouterr().err  # said when resuming starts, not after the run
+    assert "resumed from step 3" in err and "step_00000003" in err
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
 

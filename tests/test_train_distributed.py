@@ -127,6 +127,21 @@ def test_torchrun_ddp_and_fsdp2_two_processes(shared_data, tmp_path):
         torch.testing.assert_close(value, states["fsdp2", 0][key], rtol=0, atol=0, msg=key)
     assert trainer.optimizer.state  # AdamW moments came back too
 
+    # a SIGTERM that reached rank 1 only: both ranks stopped after step 2 with one checkpoint of
+    # both shards, and the resumed run ends where the uninterrupted DDP run did, bit for bit
+    for r in (0, 1):
+        runs = json.loads((tmp_path / f"ddp_signal_summaries_rank{r}.json").read_text())
+        assert [(x["step"], x["stopped"], x["signal"]) for x in runs] == [
+            (2, "interrupted", "SIGTERM"),
+            (6, "completed", None),
+        ], r
+        assert runs[1]["resumed_from"].endswith("step_00000002")
+        final = torch.load(tmp_path / f"ddp_signal_rank{r}.pt", weights_only=True)
+        for key in ddp0:
+            assert torch.equal(final[key], ddp0[key]), (r, key)
+    step2 = tmp_path / "ddp_signal" / "ckpt" / "step_00000002"
+    assert sorted(p.name for p in step2.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
 
 class _NoData:
     """Only what the Trainer's constructor reads (this test never calls fit)."""

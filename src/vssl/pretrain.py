@@ -217,6 +217,10 @@ def schedule_summary(
         lines.append(f"  max_steps stops the run at step {stop:,}")
     if train_cfg.time_budget_s is not None:
         lines.append(f"  time budget {train_cfg.time_budget_s:g} s per invocation")
+    when = [f"every {train_cfg.checkpoint_every:,} steps"] if train_cfg.checkpoint_every else []
+    if train_cfg.checkpoint_every_s:
+        when.append(f"every {train_cfg.checkpoint_every_s:g} s of wall-clock time")
+    lines.append(f"  checkpoints {', '.join(when + ['at the end and on Ctrl-C / SIGTERM'])}")
     points = sorted({0, min(warm, total - 1), total // 4, total // 2, 3 * total // 4, total - 1})
     lines.append(f"  {'step':>10} {'lr':>10} {'wd':>8}" + "".join(f" {k[:12]:>12}" for k in own))
     for p in points:
@@ -258,7 +262,15 @@ def _write_config(recipe, out_dir: Path) -> None:
         except yaml.YAMLError:
             old = {}
         new = yaml.safe_load(recipe_to_yaml(recipe))
-        budget_keys = {"max_steps", "time_budget_s", "log_every", "checkpoint_every"}
+        budget_keys = {
+            "max_steps",
+            "time_budget_s",
+            "log_every",
+            "checkpoint_every",
+            "checkpoint_every_s",
+            "keep_checkpoints",
+            "loggers",
+        }
         changed = [
             f"{sec}.{k}"
             for sec, body in new.items()
@@ -348,12 +360,14 @@ def run_pretrain(
         return {"dry_run": True, "iters_per_epoch": ipe}
 
     from .train import distributed as tdist
-    from .train.loop import Trainer
+    from .train.loop import Trainer, check_output_dir
 
     info = tdist.setup()
     main = info.is_main
     trainer = method = None
     try:
+        # a read-only, missing-permission or file-in-the-way output folder: one line, now
+        check_output_dir(recipe.train.output_dir, info)
         torch.manual_seed(recipe.train.seed)  # the same initial weights on every rank
         method, report = build_method(recipe)
         backbone = method.student["backbone"]
@@ -395,8 +409,6 @@ def run_pretrain(
                     ),
                 )
             )
-            if summary.get("resumed_from"):
-                _say(f"resumed from {summary['resumed_from']}")
             _say(
                 f"stopped: {summary['stopped']} at step {summary['step']:,} of "
                 f"{summary['total_steps']:,} ({summary['seconds']:.1f} s, "
@@ -408,24 +420,70 @@ def run_pretrain(
             )
             if exported is not None:
                 _say(f"trained encoder: {exported} (vssl embed {exported} --input ...)")
+            if summary["stopped"] == "interrupted":
+                _say(
+                    f"interrupted by {summary['signal']} at step {summary['step']:,}: the "
+                    f"checkpoint above holds it. To resume, run the same command again on the "
+                    f"same train.output_dir ({out_dir}):\n  {_resume_command()}"
+                )
         return summary
     finally:
         del trainer, method
         tdist.teardown(None)
 
 
+def _resume_command() -> str:
+    """The command line that started this process (resuming is running it again)."""
+    import shlex
+
+    if os.environ.get("TORCHELASTIC_RUN_ID") or "LOCAL_RANK" in os.environ:
+        return "the same torchrun command (every rank resumes from the checkpoint)"
+    argv = sys.argv[1:]
+    if argv[:1] != ["pretrain"]:  # called from Python, not the command line
+        return "the same call (the same train.output_dir)"
+    return shlex.join(["vssl", *argv])
+
+
+#: Exit codes of a run stopped by a signal: the shell's 128 + signal number (SIGINT 130, SIGTERM 143).
+def _signal_exit_code(name: str | None) -> int:
+    import signal
+
+    try:
+        return 128 + int(signal.Signals[name])
+    except (KeyError, TypeError):
+        return 1
+
+
 def _pretrain_cmd(args) -> int:
     from .train.config import load_recipe
-    from .train.loop import NonFiniteLossError
+    from .train.loop import NonFiniteLossError, TrainingAborted
 
     recipe = load_recipe(args.config, args.overrides)
     try:
-        run_pretrain(
+        summary = run_pretrain(
             recipe, dry_run=args.dry_run, progress=not args.no_progress, world_size=args.world_size
         )
     except NonFiniteLossError as e:
         print(f"vssl pretrain: stopped: {e}", file=sys.stderr, flush=True)
         return 1
+    except TrainingAborted as e:
+        print(
+            f"vssl pretrain: {e}: stopped at once; the last checkpoint in "
+            f"{recipe.train.output_dir}/ckpt holds the run (running the same command resumes it)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return e.exit_code
+    except KeyboardInterrupt:  # before training started, or while exporting after it
+        print(
+            f"vssl pretrain: interrupted; the last checkpoint in {recipe.train.output_dir}/ckpt "
+            "(if any) holds the run",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 130
+    if summary.get("stopped") == "interrupted":
+        return _signal_exit_code(summary.get("signal"))
     return 0
 
 

@@ -254,7 +254,9 @@ def _rescale_schedule(recipe, steps: int):
         warmup_epochs=train_cfg.warmup_epochs * f,
         log_every=max(1, min(train_cfg.log_every, steps // 50 or 1)),
         max_steps=None,
-        checkpoint_every=None,
+        checkpoint_every=None,  # no step interval: the wall-clock one (checkpoint_every_s, 10
+        # minutes by default) and the final checkpoint cover a budgeted run
+        checkpoint_every_s=train_cfg.checkpoint_every_s,
     )
 
 
@@ -307,7 +309,7 @@ def run_quickstart(
 
     from .data.listing import list_inputs
     from .train.config import load_recipe, save_recipe
-    from .train.loop import Trainer
+    from .train.loop import Trainer, check_output_dir
     from .viz.pca import pca_maps
     from .viz.report import image_table, read_metrics, table, training_report, write_page
 
@@ -316,6 +318,7 @@ def run_quickstart(
     if not budget > 0:
         raise ValueError(f"--minutes must be > 0, got {minutes}")
     out = Path(output).expanduser()
+    check_output_dir(out)  # a file in the way, no permission, read-only: one line, now
     _clear_quickstart(out)
     out.mkdir(parents=True, exist_ok=True)
     src = _quickstart_data(data, out, seed, n_pca)
@@ -401,6 +404,18 @@ def run_quickstart(
 
     exported = export_encoder(method, out, "none", True)
     _say(f"trained encoder: {exported}")
+    if summary["stopped"] == "interrupted":
+        _say(
+            f"interrupted by {summary['signal']} at step {summary['step']}: encoder and checkpoint "
+            f"saved in {out}; no evaluation or report (a new quickstart starts afresh)"
+        )
+        return {
+            "stopped": "interrupted",
+            "signal": summary["signal"],
+            "steps": summary["step"],
+            "checkpoint": summary["checkpoint"],
+            "backbone": str(exported),
+        }
 
     if monitor is not None:
         last = monitors[0].last
@@ -513,7 +528,9 @@ def run_quickstart(
 
 
 def _quickstart_cmd(args) -> int:
-    run_quickstart(
+    from .pretrain import _signal_exit_code
+
+    result = run_quickstart(
         args.data,
         args.output,
         args.minutes,
@@ -522,6 +539,8 @@ def _quickstart_cmd(args) -> int:
         progress=not args.no_progress,
         recipe=args.recipe,
     )
+    if result.get("stopped") == "interrupted":
+        return _signal_exit_code(result.get("signal"))
     return 0
 
 

@@ -5,19 +5,41 @@ package owns loops, devices, schedules, checkpoints and logs, and knows no metho
 - data:        ``TrainData`` (deterministic batches of a method's views, exact resume)
 - optim:       parameter groups (layer decay, no wd on norms/biases, frozen sets), AdamW
 - schedules:   ``CosineSchedule`` (DINOv2's CosineScheduler)
-- checkpoint:  atomic torch.distributed.checkpoint saves, ``latest_checkpoint``
+- checkpoint:  atomic torch.distributed.checkpoint saves with a completeness manifest,
+               ``latest_checkpoint`` (the newest intact one), restricted metadata unpickling
 - distributed: torchrun setup, DDP / FSDP2 wrapping, safe teardown
 """
 
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    CheckpointWriteError,
+    find_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from .data import TrainData
 from .distributed import DistInfo, setup, teardown, wrap
-from .loop import NonFiniteLossError, TrainConfig, Trainer
+from .loop import (
+    NonFiniteLossError,
+    OutputDirError,
+    TrainConfig,
+    Trainer,
+    TrainingAborted,
+    check_output_dir,
+)
 from .optim import build_optimizer, param_groups
 from .schedules import CosineSchedule
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWriteError",
+    "OutputDirError",
+    "TrainingAborted",
+    "check_output_dir",
+    "find_checkpoint",
+    "verify_checkpoint",
     "CosineSchedule",
     "DistInfo",
     "NonFiniteLossError",

@@ -53,6 +53,18 @@ def _py_rng(*parts: Any) -> random.Random:
     return random.Random(derive_seed(*parts))
 
 
+def _ignore_interrupts(worker_id: int) -> None:
+    """Loader workers ignore SIGINT / SIGTERM: a terminal's Ctrl-C (sent to the whole process
+    group) or a scheduler's SIGTERM to every process must reach the trainer only, which finishes
+    its step, checkpoints and then closes the loader (workers also exit when their parent dies)."""
+    import signal
+
+    for name in ("SIGINT", "SIGTERM"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+
+
 class _PassThrough:
     """Declares how sources should decode for the views (draft size, arrays); changes nothing."""
 
@@ -326,6 +338,7 @@ class TrainData:
             sampler=sampler,
             num_workers=workers,
             collate_fn=_identity,
+            worker_init_fn=_ignore_interrupts,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=2 if workers else None,
         )

@@ -21,11 +21,24 @@ from ``(seed, step, rank)`` at every step (drop-path masks), and the data are a 
 ``(seed, epoch, step, rank)`` (:mod:`vssl.train.data`), so a resumed run continues exactly as an
 uninterrupted one.
 
-Outputs in ``output_dir``: ``metrics.jsonl`` (one JSON line per logged step: step, epoch, every loss
-term, lr, wd, the method's scheduled values, grad_norm, images_per_s, seconds, and monitor
-results) and ``ckpt/step_<N>/`` checkpoints (:mod:`vssl.train.checkpoint`), written every
-``checkpoint_every`` steps, at the end, and when the time budget or the step budget stops the run.
-A run started on an ``output_dir`` that holds a checkpoint resumes from the newest one.
+Outputs in ``output_dir``: ``metrics.jsonl`` (one JSON line per logged step, written and flushed
+as the step ends, so ``tail -f`` follows it: step, epoch, every loss term, lr, wd, the method's
+scheduled values, grad_norm, images_per_s, seconds, and monitor results; optionally mirrored to
+TensorBoard / Weights & Biases, ``loggers``) and ``ckpt/step_<N>/`` checkpoints
+(:mod:`vssl.train.checkpoint`), written every ``checkpoint_every`` steps, every
+``checkpoint_every_s`` seconds of wall-clock time (default 10 minutes), at the end, and when the
+time budget, the step budget or an interrupt stops the run. The output folder is checked for
+writing before anything else (one clear error for a read-only, missing-permission or file-in-the-
+way path). A run started on an ``output_dir`` that holds a checkpoint resumes from the newest
+intact one; newer damaged ones are skipped with a message saying why.
+
+Interrupts: during :meth:`Trainer.fit` the first SIGINT (Ctrl-C) or SIGTERM (SLURM preemption)
+lets the current step finish, writes a checkpoint and returns with ``stopped="interrupted"``
+(``signal`` names it); a second one (a second later or more) raises :class:`TrainingAborted` at
+once. Under torchrun every rank learns of a signal any rank received in the same step (one
+all-reduce per step, shared with the time-budget and wall-clock checkpoint decisions), so all
+ranks stop after the same step and write one consistent checkpoint. The previous handlers come
+back when ``fit`` returns; outside the main thread no handler is installed.
 
 A non-finite loss term (or gradient norm) stops the run with :class:`NonFiniteLossError` naming the
 step and the terms, before the optimizer step and without writing a checkpoint: the last good one
@@ -35,12 +48,17 @@ stays the newest.
 from __future__ import annotations
 
 import contextlib
+import errno
+import importlib.util
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +69,30 @@ from torch import nn
 from .._io import atomic_write
 from ..methods.base import StepPlan
 from . import distributed as tdist
-from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointDamagedError,
+    CheckpointError,
+    checkpoint_path,
+    find_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .data import derive_seed
 from .optim import build_optimizer, param_groups
 from .schedules import CosineSchedule
 
-__all__ = ["NonFiniteLossError", "TrainConfig", "Trainer"]
+__all__ = [
+    "NonFiniteLossError",
+    "OutputDirError",
+    "TrainConfig",
+    "Trainer",
+    "TrainingAborted",
+    "check_output_dir",
+]
 
 PRECISIONS = ("auto", "fp32", "bf16")
+LOGGERS = ("tensorboard", "wandb")
 LR_SCALINGS = ("sqrt", "linear", "none")
 STRATEGIES = ("auto",) + tdist.STRATEGIES
 
@@ -72,6 +106,21 @@ class NonFiniteLossError(RuntimeError):
         self.terms = terms
 
 
+class TrainingAborted(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM during :meth:`Trainer.fit`: stopped at once, without a checkpoint
+    of the current state. ``signum``; ``exit_code`` is the shell's ``128 + signum``."""
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+        super().__init__(f"aborted by a second {signal.Signals(self.signum).name}")
+
+
+class OutputDirError(ValueError, OSError):
+    """``output_dir`` cannot be written (a file in the way, no permission, read-only or full
+    file system); the message says which path and what to do."""
+
+
 @dataclass
 class TrainConfig:
     """Trainer settings; defaults are DINOv2's ViT-S/B ones (docs/architecture.md, "Recipes").
@@ -81,7 +130,11 @@ class TrainConfig:
     ``max_steps``: stop (and checkpoint) once this many steps are done in total, the schedules
     still spanning ``epochs`` (a budget, resumable). ``time_budget_s``: stop (and checkpoint) before
     this many seconds of this invocation are exceeded. ``checkpoint_every``: steps (None: only at
-    the end / on a budget stop). ``lr_scaling``: how the peak lr follows the total batch B:
+    the end / on a budget stop). ``checkpoint_every_s``: also checkpoint when this many seconds of
+    wall-clock time passed since the last save (None: off), so a crash or a kill loses at most
+    that much. ``loggers``: mirror ``metrics.jsonl`` to ``"tensorboard"`` (``output_dir/
+    tensorboard``; needs the tensorboard package) and/or ``"wandb"`` (needs wandb).
+    ``lr_scaling``: how the peak lr follows the total batch B:
     ``sqrt`` (``base_lr * sqrt(B / lr_base_batch)``, DINOv2 with 1024), ``linear`` (``base_lr * B
     / lr_base_batch``, MAE with 256) or ``none`` (``base_lr`` as is).
     """
@@ -108,11 +161,13 @@ class TrainConfig:
     find_unused_parameters: bool = False
     seed: int = 0
     checkpoint_every: int | None = None
+    checkpoint_every_s: float | None = 600.0
     keep_checkpoints: int | None = 3
     max_steps: int | None = None
     time_budget_s: float | None = None
     log_every: int = 10
     output_dir: str = "runs/pretrain"
+    loggers: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         def bad(name, why):
@@ -136,6 +191,14 @@ class TrainConfig:
             bad("clip_grad", "must be > 0 or null (no clipping)")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             bad("time_budget_s", "must be > 0 or null")
+        if self.checkpoint_every_s is not None and not self.checkpoint_every_s > 0:
+            bad("checkpoint_every_s", "must be > 0 (seconds) or null (off)")
+        if isinstance(self.loggers, str):
+            self.loggers = [self.loggers]
+        self.loggers = list(self.loggers or [])
+        unknown = [x for x in self.loggers if x not in LOGGERS]
+        if unknown:
+            bad("loggers", f"unknown {unknown}; allowed: {list(LOGGERS)}")
         if self.lr_scaling not in LR_SCALINGS:
             bad("lr_scaling", f"allowed: {list(LR_SCALINGS)}")
         if self.precision not in PRECISIONS:
@@ -226,8 +289,10 @@ class Trainer:
         self.data = data
         self.monitors = list(monitors)
         self.progress = progress
+        _check_loggers(cfg.loggers)
         self._owns_group = not (dist.is_available() and dist.is_initialized())
         self.info = tdist.setup()
+        check_output_dir(cfg.output_dir, self.info)  # one clear error before any work
         if getattr(data, "batch_size", cfg.batch_size_per_rank) != cfg.batch_size_per_rank:
             raise ValueError(
                 f"the data's batch_size {data.batch_size} differs from "
@@ -383,9 +448,8 @@ class Trainer:
         state = {"model": self.method, "optimizer": self.optimizer}
 
         start_step, prior_seconds = 0, 0.0
-        resume_from = latest_checkpoint(out_dir)
+        resume_from, meta = self._resume(out_dir, state)
         if resume_from is not None:
-            meta = load_checkpoint(resume_from, state)
             start_step = int(meta["step"])
             prior_seconds = float(meta.get("seconds", 0.0))
             if (
@@ -399,6 +463,7 @@ class Trainer:
                     f"now {self.world_size} x {cfg.batch_size_per_rank}: the data order "
                     f"differs from an uninterrupted run",
                 )
+            _say(info, f"resumed from step {start_step:,} ({resume_from})")
         metrics_path = out_dir / "metrics.jsonl"
         if info.is_main:  # a fresh run drops what a run that never checkpointed left behind
             _truncate_metrics(metrics_path, start_step if resume_from is not None else -1)
@@ -407,6 +472,7 @@ class Trainer:
 
         self.method.train()
         t0 = time.perf_counter()
+        last_save_t = t0
         step = start_step
         reason = None if step < stop_at else ("completed" if step >= total else "max_steps")
         bar = None
@@ -422,13 +488,19 @@ class Trainer:
                 file=sys.stderr,
             )
         metrics_file = open(metrics_path, "a") if info.is_main else None
+        loggers = _open_loggers(cfg, out_dir) if info.is_main else []
         batches = None
+        self.stop_signal = None
+        interrupts = _Interrupts()
         try:
+            interrupts.__enter__()
             # FSDP2 must run its root forward first (lazy init): no step-0 evaluation there
             if step == 0 and self.monitors and self.strategy != "fsdp2":
                 res = self._run_monitors(0)
+                if res:
+                    _say(info, "step 0: " + _brief(res), bar)
                 if res and metrics_file is not None:
-                    _write_line(metrics_file, {"step": 0, "epoch": 0, **res})
+                    _write_line(metrics_file, {"step": 0, "epoch": 0, **res}, loggers)
             n_data = int(self.data.batches_per_epoch)
             data_epoch, within = divmod(step, n_data)
             batches = iter(self.data.batches(data_epoch, within)) if reason is None else None
@@ -451,6 +523,8 @@ class Trainer:
 
                 log_now = step % cfg.log_every == 0 or step == stop_at
                 mon = self._run_monitors(step)
+                if mon:  # monitor results as they come, above the bar
+                    _say(info, f"step {step:,}: " + _brief(mon), bar)
                 if log_now or mon:
                     line = {"step": step, "epoch": (step - 1) // self.iters_per_epoch}
                     if log_now:
@@ -466,28 +540,63 @@ class Trainer:
                         line["images_per_s"] = ips
                         line["seconds"] = prior_seconds + now - t0
                         if bar is not None:
-                            post = {k: f"{record[k]:.4g}" for k in self._term_names(record)}
-                            post.update(lr=f"{record['lr']:.2e}", img_s=f"{ips:.1f}")
-                            bar.set_postfix(ordered_dict=post, refresh=False)
+                            bar.set_postfix(self._postfix(record, ips), refresh=False)
                     line.update(mon)
                     if metrics_file is not None:
-                        _write_line(metrics_file, line)
+                        _write_line(metrics_file, line, loggers)
 
+                now = time.perf_counter()
+                over, signum, due = self._stop_flags(
+                    over_budget=cfg.time_budget_s is not None
+                    and now - t0 + last_step_s >= cfg.time_budget_s,
+                    signum=interrupts.signum,
+                    due=cfg.checkpoint_every_s is not None
+                    and now - last_save_t >= cfg.checkpoint_every_s,
+                )
                 if step >= stop_at:
                     reason = "completed" if step >= total else "max_steps"
-                elif cfg.time_budget_s is not None and self._over_budget(
-                    time.perf_counter() - t0 + last_step_s
-                ):
+                    if reason == "max_steps":
+                        _say(
+                            info,
+                            f"stopping at step {step:,} of {total:,}: train.max_steps="
+                            f"{cfg.max_steps} reached; run again with a larger max_steps (or "
+                            "none) to continue",
+                            bar,
+                        )
+                elif signum:
+                    reason = "interrupted"
+                    self.stop_signal = signal.Signals(signum).name
+                    _say(
+                        info,
+                        f"{self.stop_signal}: stopping after step {step:,} of {total:,} and "
+                        "saving a checkpoint (send it again to abort at once)",
+                        bar,
+                    )
+                elif over:
                     reason = "time_budget"
-                if reason is not None or (
-                    cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+                    _say(
+                        info,
+                        f"stopping at step {step:,} of {total:,}: the time budget "
+                        f"train.time_budget_s={cfg.time_budget_s:g} s is spent; run the same "
+                        "command again to continue",
+                        bar,
+                    )
+                if (
+                    reason is not None
+                    or due
+                    or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
                 ):
                     if last_saved != step:
                         last_ckpt = self._save(
                             out_dir, step, prior_seconds + time.perf_counter() - t0
                         )
                         last_saved = step
+                    last_save_t = time.perf_counter()
         finally:
+            interrupts.__exit__()
+            for lg in loggers:
+                with contextlib.suppress(Exception):
+                    lg.close()
             if batches is not None and hasattr(batches, "close"):
                 batches.close()  # stops DataLoader workers now, not at garbage collection
             if bar is not None:
@@ -501,6 +610,7 @@ class Trainer:
             "epoch": step / self.iters_per_epoch,
             "total_steps": total,
             "stopped": reason,
+            "signal": self.stop_signal,
             "resumed_from": str(resume_from) if resume_from is not None else None,
             "checkpoint": str(last_ckpt) if last_ckpt is not None else None,
             "seconds": seconds,
@@ -512,14 +622,52 @@ class Trainer:
         """The loss and the method's terms in a step record (what is not a scheduled value)."""
         return [k for k in record if k not in self._reserved or k == "loss"]
 
-    def _over_budget(self, projected: float) -> bool:
-        """True on every rank when any rank projects past the time budget after its next step."""
-        flag = torch.tensor(
-            [1.0 if projected >= self.cfg.time_budget_s else 0.0], device=self.device
-        )
+    def _stop_flags(self, *, over_budget: bool, signum: int | None, due: bool):
+        """``(over_budget, signum or 0, checkpoint_due)`` as every rank sees them: under torchrun
+        one all-reduce (max) per step, so a budget, a signal or a wall-clock checkpoint that any
+        rank sees stops or saves every rank after the same step."""
+        values = [1.0 if over_budget else 0.0, float(signum or 0), 1.0 if due else 0.0]
         if self.info.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            flags = torch.tensor(values, device=self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            values = flags.tolist()
+        return bool(values[0]), int(values[1]), bool(values[2])
+
+    def _resume(self, out_dir: Path, state: dict) -> tuple[Path | None, dict]:
+        """Load the newest intact checkpoint of ``out_dir`` into ``state``; newer damaged ones
+        (and one that fails to load) are skipped with a message. ``(path or None, meta)``."""
+        found, skipped = find_checkpoint(out_dir)
+        for p, why in skipped:
+            _warn(self.info, f"skipping checkpoint {p}: {why}")
+        while found is not None:
+            try:
+                return found, load_checkpoint(found, state)
+            except CheckpointDamagedError as e:
+                _warn(self.info, f"skipping checkpoint {found}: {e}")
+                skipped.append((found, str(e)))
+                step = int(found.name.removeprefix("step_"))
+                found, more = find_checkpoint(out_dir, before=step)
+                for p, why in more:
+                    _warn(self.info, f"skipping checkpoint {p}: {why}")
+                skipped += more
+        if skipped:
+            raise CheckpointError(
+                f"no intact checkpoint in {out_dir / 'ckpt'} to resume from ("
+                + "; ".join(f"{p.name}: {why}" for p, why in skipped)
+                + f"). Move {out_dir / 'ckpt'} aside to start afresh, or set train.output_dir "
+                "to a new folder"
+            )
+        return None, {}
+
+    def _postfix(self, record: dict, ips: float) -> dict:
+        """The progress bar's numbers: the loss, two loss terms at most, lr, images/s; short."""
+        post = {"loss": f"{record['loss']:.4g}"}
+        for k in [k for k in self._term_names(record) if k != "loss"][:2]:
+            short = k.removesuffix("_loss").replace("_crops", "")
+            post[short[:12]] = f"{record[k]:.3g}"
+        post["lr"] = f"{record['lr']:.1e}"
+        post["img/s"] = f"{ips:.0f}"
+        return post
 
     def _step(self, batch: dict, sched: _Schedules, step: int) -> dict:
         """One optimizer step at schedule index ``step``; returns the logged values."""
@@ -619,9 +767,12 @@ def _clip_sets(student: nn.Module) -> list[list[nn.Parameter]]:
     return [s for s in sets + [own] if s]
 
 
-def _write_line(f, record: dict) -> None:
+def _write_line(f, record: dict, loggers: Sequence[Any] = ()) -> None:
+    """One metrics.jsonl line, flushed at once (``tail -f`` follows the run), and the loggers."""
     f.write(json.dumps(record, default=float) + "\n")
     f.flush()
+    for lg in loggers:
+        lg.log(record)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -643,3 +794,187 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _warn(info: tdist.DistInfo, msg: str) -> None:
     if info.is_main:
         print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _brief(values: dict) -> str:
+    return ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in values.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    )
+
+
+def _say(info: tdist.DistInfo, msg: str, bar: Any = None) -> None:
+    """A line on rank 0's stderr (above the progress bar when there is one)."""
+    if not info.is_main:
+        return
+    if bar is not None:
+        bar.write(msg, file=sys.stderr)
+    else:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ interrupts
+class _Interrupts:
+    """SIGINT / SIGTERM handlers for the duration of ``fit``: the first signal only records its
+    number (the loop stops after the current step and saves); a second one, at least
+    ``REPEAT_S`` later, restores the previous handlers and raises :class:`TrainingAborted`. A
+    repeat within ``REPEAT_S`` is the same interrupt delivered twice (a terminal's Ctrl-C reaches
+    every process of the group, and torchrun forwards it too) and is ignored. Nothing is printed
+    from the handler (it may run inside a write to the same stream)."""
+
+    REPEAT_S = 1.0
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._at = 0.0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for name in ("SIGINT", "SIGTERM"):
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except (ValueError, OSError):  # not the main interpreter, or not allowed
+                continue
+        return self
+
+    def __exit__(self, *exc) -> None:
+        old, self._old = self._old, {}
+        for sig, handler in old.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self._at = int(signum), now
+            return
+        if now - self._at < self.REPEAT_S:
+            return
+        self.__exit__()
+        raise TrainingAborted(signum)
+
+
+# ------------------------------------------------------------------------------- output folder
+def check_output_dir(path: str | os.PathLike, info: tdist.DistInfo | None = None) -> Path:
+    """Create ``path`` and write (then remove) a probe file in it, on every rank; raise
+    :class:`OutputDirError` (one line: which path, why, what to do) on every rank when any rank
+    cannot. Called before the first step, so a bad ``train.output_dir`` costs no training."""
+    out = Path(path).expanduser()
+    rank = info.rank if info is not None else 0
+    error = None
+    try:
+        blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(blocker))
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".vssl_write_probe.{os.getpid()}.{rank}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"vssl")
+                f.flush()
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+    except OSError as e:
+        error = _output_dir_message(out, e)
+    failed = error is not None
+    if info is not None and info.distributed:
+        flag = torch.tensor([1.0 if failed else 0.0], device=info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        failed = bool(flag.item())
+    if failed:
+        raise OutputDirError(error or f"train.output_dir={out}: another rank cannot write there")
+    return out
+
+
+def _output_dir_message(out: Path, e: OSError) -> str:
+    where = Path(e.filename) if getattr(e, "filename", None) else out
+    fix = "choose another with train.output_dir=FOLDER"
+    if isinstance(e, (NotADirectoryError, FileExistsError)) or e.errno in (
+        errno.ENOTDIR,
+        errno.EEXIST,
+    ):
+        return f"train.output_dir={out}: {where} is a file, not a folder; move it away or {fix}"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"train.output_dir={out}: permission denied writing to {where}; {fix}"
+    if e.errno == errno.EROFS:
+        return f"train.output_dir={out}: {where} is on a read-only file system; {fix}"
+    if e.errno == errno.ENOSPC:
+        return f"train.output_dir={out}: no space left on device at {where}; free space or {fix}"
+    return f"train.output_dir={out}: cannot write to {where} ({e.strerror or e}); {fix}"
+
+
+# --------------------------------------------------------------------------------------- loggers
+def _importable(name: str) -> bool:
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+_LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def _check_loggers(names: Sequence[str]) -> None:
+    """A clear error before any work when a logger's package is not installed."""
+    for name in names:
+        pkg = _LOGGER_PACKAGES[name]
+        if not _importable(pkg):
+            raise ValueError(
+                f"train.loggers: {name!r} needs the {pkg} package, which is not installed: "
+                f"pip install {pkg} (or drop {name!r} from train.loggers; metrics.jsonl is "
+                "always written)"
+            )
+
+
+def _numbers(record: dict) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+class _TensorBoard:
+    def __init__(self, out_dir: Path, cfg: TrainConfig):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        for k, v in _numbers(record).items():
+            self.writer.add_scalar(k, v, int(record["step"]))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    def __init__(self, out_dir: Path, cfg: TrainConfig):
+        import wandb
+
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "vssl"),
+            name=out_dir.name,
+            dir=str(out_dir),
+            config=cfg.to_dict(),
+        )
+
+    def log(self, record: dict) -> None:
+        self.run.log(_numbers(record), step=int(record["step"]))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _open_loggers(cfg: TrainConfig, out_dir: Path) -> list[Any]:
+    return [{"tensorboard": _TensorBoard, "wandb": _WandB}[n](out_dir, cfg) for n in cfg.loggers]
