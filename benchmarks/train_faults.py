@@ -221,6 +221,11 @@ def finish(r: Runner, out: Path, t: Tally, torchrun: bool = False) -> int:
 
 
 # ---------------------------------------------------------------------------------- faults
+def writing(out: Path, since: float) -> bool:
+    """A ``.tmp`` checkpoint folder this process was writing when it died."""
+    return any(p.stat().st_mtime >= since for p in (out / "ckpt").glob("*.tmp"))
+
+
 def random_kills(r: Runner, work: Path, ref: Path, t: Tally, n: int, rng: random.Random) -> None:
     """``n`` kill -9 of the whole process group at random moments of the training (mid-step,
     mid-checkpoint-write, during the start), each followed by the same command again; a run that
@@ -231,15 +236,25 @@ def random_kills(r: Runner, work: Path, ref: Path, t: Tally, n: int, rng: random
     out = work / f"kill9_{folder}"
     kills = 0
     while kills < n:
+        metrics = out / "metrics.jsonl"
+        before = metrics.read_bytes() if metrics.exists() else b""
+        started = time.time()
         p = r.start(out)
-        done = last_step(out) if (out / "metrics.jsonl").exists() else 0
         ckpt = latest_checkpoint(out)
         base = int(ckpt.name.removeprefix("step_")) if ckpt else 0
-        delay = rng.uniform(0, r.startup_s + (r.steps - base) * r.step_s)
-        try:
-            p.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            pass
+        if rng.random() < 0.25:  # during the start-up (imports, building, loading the checkpoint)
+            delay = rng.uniform(0, r.startup_s)
+            try:
+                p.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                pass
+        else:  # during the training: mid-step or mid-checkpoint-write
+            wait_for_step(p, out, base + 1)
+            delay = rng.uniform(0, max(r.steps - base - 1, 1) * r.step_s)
+            try:
+                p.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                pass
         if p.poll() is not None:  # it completed first: compare, and start a new run
             if p.returncode != 0:
                 t.check("a run between kills", False, f"exit {p.returncode}")
@@ -252,15 +267,17 @@ def random_kills(r: Runner, work: Path, ref: Path, t: Tally, n: int, rng: random
         p.wait()
         kills += 1
         t.interrupts += 1
-        logged = max(last_step(out), done)
+        logged = last_step(out)
         ckpt = latest_checkpoint(out)  # what the next start resumes from (intact, newest)
         back = int(ckpt.name.removeprefix("step_")) if ckpt else 0
-        lost = max(0, logged - back)
+        # steps this process did and the next one redoes (none if it died before its first step)
+        moved = (metrics.read_bytes() if metrics.exists() else b"") != before
+        lost = max(0, logged - back) if moved else 0
         t.lost.append(lost)
         t.survived += 1  # counted as survived; the comparison at the end proves it
         print(
-            f"  ok   kill -9 #{kills} at {delay:.1f} s (step {logged}, "
-            f"{'.tmp being written' if list((out / 'ckpt').glob('*.tmp')) else 'no save open'}): "
+            f"  ok   kill -9 #{kills} (step {logged}, "
+            f"{'mid-checkpoint-write' if writing(out, started) else 'no save open'}): "
             f"resumes from step {back}, {lost} steps lost",
             flush=True,
         )
@@ -384,7 +401,7 @@ def full_disk(r: Runner, work: Path, ref: Path, t: Tally) -> None:
         subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
-def torchrun_faults(r: Runner, work: Path, t: Tally, kill9: bool = True) -> None:
+def torchrun_faults(r: Runner, work: Path, t: Tally, quick: bool = False) -> None:
     """2 gloo ranks under torchrun: SIGINT to the launcher's process group (a terminal's Ctrl-C:
     every rank gets it, and torchrun forwards it again), SIGTERM to the launcher only (a
     scheduler: torchrun forwards it), kill -9 of everything; each resumed to the end and compared
@@ -396,9 +413,9 @@ def torchrun_faults(r: Runner, work: Path, t: Tally, kill9: bool = True) -> None
     if not t.check("torchrun reference run", rc == 0, f"exit {rc}"):
         print(log_of(ref)[-1500:])
         return
-    faults = [("SIGINT", signal.SIGINT, True), ("SIGTERM", signal.SIGTERM, False)]
-    if kill9:
-        faults.append(("kill -9", signal.SIGKILL, True))
+    faults = [("SIGINT", signal.SIGINT, True)]
+    if not quick:
+        faults += [("SIGTERM", signal.SIGTERM, False), ("kill -9", signal.SIGKILL, True)]
     for name, sig, group in faults:
         out = work / f"torchrun_{name.replace(' ', '').replace('-', '')}"
         p = r.start(out, torchrun=True)
@@ -430,16 +447,18 @@ def torchrun_faults(r: Runner, work: Path, t: Tally, kill9: bool = True) -> None
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="3 kills, shorter runs")
+    ap.add_argument(
+        "--quick", action="store_true", help="3 kills, 12-step runs, torchrun: SIGINT only"
+    )
     ap.add_argument("--kills", type=int, default=None, help="random kill -9 (default 12; 3 quick)")
-    ap.add_argument("--steps", type=int, default=None, help="steps per run (default 40; 24 quick)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per run (default 40; 12 quick)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--no-torchrun", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=None, help="kept when given (default: a tmp dir)")
     args = ap.parse_args()
     kills = args.kills if args.kills is not None else (3 if args.quick else 12)
-    steps = args.steps or (24 if args.quick else 40)
+    steps = args.steps or (12 if args.quick else 40)
     rng = random.Random(args.seed)
     work = args.work or Path(tempfile.mkdtemp(prefix="vssl_faults_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -481,7 +500,7 @@ def main() -> int:
     damaged_newest(r, work, ref, t, "crafted")
     full_disk(r, work, ref, t)
     if not args.no_torchrun:
-        torchrun_faults(r, work, t)
+        torchrun_faults(r, work, t, quick=args.quick)
 
     lost = t.lost
     print(
