@@ -10,6 +10,11 @@
          classes, 10 epochs), all heads in one pass; the peer is the same heads trained one at a
          time (what a loop over configurations does), timed on ``--peer-heads`` heads and scaled
          to 52.
+(logreg) ``sweep_logreg``, DINOv2's logistic-regression protocol: 45 values of C, L-BFGS,
+         float64, tol 1e-6, at most 1000 iterations per fit, on N x D CLS-like features (default
+         10k x 384, 10 classes; class clusters with a mean offset and uneven feature scales); the
+         peer is scikit-learn's ``LogisticRegression`` (lbfgs, same tol and max_iter,
+         ``warm_start=True`` along the same increasing C) on the same split, refit included.
 
 Features are synthetic but structured (Gaussian class clusters), so accuracies are meaningful.
 Each part runs in a fresh process, so its peak resident memory (VmHWM) is its own; the features'
@@ -18,6 +23,7 @@ own size is printed beside it. Usage:
     python benchmarks/eval_speed.py                       # the real measurement (long on 2 cores)
     python benchmarks/eval_speed.py --quick               # smoke run
     python benchmarks/eval_speed.py --parts knn --knn-train 50000 --knn-test 10000
+    python benchmarks/eval_speed.py --parts logreg --logreg-n 900 --logreg-dim 192
 """
 
 from __future__ import annotations
@@ -151,6 +157,64 @@ def child_linear(args) -> dict:
     }
 
 
+def child_logreg(args) -> dict:
+    import warnings
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from vssl.evaluate.linear import stratified_split
+    from vssl.evaluate.logreg import C_GRID, sweep_logreg
+
+    torch.set_num_threads(args.threads)
+    n, d, k = args.logreg_n, args.logreg_dim, args.logreg_classes
+    rng = np.random.default_rng(0)
+    offset = 3.0 * rng.standard_normal(d).astype(np.float32)  # CLS embeddings are not centred
+    scale = np.exp(0.5 * rng.standard_normal(d)).astype(np.float32)  # nor evenly scaled
+
+    def split(m, seed):
+        x, y = _clusters(m, d, k, seed, noise=6.0)
+        return SimpleNamespace(cls=x * scale + offset, labels=y, classes=None)
+
+    train, test = split(n, 0), split(max(1000, n // 5), 1)
+    base = _hwm()
+    t0 = time.perf_counter()
+    if args.way == "vssl":
+        r = sweep_logreg(train, test, num_classes=k)
+        best_C, acc = r.best_C, r.test_top1
+        iters = sum(s["n_iter"] for s in r.sweep) + r.model.n_iter
+    else:  # scikit-learn, the same protocol: warm starts along increasing C, refit on all
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        x, y = train.cls.astype(np.float64), train.labels
+        tr, val = stratified_split(y, 0.1, 0)
+        sk = LogisticRegression(tol=1e-6, max_iter=1000, warm_start=True)
+        best, iters = None, 0
+        for C in C_GRID:
+            sk.set_params(C=C).fit(x[tr], y[tr])
+            iters += int(sk.n_iter_.max())
+            a = float((sk.predict(x[val]) == y[val]).mean())
+            if best is None or a > best[0]:
+                best = (a, C)
+        best_C = best[1]
+        sk = LogisticRegression(C=best_C, tol=1e-6, max_iter=1000).fit(x, y)
+        iters += int(sk.n_iter_.max())
+        acc = float((sk.predict(test.cls.astype(np.float64)) == test.labels).mean())
+    dt = time.perf_counter() - t0
+    return {
+        "seconds": dt,
+        "iterations": iters,
+        "best_C": best_C,
+        "test_top1": acc,
+        "peak_bytes": _hwm(),
+        "peak_over_start": _hwm() - base,
+        "feature_bytes": train.cls.nbytes + test.cls.nbytes,
+    }
+
+
 def _run_child(part: str, way: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", part, "--way", way] + [
         f"--{k.replace('_', '-')}={v}"
@@ -165,6 +229,9 @@ def _run_child(part: str, way: str, args) -> dict:
             "epochs",
             "peer_heads",
             "threads",
+            "logreg_n",
+            "logreg_dim",
+            "logreg_classes",
         )
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -183,13 +250,16 @@ def main(argv=None) -> int:
     ap.add_argument("--linear-n", type=int, default=50_000)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--peer-heads", type=int, default=4)
+    ap.add_argument("--logreg-n", type=int, default=10_000)
+    ap.add_argument("--logreg-dim", type=int, default=384)
+    ap.add_argument("--logreg-classes", type=int, default=10)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--quick", action="store_true", help="smoke run: small sizes")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--way", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        res = (child_knn if args.child == "knn" else child_linear)(args)
+        res = {"knn": child_knn, "linear": child_linear, "logreg": child_logreg}[args.child](args)
         print(json.dumps(res))
         return 0
     if args.quick:
@@ -200,6 +270,7 @@ def main(argv=None) -> int:
             2,
             2,
         )
+        args.logreg_n, args.logreg_dim = 900, 192
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     rows = []
     gib = 1024**3
@@ -232,6 +303,22 @@ def main(argv=None) -> int:
                     r["peak_bytes"] / gib,
                     r["feature_bytes"] / gib,
                     note,
+                )
+            )
+            print(rows[-1], file=sys.stderr)
+    if "logreg" in parts:
+        for way in ("vssl", "scikit-learn"):
+            r = _run_child("logreg", way, args)
+            rows.append(
+                (
+                    f"logreg 45 C's, {args.logreg_n}x{args.logreg_dim}, "
+                    f"{args.logreg_classes} classes",
+                    "vssl sweep_logreg" if way == "vssl" else "scikit-learn lbfgs, warm (peer)",
+                    r["seconds"],
+                    r["peak_bytes"] / gib,
+                    r["feature_bytes"] / gib,
+                    f"{r['iterations']} L-BFGS iterations, best C {r['best_C']:.3g}, "
+                    f"test top1 {r['test_top1']:.3f}",
                 )
             )
             print(rows[-1], file=sys.stderr)

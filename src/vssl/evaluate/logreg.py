@@ -15,7 +15,9 @@ seconds rather than minutes (issue 16: 510 s for 900 x 192 features before):
 
 - the objective and its gradient in closed form, one GEMM each way, no autograd;
 - the features centred inside the solver (an exact reparametrization: the intercept absorbs the
-  mean) and a diagonal initial inverse Hessian from the feature variances and the penalty;
+  mean), and L-BFGS's initial inverse Hessian from the feature covariance and the penalty,
+  ``(a Cov(x) + I / (C n))^-1``, so that correlated, unevenly scaled embeddings converge like
+  whitened ones;
 - the sweep visits C in increasing order; each fit starts from the previous solution, or from
   the path extrapolated through the previous two (whichever has the lower objective), and keeps
   L-BFGS's curvature pairs (exact for the new C after a shift: only the quadratic penalty
@@ -32,6 +34,7 @@ in practice 1000 iterations.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -48,6 +51,23 @@ C_GRID = tuple(float(c) for c in 10.0 ** np.linspace(-6, 5, 45))
 DEFAULT_MAX_ITER = 1000
 DEFAULT_TOL = 1e-6
 HISTORY = 10  # L-BFGS memory, scipy's (and so scikit-learn's) default
+# Below this many multiply-adds per GEMM (N x (D + 1) x K) a CPU solve runs on one thread: the ops
+# are too small to gain from more, and on a busy machine each op's OpenMP hand-off waits for a
+# descheduled thread (measured: a 900 x 192 sweep ~50x slower on 2 threads of a loaded 2-core box).
+SINGLE_THREAD_WORK = 100_000_000
+
+
+@contextlib.contextmanager
+def _cpu_threads(device, work: int):
+    if torch.device(device).type != "cpu" or work >= SINGLE_THREAD_WORK:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -108,15 +128,16 @@ class _Memory:
                     self.push(s, y, sy)
         self.lam = lam
 
-    def gamma(self, h0: torch.Tensor) -> float:
+    def gamma(self, h0) -> float:
         """Scale of the initial matrix ``h0`` from the newest pair (1 without pairs)."""
         if not self.s:
             return 1.0
         y = self.y[-1]
-        return (1.0 / self.rho[-1]) / float((y * h0 * y).sum())
+        return (1.0 / self.rho[-1]) / float((y * h0(y)).sum())
 
-    def direction(self, g: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-        """``-H g`` by the two-loop recursion, ``H0 = gamma * diag(h0)``."""
+    def direction(self, g: torch.Tensor, h0) -> torch.Tensor:
+        """``-H g`` by the two-loop recursion, ``H0 = gamma * h0`` (``h0``: a function that
+        applies a fixed symmetric positive-definite matrix)."""
         q = g.clone()
         qf = q.view(-1)
         alphas = []
@@ -124,7 +145,8 @@ class _Memory:
             a = rho * float(torch.dot(s.view(-1), qf))
             q.sub_(y, alpha=a)
             alphas.append(a)
-        q.mul_(h0).mul_(self.gamma(h0))
+        q = h0(q).mul_(self.gamma(h0))
+        qf = q.view(-1)
         for s, y, rho, a in zip(self.s, self.y, self.rho, reversed(alphas)):
             q.add_(s, alpha=a - rho * float(torch.dot(y.view(-1), qf)))
         return q.neg_()
@@ -165,7 +187,10 @@ class _Problem:
         torch.sub(xt, self.mu, out=xa[:, : self.d])
         xa[:, self.d] = 1.0
         self.xa = xa
-        self.var = xa[:, : self.d].square().mean(0)  # per-feature variance, for the preconditioner
+        # eigenvectors of the feature covariance, for the preconditioner
+        xc = xa[:, : self.d]
+        evals, self.evecs = torch.linalg.eigh(xc.T @ xc / self.n)
+        self.evals = evals.clamp_min(0.0)
         yt = torch.from_numpy(y_idx.astype(np.int64)).to(device)
         self.y = yt.to(dtype)[None, :] if self.binary else yt
         # flat positions of the true class in the (K, N) logits
@@ -215,13 +240,22 @@ class _Problem:
         gb = grad[:, self.d :]
         return max(float((grad[:, : self.d] + gb * self.mu).abs().max()), float(gb.abs().max()))
 
-    def precond(self, lam: float) -> torch.Tensor:
-        """A diagonal inverse-Hessian estimate (1, D + 1), L-BFGS's initial matrix up to a scalar:
-        at uniform probabilities the data term's curvature along feature d is ``a * var_d`` with
-        ``a = p (1 - p)``, and the penalty adds ``lam``."""
+    def precond(self, lam: float):
+        """L-BFGS's initial inverse Hessian (up to a scalar), as a function: at uniform
+        probabilities the data term's Hessian for one class's weights is ``a * Cov(x)`` with
+        ``a = p (1 - p)``, the penalty adds ``lam * I``, and (features centred) the intercept's is
+        ``a``. ``(a Cov + lam I)^-1`` from the covariance's eigenvectors: two (K, D) x (D, D)
+        products per iteration, small beside the data GEMMs, and it makes correlated, unevenly
+        scaled features (embeddings are both) as easy as whitened ones."""
         a = 0.25 if self.binary else (1.0 / self.k) * (1.0 - 1.0 / self.k)
-        h = torch.cat([a * self.var + lam, self.var.new_full((1,), a)])
-        return (1.0 / h)[None, :]
+        u, inv = self.evecs, 1.0 / (a * self.evals + lam)
+        d = self.d
+
+        def apply(v: torch.Tensor) -> torch.Tensor:
+            w = ((v[:, :d] @ u) * inv) @ u.T
+            return torch.cat([w, v[:, d:] / a], dim=1)
+
+        return apply
 
     def solve(
         self,
@@ -249,7 +283,7 @@ class _Problem:
             gtd = float((g * d).sum())
             if not gtd < 0:  # not a descent direction (rounding): restart from the gradient
                 mem.s, mem.y, mem.rho = [], [], []
-                d = -(h0 * g)
+                d = -h0(g)
                 gtd = float((g * d).sum())
             t = 1.0
             for _ in range(60):  # backtracking: Armijo (c1 = 1e-4), quadratic interpolation
@@ -333,7 +367,8 @@ def fit_logreg(
     ``<= tol``, the objective stops changing, or after ``max_iter`` iterations. ``init``: start
     from this solution (same classes and width), e.g. the previous C of a sweep."""
     _check_fit_args(C, max_iter)
-    return _fit(_Problem(x, y, device, dtype), C, max_iter, tol, init)[0]
+    with _cpu_threads(device, int(np.prod(np.shape(x))) * len(np.unique(y))):
+        return _fit(_Problem(x, y, device, dtype), C, max_iter, tol, init)[0]
 
 
 @dataclass
@@ -433,6 +468,8 @@ def sweep_logreg(
     # Confident fits at large C drive probabilities into float64's denormal range, where x86
     # arithmetic is 10-30x slower: flush them to zero (torch has no getter: reset to its default).
     flush = prob.xa.device.type == "cpu" and torch.set_flush_denormal(True)
+    threads = _cpu_threads(device, prob.n * (prob.d + 1) * prob.k)
+    threads.__enter__()
     bar = tqdm(
         total=len(c_grid) + 1,
         desc="logreg",
@@ -461,12 +498,14 @@ def sweep_logreg(
             bar.set_postfix_str(f"C={C:.3g} iters={prev.n_iter} val_top1={acc:.4f}", refresh=False)
             bar.update(1)
         best_C = best[1].C
+        prob = thetas = mem = None  # free the training copy before the refit builds its own
         bar.set_postfix_str(f"refit on train+val, C={best_C:.3g}")
         # The refit on train + val starts from the chosen fit (a warm start: same optimum, sooner).
         model, _ = _fit(_Problem(x_all, y_all, device, dtype), best_C, max_iter, tol, init=best[1])
         bar.update(1)
     finally:
         bar.close()
+        threads.__exit__(None, None, None)
         if flush:
             torch.set_flush_denormal(False)
     top1 = _topk_accuracy(model, x_test, y_test, 1)
