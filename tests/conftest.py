@@ -30,3 +30,26 @@ def perturb_(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> tor
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
     return module
+
+
+@pytest.fixture
+def torchrun_pretrain(tmp_path):
+    """The command prefix that runs `vssl pretrain` in 2 gloo processes under torchrun (through a
+    launcher script, independent of the CLI wiring): append the recipe and its overrides."""
+    import sys
+
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(
+        "import argparse, sys\nfrom vssl.pretrain import add_pretrain_parser\n"
+        "p = argparse.ArgumentParser(prog='vssl')\nadd_pretrain_parser(p.add_subparsers())\n"
+        "a = p.parse_args(sys.argv[1:])\nsys.exit(a.func(a))\n"
+    )
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        str(launcher),
+        "pretrain",
+    ]

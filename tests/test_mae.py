@@ -478,28 +478,15 @@ def test_cpu_mae32_trains_resumes_exactly_and_exports_the_encoder(listing, tmp_p
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_cpu_mae32_under_torchrun(listing, tmp_path, strategy):
+def test_cpu_mae32_under_torchrun(listing, tmp_path, strategy, torchrun_pretrain):
     """2 processes (gloo): the MAE recipe trains, exits 0 and exports the whole encoder."""
     import subprocess
-    import sys
 
     from vssl.models.zoo import create_model
 
-    launcher = tmp_path / "launch.py"
-    launcher.write_text(
-        "import argparse, sys\nfrom vssl.pretrain import add_pretrain_parser\n"
-        "p = argparse.ArgumentParser(prog='vssl')\nadd_pretrain_parser(p.add_subparsers())\n"
-        "a = p.parse_args(sys.argv[1:])\nsys.exit(a.func(a))\n"
-    )
     run = tmp_path / "run"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        str(launcher),
-        "pretrain",
+        *torchrun_pretrain,
         "cpu_mae32",
         f"data.train={listing}",
         "train.max_steps=2",

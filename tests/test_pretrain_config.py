@@ -302,30 +302,19 @@ def test_missing_data_is_a_clear_error(tmp_path):
         run_pretrain(r)
 
 
-def test_pretrain_under_torchrun_fsdp2_exits_0_and_exports_the_full_encoder(shared_data, tmp_path):
+def test_pretrain_under_torchrun_fsdp2_exits_0_and_exports_the_full_encoder(
+    shared_data, tmp_path, torchrun_pretrain
+):
     import subprocess
-    import sys
 
     from vssl.models.zoo import create_model
 
     images = sorted((shared_data / "cifar10-subset" / "train" / "airplane").glob("*.jpg"))[:16]
     listing = tmp_path / "train.txt"
     listing.write_text("".join(f"{p}\n" for p in images))
-    launcher = tmp_path / "launch.py"  # `python -m vssl pretrain`, independent of the CLI wiring
-    launcher.write_text(
-        "import argparse, sys\nfrom vssl.pretrain import add_pretrain_parser\n"
-        "p = argparse.ArgumentParser(prog='vssl')\nadd_pretrain_parser(p.add_subparsers())\n"
-        "a = p.parse_args(sys.argv[1:])\nsys.exit(a.func(a))\n"
-    )
     run = tmp_path / "run"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        str(launcher),
-        "pretrain",
+        *torchrun_pretrain,
         "cpu_tiny32",
         f"data.train={listing}",
         "train.max_steps=1",
