@@ -390,6 +390,9 @@ def run_quickstart(
     recipe.train = dataclasses.replace(
         _rescale_schedule(recipe, steps), time_budget_s=max(train_seconds + t_eval * n_evals, 1.0)
     )
+    # the method was built before the steps were known: it plans from the rescaled config
+    # (DINOv2's prototype freeze and teacher warm-up in steps of this run)
+    method.cfg = recipe.method
     save_recipe(recipe, out / "config.yaml")
     _say(
         f"plan: {steps} steps of {recipe.train.batch_size_per_rank} images (~{t_step:.2f} s "
