@@ -26,7 +26,6 @@ __all__ = [
     "build_method",
     "build_monitor",
     "export_encoder",
-    "run_backbone",
     "run_pretrain",
     "schedule_summary",
 ]
@@ -314,16 +313,9 @@ def export_encoder(method, out_dir: Path, strategy: str, is_main: bool) -> Path 
     return save_vssl(backbone, out_dir / BACKBONE_FILE)
 
 
-#: The trained encoder in every run folder (``models.checkpoints.RUN_BACKBONE_FILES[0]``; runs
-#: from before the method contract wrote ``teacher_backbone.safetensors``, which is still read).
+#: The trained encoder in every run folder (runs from before the method contract wrote
+#: ``teacher_backbone.safetensors``; ``models.checkpoints.run_backbone`` reads both).
 BACKBONE_FILE = "backbone.safetensors"
-
-
-def run_backbone(run_dir: str | os.PathLike) -> Path | None:
-    """The exported encoder of a run folder, or None (``models.checkpoints.run_backbone``)."""
-    from .models.checkpoints import run_backbone as find
-
-    return find(run_dir)
 
 
 def run_pretrain(

@@ -34,7 +34,7 @@ from .base import MethodBase, register_method
 
 log = logging.getLogger("vssl")
 
-__all__ = ["MAE", "MAEConfig", "mae_loss", "patchify"]
+__all__ = ["MAE", "MAEConfig", "mae_loss", "patchify", "pixel_targets"]
 
 
 @dataclass
@@ -78,6 +78,17 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
 
 
+def pixel_targets(images: torch.Tensor, patch_size: int, norm_pix_loss: bool = True):
+    """MAE's targets: the patches (B, N, p*p*C), each normalized by its own mean and unbiased
+    variance (eps 1e-6) when ``norm_pix_loss``."""
+    target = patchify(images.float(), patch_size)
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    return target
+
+
 def mae_loss(
     images: torch.Tensor,
     pred: torch.Tensor,
@@ -86,12 +97,8 @@ def mae_loss(
     norm_pix_loss: bool = True,
 ) -> torch.Tensor:
     """MAE's loss: per-patch MSE (mean over pixels), averaged over the removed patches
-    (``mask`` 1) only; targets normalized per patch (unbiased variance, eps 1e-6)."""
-    target = patchify(images.float(), patch_size)
-    if norm_pix_loss:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    (``mask`` 1) only, against :func:`pixel_targets`."""
+    target = pixel_targets(images, patch_size, norm_pix_loss)
     per_patch = (pred.float() - target).square().mean(dim=-1)
     mask = mask.to(per_patch.dtype)
     return (per_patch * mask).sum() / mask.sum()
@@ -162,12 +169,8 @@ class MAE(MethodBase):
         out = self.student["backbone"](batch["image"], ids_keep=batch["ids_keep"], is_training=True)
         tokens = torch.cat((out["x_norm_clstoken"].unsqueeze(1), out["x_norm_patchtokens"]), 1)
         pred = self.student["decoder"](tokens, batch["ids_restore"])
-        target = patchify(batch["image"].float(), self.student["backbone"].config.patch_size)
-        if self.cfg.norm_pix_loss:
-            target = (target - target.mean(-1, keepdim=True)) / (
-                target.var(-1, keepdim=True) + 1e-6
-            ) ** 0.5
-        return pred, target
+        patch = self.student["backbone"].config.patch_size
+        return pred, pixel_targets(batch["image"], patch, self.cfg.norm_pix_loss)
 
     # -- continuing from released weights ------------------------------------------------------
     @torch.no_grad()
