@@ -142,6 +142,50 @@ def data_kwargs() -> dict:
     return dict(global_size=32, local_size=16, n_local=2, patch_size=8)
 
 
+#: Images per batch in the single-process trainer tests.
+B = 8
+
+
+def train_data(images, **kw):
+    """TrainData batches of ``B`` with DINOv2's photometric recipe minus the blur (kornia's blur is
+    most of a tiny step's time; TrainData's own tests keep it)."""
+    from vssl.data.augment import MultiCropPhotometric
+    from vssl.train import TrainData
+
+    args = dict(
+        batch_size=B,
+        seed=1,
+        batches_per_epoch=4,
+        photometric=MultiCropPhotometric(blur_p=0.0),
+        **data_kwargs(),
+    )
+    args.update(kw)
+    return TrainData(images, **args)
+
+
+def train_cfg(out, **kw):
+    """6 steps: 3 epochs of 2 iterations; warm-ups (and TinyDINO's freeze) last 1 epoch."""
+    from vssl.train import TrainConfig
+
+    args = dict(
+        epochs=3,
+        iters_per_epoch=2,
+        batch_size_per_rank=B,
+        base_lr=2e-2,
+        warmup_epochs=1,
+        log_every=1,
+        output_dir=str(out),
+        seed=3,
+    )
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+def state_of(method: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``method``'s state dict."""
+    return {k: v.detach().clone() for k, v in method.state_dict().items()}
+
+
 def main(lists: str, out_dir: str) -> None:
     import json
     import os

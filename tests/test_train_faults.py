@@ -20,16 +20,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from _torchrun_train import data_kwargs, make_method
+from _torchrun_train import make_method
+from _torchrun_train import state_of as _state
+from _torchrun_train import train_cfg as _cfg
+from _torchrun_train import train_data as _data
 from torch import nn
 
 import vssl.train.checkpoint as ck
 import vssl.train.loop as loop
-from vssl.data.augment import MultiCropPhotometric
 from vssl.train import (
     CheckpointError,
     TrainConfig,
-    TrainData,
     Trainer,
     latest_checkpoint,
     load_checkpoint,
@@ -45,8 +46,6 @@ from vssl.train.checkpoint import (
 )
 from vssl.train.loop import OutputDirError, TrainingAborted, check_output_dir
 
-B = 8
-
 
 @pytest.fixture
 def images(shared_data, tmp_path):
@@ -57,36 +56,6 @@ def images(shared_data, tmp_path):
     path = tmp_path / "train.txt"
     path.write_text("\n".join(rows) + "\n")
     return path
-
-
-def _data(images) -> TrainData:
-    return TrainData(
-        images,
-        batch_size=B,
-        seed=1,
-        batches_per_epoch=4,
-        photometric=MultiCropPhotometric(blur_p=0.0),
-        **data_kwargs(),
-    )
-
-
-def _cfg(out, **kw) -> TrainConfig:
-    args = dict(
-        epochs=3,
-        iters_per_epoch=2,
-        batch_size_per_rank=B,
-        base_lr=2e-2,
-        warmup_epochs=1,
-        log_every=1,
-        output_dir=str(out),
-        seed=3,
-    )
-    args.update(kw)
-    return TrainConfig(**args)
-
-
-def _state(method: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in method.state_dict().items()}
 
 
 def _fit(images, out, method=None, **kw) -> tuple[nn.Module, dict]:

@@ -8,7 +8,10 @@ import math
 
 import pytest
 import torch
-from _torchrun_train import data_kwargs, make_method
+from _torchrun_train import B, data_kwargs, make_method
+from _torchrun_train import state_of as _state
+from _torchrun_train import train_cfg as _cfg
+from _torchrun_train import train_data as _data
 from torch import nn
 
 from vssl.data.augment import MultiCropPhotometric
@@ -23,8 +26,6 @@ from vssl.train import (
     save_checkpoint,
 )
 from vssl.train.checkpoint import STATE_FILE, checkpoint_path, list_checkpoints
-
-B = 8  # images per batch
 
 
 @pytest.fixture
@@ -42,36 +43,6 @@ def images(cifar, tmp_path):
     path = tmp_path / "train.txt"
     path.write_text("\n".join(rows) + "\n")
     return path
-
-
-def _data(images, **kw) -> TrainData:
-    """Batches of 8 with DINOv2's photometric recipe minus the blur (kornia's blur is most of a
-    tiny step's time; TrainData's own tests keep it)."""
-    args = dict(
-        batch_size=B,
-        seed=1,
-        batches_per_epoch=4,
-        photometric=MultiCropPhotometric(blur_p=0.0),
-        **data_kwargs(),
-    )
-    args.update(kw)
-    return TrainData(images, **args)
-
-
-def _cfg(out, **kw) -> TrainConfig:
-    """6 steps: 3 epochs of 2 iterations; warm-ups (and TinyDINO's freeze) last 1 epoch."""
-    args = dict(
-        epochs=3,
-        iters_per_epoch=2,
-        batch_size_per_rank=B,
-        base_lr=2e-2,
-        warmup_epochs=1,
-        log_every=1,
-        output_dir=str(out),
-        seed=3,
-    )
-    args.update(kw)
-    return TrainConfig(**args)
 
 
 def _lines(out) -> list[dict]:
@@ -96,10 +67,6 @@ def _expected(step: int, total: int = 6, base_lr: float = 2e-2) -> dict:
         "momentum": cos(0.992, 1.0, step, total),
         "teacher_temp": [0.04, 0.07][step] if step < 2 else 0.07,
     }
-
-
-def _state(method: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in method.state_dict().items()}
 
 
 # --------------------------------------------------------------------------------- the loop
