@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate.cli import add_eval_parser
 
     add_eval_parser(sub)
+    from .curate.cli import add_curate_parser
+
+    add_curate_parser(sub)
     from .pretrain import add_pretrain_parser
     from .quickstart import add_quickstart_parser
 
