@@ -12,6 +12,7 @@ import torch
 from .base import Freeze, Method, MethodBase, StepPlan, get_method, list_methods, register_method
 from .dinov2 import DINOv2, DINOv2Config
 from .mae import MAE, MAEConfig
+from .splitmask import SplitMask, SplitMaskConfig
 
 __all__ = [
     "DINOv2",
@@ -21,6 +22,8 @@ __all__ = [
     "MAEConfig",
     "Method",
     "MethodBase",
+    "SplitMask",
+    "SplitMaskConfig",
     "StepPlan",
     "get_method",
     "list_methods",

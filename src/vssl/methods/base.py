@@ -12,6 +12,9 @@ method contract"). A method is an ``nn.Module`` that declares:
   batches from it;
 - :meth:`~Method.plan`: called once with the run's :class:`StepPlan`, so that schedules the method
   owns (DINOv2's teacher temperature and momentum) are functions of the step;
+- :meth:`~Method.prepare` (optional): on a fresh run, before the first step, the method may draw
+  batches to derive state from data (SplitMask's patch vocabulary); the state must live in
+  buffers, which the checkpoint keeps and the trainer copies from rank 0 to every rank;
 - ``forward(batch, step) -> {"loss": scalar, <term>: detached scalar, ...}``;
 - :meth:`~Method.after_step`: what happens after each optimizer step (EMA teacher, ...);
 - :meth:`~Method.scheduled`: the method's scheduled values at a step, logged by the trainer;
@@ -101,6 +104,10 @@ class MethodBase(nn.Module):
     def plan(self, plan: StepPlan) -> None:
         self.step_plan = plan
 
+    def prepare(self, batches: Any) -> None:
+        """Nothing to derive from data (SplitMask overrides this)."""
+        return None
+
     def after_step(self, step: int) -> None:
         return None
 
@@ -143,7 +150,7 @@ def register_method(name: str) -> Callable[[type], type]:
 
 def _load_builtin() -> None:
     """Import the methods shipped with vssl (they register themselves)."""
-    from . import dinov2, mae  # noqa: F401
+    from . import dinov2, mae, splitmask  # noqa: F401
 
 
 def list_methods() -> list[str]:

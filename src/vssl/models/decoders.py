@@ -19,7 +19,8 @@ __all__ = ["MAEDecoder", "describe_decoder", "mae_init_"]
 class MAEDecoder(nn.Module):
     """``forward(tokens, ids_restore)``: ``tokens`` (B, 1 + K, encoder_dim) are the encoder's
     normalized CLS + kept patch tokens, ``ids_restore`` (B, N) the inverse of the masking shuffle;
-    returns the predicted patches (B, N, patch_size**2 * in_chans) in MAE's (p, q, c) order.
+    returns the predicted patches (B, N, patch_size**2 * in_chans) in MAE's (p, q, c) order, or
+    (B, N, out_dim) when ``out_dim`` is given (SplitMask's vocabulary logits).
     The position embedding is MAE's fixed sin-cos (not trained)."""
 
     def __init__(
@@ -33,6 +34,7 @@ class MAEDecoder(nn.Module):
         mlp_ratio: float = 4.0,
         in_chans: int = 3,
         norm_eps: float = 1e-6,
+        out_dim: int | None = None,
     ):
         super().__init__()
         grid = int(round(num_patches**0.5))
@@ -56,13 +58,19 @@ class MAEDecoder(nn.Module):
         )
         self.decoder_blocks = nn.ModuleList(Block(cfg) for _ in range(depth))
         self.decoder_norm = nn.LayerNorm(dim, eps=norm_eps)
-        self.decoder_pred = nn.Linear(dim, patch_size * patch_size * in_chans)
+        # MAE predicts pixels (p*p*C per patch); SplitMask's token target predicts vocabulary logits
+        self.decoder_pred = nn.Linear(dim, out_dim or patch_size * patch_size * in_chans)
         if not self.mask_token.is_meta:
             mae_init_(self)
             with torch.no_grad():
                 self.decoder_pos_embed.copy_(sincos_pos_embed_2d(dim, grid))
 
     def forward(self, tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        return self.decoder_pred(self.forward_features(tokens, ids_restore))[:, 1:]
+
+    def forward_features(self, tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """The normalized decoder states (B, 1 + N, dim) before the prediction layer, CLS first
+        (SplitMask pools them for its contrastive term)."""
         x = self.decoder_embed(tokens)
         b, n_visible = x.shape[0], x.shape[1] - 1
         masked = self.mask_token.to(x.dtype).expand(b, ids_restore.shape[1] - n_visible, -1)
@@ -71,7 +79,7 @@ class MAEDecoder(nn.Module):
         x = torch.cat((x[:, :1], patches), dim=1) + self.decoder_pos_embed.to(x.dtype)
         for blk in self.decoder_blocks:
             x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        return self.decoder_norm(x)
 
 
 def describe_decoder(sd: dict[str, torch.Tensor]) -> dict:

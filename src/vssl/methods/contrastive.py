@@ -1,0 +1,67 @@
+"""Contrastive losses over the global batch: negatives gathered from every rank, with gradients.
+
+A contrastive loss needs the other images of the *global* batch as negatives. ``all_gather``
+returns tensors without history, so gradients would reach only this rank's own rows; that is
+open_clip's ``gather_with_grad=False`` approximation. :func:`all_gather_with_grad` keeps the exact
+gradient: its backward sums the gradients every rank computed for each row (one all-reduce, which
+gloo supports, unlike the reduce-scatter of ``torch.distributed.nn.all_gather``) and hands each
+rank the slice of its own rows. With DDP's gradient averaging, every rank then gets the gradient of
+the mean of the per-rank losses, as if one process had computed the loss over the whole batch.
+Written by hand because torch's own differentiable gather needs collectives gloo lacks on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = ["all_gather_with_grad", "info_nce"]
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        rank, world = _world()
+        ctx.rank, ctx.n = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's gradient for every row
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (n, ...) of every rank concatenated in rank order (world * n, ...); gradients flow
+    back to the rank that owns each row. One process: ``x`` itself. Every rank must pass the
+    same ``n``."""
+    _, world = _world()
+    if world == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between paired rows: ``a[i]`` should match ``b[i]`` against every other
+    row of ``b`` in the global batch, and the other way round (the mean of both directions).
+
+    ``a``, ``b``: (n, d) this rank's descriptors, L2-normalized here (cosine similarity / ``temperature``).
+    Computed in float32. The positives of this rank sit at ``rank * n + i`` of the gathered rows.
+    """
+    a = F.normalize(a.float(), dim=-1)
+    b = F.normalize(b.float(), dim=-1)
+    rank, _ = _world()
+    labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
+    logits_ab = a @ all_gather_with_grad(b).t() / temperature
+    logits_ba = b @ all_gather_with_grad(a).t() / temperature
+    return 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
