@@ -290,6 +290,7 @@ def run_quickstart(
     knn_images: int = 1000,
     k: int = 20,
     recipe: str = QUICKSTART_RECIPE,
+    steps: int | None = None,
 ) -> dict:
     """Pretrain a CPU recipe (default ``cpu_tiny32``; ``cpu_mae32`` works the same) within
     ``minutes`` (everything included), evaluate and report.
@@ -300,7 +301,8 @@ def run_quickstart(
     measured for the trained encoder (``method.encoder()``: DINOv2's teacher), the same architecture at its random
     initialization (the run's own starting point) and raw pixels. Writes ``report.html`` (loss
     and kNN curves, the three numbers, PCA maps of patch features) and ``quickstart.json`` into
-    ``output``; returns the summary.
+    ``output``; returns the summary. ``steps`` trains exactly that many steps instead of planning
+    them from the budget (the same run, and the same numbers, on any machine).
     """
     import dataclasses
 
@@ -317,6 +319,8 @@ def run_quickstart(
     budget = float(minutes) * 60.0
     if not budget > 0:
         raise ValueError(f"--minutes must be > 0, got {minutes}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {steps}")
     out = Path(output).expanduser()
     check_output_dir(out)  # a file in the way, no permission, read-only: one line, now
     _clear_quickstart(out)
@@ -373,6 +377,9 @@ def run_quickstart(
 
     # plan the run so that training, evaluations and the report fit the budget
     batches = _endless(data_obj)
+    prepare = getattr(method, "prepare", None)
+    if prepare is not None:  # what a method derives from data first (SplitMask's vocabulary)
+        prepare(batches)
     # + logging and the kNN evaluations' disturbance: real steps took 1.06x and 1.11x the probe
     # in two 20-minute CIFAR runs (a run cut by the time budget ends only its last few steps early)
     t_step = _time_step(method, batches) * 1.08
@@ -383,20 +390,27 @@ def run_quickstart(
     # outside this function (importing torch, exiting: 5 s more than t0 saw in `time vssl quickstart`)
     reserve = t_eval * (n_evals + 1) + 15.0
     train_seconds = budget - (time.perf_counter() - t0) - reserve
-    steps = max(1, int(train_seconds / t_step))
+    fixed = steps is not None  # a fixed number of steps: the budget does not stop the run
+    if not fixed:
+        steps = max(1, int(train_seconds / t_step))
     every = max(1, math.ceil(steps / n_evals)) if n_evals else None
     if monitor is not None:
         monitor.every_n_steps = every
     recipe.train = dataclasses.replace(
-        _rescale_schedule(recipe, steps), time_budget_s=max(train_seconds + t_eval * n_evals, 1.0)
+        _rescale_schedule(recipe, steps),
+        time_budget_s=None if fixed else max(train_seconds + t_eval * n_evals, 1.0),
     )
     # the method was built before the steps were known: it plans from the rescaled config
     # (DINOv2's prototype freeze and teacher warm-up in steps of this run)
     method.cfg = recipe.method
     save_recipe(recipe, out / "config.yaml")
     _say(
-        f"plan: {steps} steps of {recipe.train.batch_size_per_rank} images (~{t_step:.2f} s "
-        f"each) in {max(train_seconds, 0):.0f} s of a {budget:.0f} s budget"
+        f"plan: {steps} steps of {recipe.train.batch_size_per_rank} images (~{t_step:.2f} s each"
+        + (
+            ", fixed by --steps)"
+            if fixed
+            else f") in {max(train_seconds, 0):.0f} s of a {budget:.0f} s budget"
+        )
     )
 
     monitors = [_FirstResult(monitor, random_init)] if monitor is not None else []
@@ -541,6 +555,7 @@ def _quickstart_cmd(args) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         recipe=args.recipe,
+        steps=args.steps,
     )
     if result.get("stopped") == "interrupted":
         return _signal_exit_code(result.get("signal"))
@@ -588,6 +603,13 @@ def add_quickstart_parser(subparsers) -> argparse.ArgumentParser:
         default=QUICKSTART_RECIPE,
         metavar="NAME",
         help="the CPU recipe to run (default cpu_tiny32, DINOv2; cpu_mae32: MAE)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        metavar="N",
+        help="train exactly N steps instead of planning them from --minutes (the same run, "
+        "and the same numbers, on a fast or a slow machine)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
