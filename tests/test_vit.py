@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import perturb_
 
 import vssl
+from vssl.models.vit import VisionTransformer
 
 
 @pytest.fixture
@@ -176,3 +177,71 @@ def test_config_validation():
         vssl.ViTConfig(embed_dim=50, num_heads=3)
     with pytest.raises(ValueError, match="ffn must be"):
         vssl.ViTConfig(ffn="relu")
+
+
+# ------------------------------------------------------------------------ the convolutional stem
+def test_conv_stem_is_xiao_et_al_minimal_stem_against_functional_ops():
+    """log2(p) 3x3 stride-2 convs with BatchNorm (batch statistics in training) and ReLU, widths
+    doubling up to the ViT width, then a 1x1 conv: computed here op by op."""
+
+    torch.manual_seed(0)
+    m = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, stem="conv"
+    )
+    convs = [c for c in m.patch_embed.stem if isinstance(c, torch.nn.Conv2d)]
+    bns = [b for b in m.patch_embed.stem if isinstance(b, torch.nn.BatchNorm2d)]
+    assert [tuple(c.weight.shape) for c in convs] == [
+        (12, 3, 3, 3),
+        (24, 12, 3, 3),
+        (48, 24, 3, 3),
+        (48, 48, 1, 1),
+    ]
+    with torch.no_grad():
+        for b in bns:  # off their init, so a swapped scale/shift would show
+            b.weight.uniform_(0.5, 1.5)
+            b.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(4, 3, 32, 32)
+    h = x
+    for c, b in zip(convs[:3], bns):
+        h = F.conv2d(h, c.weight, stride=2, padding=1)
+        mean, var = h.mean((0, 2, 3), keepdim=True), h.var((0, 2, 3), unbiased=False, keepdim=True)
+        h = (h - mean) / torch.sqrt(var + 1e-5) * b.weight.view(1, -1, 1, 1) + b.bias.view(
+            1, -1, 1, 1
+        )
+        h = h.clamp(min=0)
+    h = F.conv2d(h, convs[3].weight, convs[3].bias)
+    expected = h.flatten(2).transpose(1, 2)
+    m.train()
+    torch.testing.assert_close(m.patch_embed(x), expected, rtol=1e-4, atol=1e-5)
+    assert m.forward_features(torch.randn(2, 3, 16, 16))["x_norm_patchtokens"].shape == (2, 4, 48)
+
+
+def test_conv_stem_round_trips_and_refuses_what_has_no_equivalent(tmp_path):
+    from vssl.models.checkpoints import (
+        CheckpointError,
+        export_hf,
+        infer_architecture,
+        load_model,
+        save_vssl,
+    )
+
+    torch.manual_seed(1)
+    m = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, stem="conv"
+    )
+    m.train()
+    m(torch.randn(8, 3, 32, 32))  # BatchNorm running statistics move off their init
+    m.eval()
+    loaded = load_model(save_vssl(m, tmp_path / "m.safetensors")).eval()
+    assert loaded.config.stem == "conv"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), m(x))
+    arch = infer_architecture(m.state_dict())
+    assert (arch["stem"], arch["patch_size"], arch["embed_dim"]) == ("conv", 8, 48)
+    with pytest.raises(CheckpointError, match="no transformers equivalent"):
+        export_hf(m, tmp_path / "hf")
+    with pytest.raises(ValueError, match="power of 2"):
+        VisionTransformer(
+            img_size=36, patch_size=6, embed_dim=48, depth=1, num_heads=3, stem="conv"
+        )

@@ -748,6 +748,15 @@ def infer_architecture(sd: dict[str, torch.Tensor]) -> dict:
     w = sd.get("patch_embed.proj.weight")
     if w is not None and w.ndim == 4:
         arch["embed_dim"], arch["in_chans"], arch["patch_size"] = w.shape[0], w.shape[1], w.shape[2]
+    stem = sorted(
+        (k for k in sd if re.match(r"^patch_embed\.stem\.\d+\.weight$", k)),
+        key=lambda k: int(k.split(".")[2]),
+    )
+    if stem:  # ConvStem: stride-2 3x3 convs, then the 1x1 conv to the width
+        convs = [sd[k] for k in stem if sd[k].ndim == 4]
+        arch["stem"] = "conv"
+        arch["in_chans"], arch["embed_dim"] = convs[0].shape[1], convs[-1].shape[0]
+        arch["patch_size"] = 2 ** sum(1 for c in convs if c.shape[-1] == 3)
     idx = [int(m.group(1)) for k in sd if (m := re.match(r"^blocks\.(\d+)\.", k))]
     if idx:
         arch["depth"] = max(idx) + 1
@@ -790,6 +799,7 @@ def _config_arch(cfg: ViTConfig) -> dict:
         "qkv_bias": cfg.qkv_bias,
         "proj_bias": cfg.proj_bias,
         "ffn_bias": cfg.ffn_bias,
+        "stem": cfg.stem,
     }
 
 
@@ -1044,6 +1054,12 @@ def _native_to_hf(model: VisionTransformer) -> dict[str, torch.Tensor]:
 
 def hf_config_for(model: VisionTransformer) -> dict:
     cfg = model.config
+    if cfg.stem != "patch":
+        raise CheckpointError(
+            f"a ViT with stem={cfg.stem!r} has no transformers equivalent (Dinov2Model and "
+            "ViTModel patchify with one strided conv): keep it in vssl's format (--to vssl) or "
+            "as a native .pth"
+        )
     base = {
         "hidden_size": cfg.embed_dim,
         "num_hidden_layers": cfg.depth,
