@@ -137,8 +137,18 @@ def main(argv=None) -> int:
         help="images per split for kNN (class-balanced; default: all of CIFAR subset)",
     )
     ap.add_argument("--output", type=Path, default=None, help="run folder (default: a temp dir)")
-    ap.add_argument("--recipe", default="cpu_tiny32", help="cpu_tiny32 (DINOv2) or cpu_mae32 (MAE)")
+    ap.add_argument(
+        "--recipe",
+        default="cpu_tiny32",
+        help="cpu_tiny32 (DINOv2), cpu_mae32 (MAE) or cpu_splitmask32 (SplitMask)",
+    )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="train exactly this many steps instead of planning them from --minutes",
+    )
     ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.base_lr=3e-3")
     args = ap.parse_args(argv)
     if not (args.data / "train").is_dir():
@@ -160,6 +170,7 @@ def main(argv=None) -> int:
         progress=False,
         recipe=args.recipe,
         seed=args.seed,
+        steps=args.steps,
     )
     probe = linear_probes(args, res)
     steps_per_s = res["steps"] / res["train_seconds"]

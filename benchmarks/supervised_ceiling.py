@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--stem", default="patch", choices=["patch", "conv"], help="the ViT's stem (model.stem)"
+    )
     args = ap.parse_args(argv)
     if not (args.data / "train").is_dir():
         print(f"no {args.data}/train: pass --data", file=sys.stderr)
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
     from vssl.models import create_model
 
     torch.manual_seed(args.seed)
-    model = create_model(args.model, random_init=True)
+    model = create_model(args.model, random_init=True, stem=args.stem)
     # the images, labels and CLS features of pretrain_cifar.py's evaluator (KNNMonitor)
     monitor = KNNMonitor(
         args.data / "train",

@@ -125,6 +125,16 @@ def _splitmask(target: str, seed: int = 0) -> SplitMask:
     return m
 
 
+class _Data:
+    """What SplitMask.prepare reads: ``batches(epoch)``."""
+
+    def __init__(self, batches):
+        self._batches = batches
+
+    def batches(self, epoch):
+        return iter(self._batches)
+
+
 def _batch(n: int = 4, seed: int = 3) -> dict:
     from vssl.data.masking import split_halves
 
@@ -180,7 +190,7 @@ def _reference_loss(m: SplitMask, batch: dict) -> float:
 def test_loss_against_a_per_image_loop(target):
     m = _splitmask(target)
     batch = _batch()
-    m.prepare(iter([{"image": torch.randn(4, 3, 32, 32)} for _ in range(3)]))
+    m.prepare(_Data([{"image": torch.randn(4, 3, 32, 32)} for _ in range(3)]))
     assert (m.tokenizer is not None) == (target == "tokens")
     out = m(batch, 0)
     assert set(out) == {"loss", "inpaint", "contrastive"}
@@ -198,16 +208,19 @@ def test_prepare_builds_the_vocabulary_once_from_training_patches():
     m = _splitmask("tokens")
     seen = []
 
-    def batches():
+    def batches(epoch):
+        assert epoch == 0
         for i in range(10):
             seen.append(i)
             yield {"image": torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(i))}
 
-    m.prepare(batches())
+    data = _Data(None)
+    data.batches = batches
+    m.prepare(data)
     # 64 patches wanted, one image of 16 patches per batch: exactly 4 batches drawn
     assert seen == [0, 1, 2, 3] and m.tokenizer.is_fitted
     codebook = m.tokenizer.codebook.clone()
-    m.prepare(batches())  # already built (or loaded from a checkpoint): kept
+    m.prepare(data)  # already built (or loaded from a checkpoint): kept
     assert seen == [0, 1, 2, 3] and torch.equal(m.tokenizer.codebook, codebook)
     assert "tokenizer.codebook" in m.state_dict()
 

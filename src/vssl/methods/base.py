@@ -12,9 +12,10 @@ method contract"). A method is an ``nn.Module`` that declares:
   batches from it;
 - :meth:`~Method.plan`: called once with the run's :class:`StepPlan`, so that schedules the method
   owns (DINOv2's teacher temperature and momentum) are functions of the step;
-- :meth:`~Method.prepare` (optional): on a fresh run, before the first step, the method may draw
-  batches to derive state from data (SplitMask's patch vocabulary); the state must live in
-  buffers, which the checkpoint keeps and the trainer copies from rank 0 to every rank;
+- :meth:`~Method.prepare` (optional): ``prepare(data, run_dir)`` before the first step of every
+  start (fresh, or resumed after the checkpoint is loaded): the method may derive state from the
+  training data (``data.batches(epoch)``; SplitMask's patch vocabulary) or keep files in the run
+  folder. State in buffers is checkpointed and copied by the trainer from rank 0 to every rank;
 - ``forward(batch, step) -> {"loss": scalar, <term>: detached scalar, ...}``;
 - :meth:`~Method.after_step`: what happens after each optimizer step (EMA teacher, ...);
 - :meth:`~Method.scheduled`: the method's scheduled values at a step, logged by the trainer;
@@ -104,8 +105,8 @@ class MethodBase(nn.Module):
     def plan(self, plan: StepPlan) -> None:
         self.step_plan = plan
 
-    def prepare(self, batches: Any) -> None:
-        """Nothing to derive from data (SplitMask overrides this)."""
+    def prepare(self, data: Any, run_dir: Any) -> None:
+        """Nothing to derive from the data (SplitMask overrides this)."""
         return None
 
     def after_step(self, step: int) -> None:

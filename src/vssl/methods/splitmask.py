@@ -157,11 +157,28 @@ class SplitMask(MethodBase):
         )
 
     @torch.no_grad()
-    def prepare(self, batches) -> None:
-        """Build the patch vocabulary from the run's first batches (token targets only; a
-        vocabulary already built or loaded is kept)."""
+    def prepare(self, data, run_dir=None) -> None:
+        """Build the patch vocabulary from the first batches of ``data`` (anything with
+        ``batches(epoch)``, e.g. :class:`vssl.train.data.TrainData`), for token targets only. A
+        vocabulary already built, or loaded with a checkpoint, is kept."""
         if self.tokenizer is None or self.tokenizer.is_fitted:
             return
+        batches = iter(data.batches(0))
+        try:
+            patches = self._sample_patches(batches)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # stops a loader's workers
+        info = self.tokenizer.fit(patches)
+        log.info(
+            "SplitMask vocabulary: %d entries from %d patches (%d in use)",
+            info["vocab_size"],
+            info["patches"],
+            info["used"],
+        )
+
+    def _sample_patches(self, batches) -> torch.Tensor:
         p = self.student["backbone"].config.patch_size
         parts, n = [], 0
         for i, batch in enumerate(batches):
@@ -176,13 +193,7 @@ class SplitMask(MethodBase):
         if patches.shape[0] > self.cfg.vocab_samples:
             keep = torch.randperm(patches.shape[0], generator=torch.Generator().manual_seed(0))
             patches = patches[keep[: self.cfg.vocab_samples]]
-        info = self.tokenizer.fit(patches)
-        log.info(
-            "SplitMask vocabulary: %d entries from %d patches (%d in use)",
-            info["vocab_size"],
-            info["patches"],
-            info["used"],
-        )
+        return patches
 
     def forward(self, batch: dict, step: int | None = None) -> dict[str, torch.Tensor]:
         missing = [k for k in ("image", "ids_a", "ids_b") if k not in batch]

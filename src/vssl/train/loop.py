@@ -5,8 +5,8 @@ The trainer knows no method: it drives anything that keeps the contract of
 
 - ``method.student``: the modules the optimizer trains (a ``ModuleDict``; the child named
   ``backbone`` gets layer-wise lr decay);
-- ``method.plan(StepPlan)`` once before training; on a fresh run the optional
-  ``method.prepare(batches)`` (a method that must see data first); ``method(batch, step) -> {"loss": scalar,
+- ``method.plan(StepPlan)`` once before training; the optional ``method.prepare(data, run_dir)``
+  before the first step of every start (a method that must see data first); ``method(batch, step) -> {"loss": scalar,
   <term>: detached scalar, ...}`` every step; ``method.after_step(step)`` after every optimizer
   step; ``method.scheduled(step)`` (the method's own scheduled values, logged);
   ``method.frozen_parameters()`` (held still until a step); ``method.encoder()`` (what the
@@ -465,8 +465,7 @@ class Trainer:
                     f"differs from an uninterrupted run",
                 )
             _say(info, f"resumed from step {start_step:,} ({resume_from})")
-        else:
-            self._prepare()
+        self._prepare(out_dir)
         metrics_path = out_dir / "metrics.jsonl"
         if info.is_main:  # a fresh run drops what a run that never checkpointed left behind
             _truncate_metrics(metrics_path, start_step if resume_from is not None else -1)
@@ -636,20 +635,16 @@ class Trainer:
             values = flags.tolist()
         return bool(values[0]), int(values[1]), bool(values[2])
 
-    def _prepare(self) -> None:
-        """A fresh run lets the method look at data before its first step (the optional
-        ``method.prepare(batches)``: SplitMask fits its patch vocabulary there). Each rank saw
-        its own images, so what the method derived (its buffers) is then taken from rank 0; a
-        resumed run has it in its checkpoint instead."""
+    def _prepare(self, out_dir: Path) -> None:
+        """Before the first step of every start (fresh or resumed, after the checkpoint is
+        loaded) the method may derive what it needs from the data (the optional
+        ``method.prepare(data, run_dir)``: SplitMask's patch vocabulary, CLIP's tokenizer). Each
+        rank saw its own images, so the method's buffers are then taken from rank 0."""
         prepare = getattr(self.method, "prepare", None)
         if prepare is None:
             return
-        batches = iter(self.data.batches(0, 0))
-        try:
-            with torch.no_grad():
-                prepare(batches)
-        finally:
-            batches.close()  # stops the loader's workers
+        with torch.no_grad():
+            prepare(self.data, out_dir)
         if self.info.distributed:
             for buf in self.method.buffers():
                 dist.broadcast(buf, src=0)
