@@ -120,6 +120,12 @@ def test_settings_are_checked():
         _cfg("a", "b", "c", pool="max")
 
 
+def test_a_zoo_name_needs_weights_or_random_init(folders, tmp_path):
+    train, test = folders
+    with pytest.raises(ValueError, match="pass --weights PATH .* or --random-init"):
+        finetune(_cfg(train, test, tmp_path / "o", random_init=False))
+
+
 # ------------------------------------------------------------------------------------ model
 def test_layer_decay_multipliers_follow_maes_formula():
     backbone = create_model("vit-test-p14", random_init=True)  # depth 2
@@ -149,6 +155,28 @@ def test_layer_decay_multipliers_follow_maes_formula():
     n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
     assert len(seen) == n_trainable
     assert math.isclose(model.head.weight.std().item(), 2e-5, rel_tol=0.3)
+
+
+def test_heads_pool_as_mae_and_dinov2_do():
+    backbone = perturb_(create_model("vit-test-p14", random_init=True))
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ref = backbone.forward_features(x)
+        avg = Classifier(copy.deepcopy(backbone), 3, "avg")
+        perturb_(avg.head, seed=1), perturb_(avg.fc_norm, seed=2)  # off their init values
+        # MAE's global pool: mean of the patch tokens before the encoder norm, then fc_norm
+        pooled = torch.nn.functional.layer_norm(
+            ref["x_prenorm"][:, 1:].mean(dim=1),
+            (32,),
+            avg.fc_norm.weight,
+            avg.fc_norm.bias,
+            eps=1e-6,
+        )
+        assert torch.allclose(avg(x), pooled @ avg.head.weight.T + avg.head.bias, atol=1e-5)
+        cls = Classifier(copy.deepcopy(backbone), 3, "cls")
+        perturb_(cls.head, seed=3)
+        expected = ref["x_norm_clstoken"] @ cls.head.weight.T + cls.head.bias
+        assert torch.allclose(cls(x), expected, atol=1e-5)
 
 
 def test_position_embedding_resampled_as_embed_does():

@@ -352,6 +352,11 @@ def load_backbone(cfg: FinetuneConfig) -> tuple[nn.Module, str]:
     from .models.zoo import create_model, is_zoo_name
 
     zoo = is_zoo_name(cfg.model)
+    if zoo and cfg.weights is None and not cfg.random_init:
+        raise ValueError(
+            f"{cfg.model} is a zoo name without weights: pass --weights PATH to fine-tune "
+            "pretrained weights, or --random-init to fine-tune from scratch"
+        )
     if zoo and cfg.random_init:
         model = create_model(cfg.model, random_init=True, seed=cfg.seed)
         return model, f"{cfg.model} with RANDOM weights (seed {cfg.seed}): no pretraining"
@@ -687,8 +692,8 @@ def finetune(cfg: FinetuneConfig, *, stop_after_epoch: int | None = None) -> Fin
                 bar.set_postfix(loss=f"{global_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
             bar.close()
             train_seconds = time.perf_counter() - t0
-            h1, h5, n, bad = evaluate(
-                wrapped, _loader(test_set, test_batches, num_workers), device, autocast
+            h1, h5, n, bad = evaluate(  # each rank its shard: no DDP collective in here
+                model, _loader(test_set, test_batches, num_workers), device, autocast
             )
             h1, h5, n, bad, skipped = _all_sum([h1, h5, n, bad, skipped], info)
             if n == 0:
@@ -931,9 +936,9 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run_finetune(args: argparse.Namespace) -> int:
-    """The ``vssl finetune`` command."""
-    cfg = FinetuneConfig(
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """The settings of a parsed ``vssl finetune`` command line."""
+    return FinetuneConfig(
         model=args.model,
         train=args.train,
         test=args.test,
@@ -971,6 +976,11 @@ def run_finetune(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         run_name=args.run_name,
     )
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    """The ``vssl finetune`` command."""
+    cfg = config_from_args(args)
     result = finetune(cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
