@@ -227,7 +227,7 @@ def test_learns_lr_schedule_best_checkpoint_and_results(tmp_path, folders):
         train,
         test,
         tmp_path / "run",
-        epochs=3,
+        epochs=2,
         warmup_epochs=1,
         lr=3e-3,
         min_lr=1e-5,
@@ -242,12 +242,15 @@ def test_learns_lr_schedule_best_checkpoint_and_results(tmp_path, folders):
     result = finetune(cfg)
     record_result(cfg, result)
     rows = [json.loads(x) for x in (tmp_path / "run" / METRICS).read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2, 3]
-    # colour classes: a fine-tuned ViT separates them
+    assert [r["epoch"] for r in rows] == [1, 2]
+    # colour classes: the loss falls from log(3) (a fresh head) and the test images are separated
+    assert (
+        rows[0]["train_loss"] < math.log(3) and rows[1]["train_loss"] < rows[0]["train_loss"] - 0.1
+    )
     assert result.best_top1 == 1.0, rows
     # lr of each epoch's last step (24 images / 4 = 6 steps per epoch, 6 warm-up steps):
     # MAE's linear warm-up, then a half-cycle cosine from the peak to min_lr
-    total, warm = 18, 6
+    total, warm = 12, 6
     for r in rows:
         step = r["epoch"] * 6 - 1
         if step < warm:  # MAE's warm-up: lr x step / warm-up steps
