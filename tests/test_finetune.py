@@ -206,6 +206,9 @@ def test_resume_continues_exactly(tmp_path, folders):
         finetune(_cfg(train, test, tmp_path / "b", **kw))
     with pytest.raises(Exception, match="other settings .*layer_decay"):
         finetune(_cfg(train, test, tmp_path / "b", resume=True, **kw, layer_decay=0.5))
+    # a crash after epoch 2 was logged but before its checkpoint: the resume drops that line
+    with open(tmp_path / "b" / METRICS, "a") as f:
+        f.write(json.dumps({"epoch": 2, "test_top1": -1.0}) + "\n")
     resumed = finetune(_cfg(train, test, tmp_path / "b", resume=True, **kw))
     assert resumed.epochs_run == 1
     a, b = _tensors(tmp_path / "a" / LAST), _tensors(tmp_path / "b" / LAST)

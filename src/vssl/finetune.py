@@ -487,12 +487,13 @@ def _all_sum(values: list[float], info) -> list[float]:
     return t.cpu().tolist()
 
 
-def _rewrite_metrics(path: Path, keep_before: int) -> list[dict]:
-    """Keep the lines of epochs < ``keep_before`` (a resumed run redoes the later ones)."""
+def _rewrite_metrics(path: Path, finished: int) -> list[dict]:
+    """Keep the lines of the first ``finished`` epochs: a resumed run redoes the later ones (an
+    epoch logged after its checkpoint was written is never counted twice)."""
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("epoch", 0) <= keep_before]
+    rows = [r for r in rows if r.get("epoch", 0) <= finished]
     text = "".join(json.dumps(r) + "\n" for r in rows)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return rows
@@ -724,15 +725,15 @@ def finetune(cfg: FinetuneConfig, *, stop_after_epoch: int | None = None) -> Fin
                 "settings": settings,
                 "rng": "re-seeded every step from (seed, step, rank): nothing to restore",
             }
+            if info.is_main:  # before the checkpoint: a resume drops a line it did not keep
+                history.append(row)
+                with open(out / METRICS, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
             save_checkpoint(
                 checkpoint_path(out, (epoch + 1) * iters),
                 {"model": model, "optimizer": optimizer, "meta": meta},
                 keep_last=1,
             )
-            if info.is_main:
-                history.append(row)
-                with open(out / METRICS, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
             _log(
                 info,
                 f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, test top-1 "
