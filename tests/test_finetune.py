@@ -4,6 +4,7 @@ checkpoint, results, real images and torchrun, all on tiny models."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -363,3 +364,33 @@ def test_torchrun_two_processes(tmp_path, folders):
     )
     top1 = next(r["value"] for r in rows if r["metric"] == "top1")
     assert n == 9 and h1 / n == pytest.approx(top1)
+
+
+def test_hf_folder_and_zoo_name_with_weights(tmp_path, folders):
+    """The other ways vssl loads a backbone: a transformers folder, a zoo name with --weights."""
+    from vssl.models.checkpoints import export_hf, save_vssl
+
+    train, test = folders
+    source = perturb_(create_model("vit-test-p14", random_init=True, seed=3))
+    export_hf(source, tmp_path / "hf")
+    save_vssl(source, tmp_path / "w.safetensors")
+    other = create_model("vit-test-p14", random_init=True, seed=4)  # what a wrong load would give
+    runs = {
+        "hf": _cfg(train, test, tmp_path / "o1", model=str(tmp_path / "hf"), random_init=False),
+        "zoo": _cfg(
+            train,
+            test,
+            tmp_path / "o2",
+            weights=str(tmp_path / "w.safetensors"),
+            random_init=False,
+            pool="cls",
+        ),
+    }
+    for name, cfg in runs.items():
+        result = finetune(dataclasses.replace(cfg, epochs=1, batch_size=8))
+        assert result.epochs_run == 1 and 0.0 <= result.top1 <= 1.0, name
+        trained, _ = load_classifier(tmp_path / ("o1" if name == "hf" else "o2") / LAST)
+        # the backbone started from the source's weights: 3 small steps later it is still close
+        trained_w = trained.backbone.blocks[0].attn.qkv.weight
+        assert (trained_w - source.blocks[0].attn.qkv.weight).abs().max() < 0.01, name
+        assert (trained_w - other.blocks[0].attn.qkv.weight).abs().max() > 0.01, name
