@@ -842,72 +842,114 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     )
     g.add_argument("--num-workers", type=int, default=None, metavar="N", help="decoding processes")
     o = p.add_argument_group("optimization")
-    o.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
+    o.add_argument("--epochs", metavar="N", type=int, default=d.epochs, help=f"default {d.epochs}")
     o.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help=f"per process (default {d.batch_size})"
+        "--batch-size",
+        metavar="N",
+        type=int,
+        default=d.batch_size,
+        help=f"per process (default {d.batch_size})",
     )
     o.add_argument(
-        "--lr", type=float, default=None, help="peak learning rate (default: --blr x batch / 256)"
+        "--lr",
+        metavar="X",
+        type=float,
+        default=None,
+        help="peak learning rate (default: --blr x batch / 256)",
     )
     o.add_argument(
         "--blr",
+        metavar="X",
         type=float,
         default=d.blr,
         help=f"base lr for a global batch of 256 (default {d.blr:g})",
     )
-    o.add_argument("--min-lr", type=float, default=d.min_lr, help=f"default {d.min_lr:g}")
     o.add_argument(
-        "--warmup-epochs", type=float, default=d.warmup_epochs, help=f"default {d.warmup_epochs:g}"
+        "--min-lr", metavar="X", type=float, default=d.min_lr, help=f"default {d.min_lr:g}"
     )
     o.add_argument(
-        "--weight-decay", type=float, default=d.weight_decay, help=f"default {d.weight_decay:g}"
+        "--warmup-epochs",
+        metavar="X",
+        type=float,
+        default=d.warmup_epochs,
+        help=f"default {d.warmup_epochs:g}",
+    )
+    o.add_argument(
+        "--weight-decay",
+        metavar="X",
+        type=float,
+        default=d.weight_decay,
+        help=f"default {d.weight_decay:g}",
     )
     o.add_argument(
         "--layer-decay",
+        metavar="X",
         type=float,
         default=d.layer_decay,
         help=f"lr x decay^(depth + 1 - layer) per block (default {d.layer_decay:g}; 1 = off)",
     )
-    o.add_argument("--clip-grad", type=float, default=None, help="gradient norm clip (default off)")
-    o.add_argument("--beta1", type=float, default=d.beta1, help=f"AdamW (default {d.beta1:g})")
-    o.add_argument("--beta2", type=float, default=d.beta2, help=f"AdamW (default {d.beta2:g})")
+    o.add_argument(
+        "--clip-grad",
+        metavar="X",
+        type=float,
+        default=None,
+        help="gradient norm clip (default off)",
+    )
+    o.add_argument(
+        "--beta1", metavar="X", type=float, default=d.beta1, help=f"AdamW (default {d.beta1:g})"
+    )
+    o.add_argument(
+        "--beta2", metavar="X", type=float, default=d.beta2, help=f"AdamW (default {d.beta2:g})"
+    )
     r = p.add_argument_group("regularization")
-    r.add_argument("--drop-path", type=float, default=d.drop_path, help=f"default {d.drop_path:g}")
     r.add_argument(
-        "--mixup", type=float, default=d.mixup, help=f"Mixup alpha, 0 = off (default {d.mixup:g})"
+        "--drop-path", metavar="X", type=float, default=d.drop_path, help=f"default {d.drop_path:g}"
+    )
+    r.add_argument(
+        "--mixup",
+        metavar="X",
+        type=float,
+        default=d.mixup,
+        help=f"Mixup alpha, 0 = off (default {d.mixup:g})",
     )
     r.add_argument(
         "--cutmix",
+        metavar="X",
         type=float,
         default=d.cutmix,
         help=f"CutMix alpha, 0 = off (default {d.cutmix:g})",
     )
     r.add_argument(
         "--mixup-prob",
+        metavar="X",
         type=float,
         default=d.mixup_prob,
         help=f"probability to mix a batch (default {d.mixup_prob:g})",
     )
     r.add_argument(
         "--mixup-switch-prob",
+        metavar="X",
         type=float,
         default=d.mixup_switch_prob,
         help=f"CutMix instead of Mixup when both are on (default {d.mixup_switch_prob:g})",
     )
     r.add_argument(
         "--label-smoothing",
+        metavar="X",
         type=float,
         default=d.label_smoothing,
         help=f"default {d.label_smoothing:g}",
     )
     r.add_argument(
         "--randaug-n",
+        metavar="N",
         type=int,
         default=d.randaug_n,
-        help=f"RandAugment operations per image, 0 = off (default {d.randaug_n})",
+        help=f"RandAugment operations (kornia draws them per batch), 0 = off (default {d.randaug_n})",
     )
     r.add_argument(
         "--randaug-m",
+        metavar="N",
         type=int,
         default=d.randaug_m,
         help=f"RandAugment magnitude of 30 (kornia's scale; default {d.randaug_m} = timm's m9)",
@@ -927,7 +969,7 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
         help="run folder (default runs/finetune)",
     )
     m.add_argument("--resume", action="store_true", help="continue the run in --output exactly")
-    m.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
+    m.add_argument("--seed", metavar="N", type=int, default=d.seed, help=f"default {d.seed}")
     m.add_argument(
         "--device", default=None, help="torch device (default: cuda:LOCAL_RANK if any, else cpu)"
     )
