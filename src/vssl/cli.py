@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_pretrain_parser(sub)
     add_quickstart_parser(sub)
+    from .finetune import add_finetune_parser
+
+    add_finetune_parser(sub)
     return parser
 
 
