@@ -189,6 +189,14 @@ def test_quickstart_end_to_end_report(tmp_path, capsys):
     tex, teys = _pixels(data / "test")
     assert knn["raw_pixels"] == pytest.approx(_weighted_knn_top1(trx, trys, tex, teys, k=20))
     assert f"raw pixels {knn['raw_pixels']:.3f}" in printed
+    # the plain verdict: learned only with +0.10 over random init and +0.05 over raw pixels
+    from vssl.quickstart import verdict
+
+    expected = (
+        knn["trained"] >= knn["random_init"] + 0.1 and knn["trained"] >= knn["raw_pixels"] + 0.05
+    )
+    assert summary["learned"] is expected
+    assert verdict(knn, summary["steps"]) in printed
 
     page = (out / "report.html").read_text()
     for heading in (
@@ -248,3 +256,17 @@ def test_quickstart_splits_class_folders_80_20(tmp_path):
     assert not {p for p, _ in train} & {p for p, _ in test}
     assert src.labelled and src.train == str(out / "train.txt")
     assert [Path(p).parent.name for p in src.pca_images] == ["a", "b", "a", "b"]
+
+
+def test_quickstart_verdict_needs_both_margins():
+    from vssl.quickstart import learned, verdict
+
+    assert learned({"trained": 0.30, "random_init": 0.20, "raw_pixels": 0.25})
+    assert not learned({"trained": 0.29, "random_init": 0.20, "raw_pixels": 0.20})  # +0.09
+    assert not learned({"trained": 0.40, "random_init": 0.10, "raw_pixels": 0.36})  # +0.04
+    text = verdict({"trained": 0.096, "random_init": 0.100, "raw_pixels": 0.178}, 150)
+    assert text.startswith("not learned yet (-0.004 over random init, -0.082 over raw pixels")
+    assert "150 steps" in text and "--minutes 20" in text
+    assert verdict({"trained": 0.4, "random_init": 0.2, "raw_pixels": 0.3}, 9).startswith(
+        "pretraining learned: +0.200 over random init, +0.100 over raw pixels"
+    )

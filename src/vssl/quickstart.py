@@ -231,6 +231,35 @@ def _time_step(method, batches, n: int = 4) -> float:
     return statistics.median(times[1:])
 
 
+#: What shows that pretraining learned something (issue 12): kNN top-1 at least this far above
+#: the same architecture at random init, and above raw pixels.
+MARGIN_RANDOM_INIT, MARGIN_RAW_PIXELS = 0.10, 0.05
+
+
+def learned(knn: dict[str, float]) -> bool:
+    """Whether the trained encoder's kNN clears both baselines by the margins above."""
+    return (
+        knn["trained"] >= knn["random_init"] + MARGIN_RANDOM_INIT - 1e-9
+        and knn["trained"] >= knn["raw_pixels"] + MARGIN_RAW_PIXELS - 1e-9
+    )
+
+
+def verdict(knn: dict[str, float], steps: int) -> str:
+    """One plain sentence on what the kNN numbers say, for the terminal and the report."""
+    gains = (
+        f"{knn['trained'] - knn['random_init']:+.3f} over random init, "
+        f"{knn['trained'] - knn['raw_pixels']:+.3f} over raw pixels"
+    )
+    if learned(knn):
+        return f"pretraining learned: {gains}."
+    return (
+        f"not learned yet ({gains}; learning shows as +{MARGIN_RANDOM_INIT:.2f} and "
+        f"+{MARGIN_RAW_PIXELS:.2f}): {steps} steps on this CPU are too few for a ViT to learn "
+        'these images; even trained with the labels it needs more (BENCHMARKS.md, "The '
+        'quickstart"). Give it more time (--minutes 20) or a GPU.'
+    )
+
+
 def _fastest_threads(method, batches) -> float:
     """Time a step with torch's default thread count and with one thread, keep the faster, and
     return its seconds. On a busy machine (other jobs on the cores) OpenMP threads wait for each
@@ -570,6 +599,10 @@ def _run_quickstart(
         f"({summary['images_per_s']:.1f} images/s); {elapsed:.0f} s in all, stopped: "
         f"{summary['stopped']}.</p>"
     )
+    if knn:
+        import html
+
+        intro += f"<p><b>{html.escape(verdict(knn, summary['step']))}</b></p>"
     baselines = (
         {"random init": knn["random_init"], "raw pixels": knn["raw_pixels"]} if knn else None
     )
@@ -589,6 +622,7 @@ def _run_quickstart(
         "budget_seconds": budget,
         "knn_k": k if knn else None,
         "knn_top1": knn or None,
+        "learned": learned(knn) if knn else None,
         "checkpoint": summary["checkpoint"],
         "backbone": str(exported),
     }
@@ -598,6 +632,7 @@ def _run_quickstart(
             f"kNN top-1 (k={k}): trained {knn['trained']:.3f} | random init "
             f"{knn['random_init']:.3f} | raw pixels {knn['raw_pixels']:.3f}"
         )
+        _say(verdict(knn, summary["step"]))
     _say(f"report: {report} ({result['seconds']:.0f} s)")
     return result
 
