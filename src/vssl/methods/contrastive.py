@@ -3,11 +3,11 @@
 A contrastive loss needs the other images of the *global* batch as negatives. ``all_gather``
 returns tensors without history, so gradients would reach only this rank's own rows; that is
 open_clip's ``gather_with_grad=False`` approximation. :func:`all_gather_with_grad` keeps the exact
-gradient: its backward sums the gradients every rank computed for each row (one all-reduce, which
-gloo supports, unlike the reduce-scatter of ``torch.distributed.nn.all_gather``) and hands each
-rank the slice of its own rows. With DDP's gradient averaging, every rank then gets the gradient of
-the mean of the per-rank losses, as if one process had computed the loss over the whole batch.
-Written by hand because torch's own differentiable gather needs collectives gloo lacks on CPU.
+gradient (``torch.distributed.nn.all_gather``, open_clip's ``gather_with_grad=True``): its backward
+sums the gradients every rank computed for each row (reduce-scatter on NCCL, all-to-all on gloo)
+and hands each rank those of its own rows. With DDP's gradient averaging, every rank then gets the
+gradient of the mean of the per-rank losses, as if one process had computed the loss over the
+whole batch (tests/_torchrun_contrastive.py checks it on 2 gloo ranks).
 """
 
 from __future__ import annotations
@@ -25,22 +25,6 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        rank, world = _world()
-        ctx.rank, ctx.n = rank, x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every rank's gradient for every row
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
-
-
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """``x`` (n, ...) of every rank concatenated in rank order (world * n, ...); gradients flow
     back to the rank that owns each row. One process: ``x`` itself. Every rank must pass the
@@ -48,7 +32,9 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     _, world = _world()
     if world == 1:
         return x
-    return _GatherWithGrad.apply(x)
+    from torch.distributed import nn as dist_nn
+
+    return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
