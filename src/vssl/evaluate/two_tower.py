@@ -6,8 +6,8 @@ vssl trains, a transformers checkpoint (:func:`load_two_tower`), or a test doubl
 back *unnormalized*, exactly what the model's ``get_image_features``/``get_text_features`` return;
 the evaluators normalize, so one convention holds for every model.
 
-:func:`load_two_tower` reads local transformers directories holding ``CLIPModel``, ``AlignModel``
-(Kakao's ALIGN) or ``SiglipModel``, tokenizing each the way the model was trained (see
+:func:`load_two_tower` reads a ``vssl pretrain`` run of the ``clip`` method, or local transformers
+directories holding ``CLIPModel``, ``AlignModel`` (Kakao's ALIGN) or ``SiglipModel``, tokenizing each the way the model was trained (see
 ``_TEXT_RULES``). Images go through the directory's image processor with the PIL backend: the
 torchvision ("fast") processors are not used, so no torchvision install is needed.
 """
@@ -163,8 +163,9 @@ def load_two_tower(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     batch_size: int = 64,
-) -> HFTwoTower:
-    """Load a local transformers directory holding a CLIP, ALIGN or SigLIP model.
+) -> TwoTowerModel:
+    """Load a local transformers directory holding a CLIP, ALIGN or SigLIP model, or a finished
+    ``vssl pretrain`` run of the ``clip`` method (:func:`vssl.methods.clip.load_run`, float32).
 
     The family comes from ``config.json``'s ``model_type``. Raises ValueError (saying what to
     change) for a missing directory, an unsupported type, or an unreadable tokenizer/processor.
@@ -173,6 +174,10 @@ def load_two_tower(
 
     d = Path(path).expanduser()
     cfg_file = d / "config.json"
+    if d.is_dir() and not cfg_file.is_file() and (d / "config.yaml").is_file():
+        from ..methods.clip import load_run  # a `vssl pretrain` run of the clip method
+
+        return load_run(d, device=device, batch_size=batch_size)
     if not d.is_dir():
         raise ValueError(
             f"two-tower model directory not found: {d} (give a local transformers "

@@ -407,3 +407,106 @@ class CLIP(MethodBase):
         if self.cfg.lock_image:
             backbone.requires_grad_(False)
         return {"source": ck.source, "format": ck.format, "backbone": True}
+
+
+# ----------------------------------------------------------------------- a finished run as a model
+class CLIPRun:
+    """A finished ``clip`` run folder as a two-tower model (``encode_image`` of PIL images,
+    ``encode_text`` of strings, unnormalized), for ``vssl eval zeroshot / retrieval`` and
+    ``vssl classify`` (:mod:`vssl.evaluate.two_tower`). Images are resized to the tower's
+    resolution and center-cropped (CLIP's evaluation transform), normalized as in training."""
+
+    def __init__(self, method: CLIP, *, device="cpu", batch_size: int = 64, name: str = ""):
+        from ..data.transforms import EvalTransform
+
+        self.method = method.to(device).eval()
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.name = name
+        self.transform = EvalTransform(method.student["backbone"].config.img_size, resize_ratio=1.0)
+
+    def __repr__(self) -> str:
+        return f"CLIPRun({self.name}, loss={self.method.cfg.loss})"
+
+    @torch.inference_mode()
+    def encode_image(self, images: list) -> torch.Tensor:
+        if len(images) == 0:
+            raise ValueError("encode_image needs at least one image")
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            x = torch.stack(
+                [self.transform(im.convert("RGB")) for im in images[i : i + self.batch_size]]
+            )
+            out.append(self.method.encode_image(x.to(self.device)).float().cpu())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            raise TypeError("encode_text takes a list of strings, not one string")
+        if len(texts) == 0:
+            raise ValueError("encode_text needs at least one text")
+        out = [
+            self.method.encode_text(list(texts[i : i + self.batch_size])).float().cpu()
+            for i in range(0, len(texts), self.batch_size)
+        ]
+        return torch.cat(out)
+
+
+def is_two_tower_run(path: str | os.PathLike) -> bool:
+    """A ``vssl pretrain`` run folder of this method (its ``config.yaml`` says ``clip``)."""
+    import yaml
+
+    cfg = Path(path) / "config.yaml"
+    if not cfg.is_file():
+        return False
+    try:
+        raw = yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and (raw.get("method") or {}).get("name") == "clip"
+
+
+def load_run(run_dir: str | os.PathLike, *, device="cpu", batch_size: int = 64) -> CLIPRun:
+    """The two towers of a finished ``clip`` run: ``backbone.safetensors`` (the image tower),
+    ``two_tower.safetensors`` (projection, text tower, logit scale) and ``tokenizer.json``."""
+    from safetensors.torch import load_file
+
+    from ..models.checkpoints import run_backbone
+    from ..models.zoo import create_model
+    from ..train.config import load_recipe
+
+    run = Path(run_dir)
+    if not is_two_tower_run(run):
+        raise ValueError(
+            f"{run} is not a two-tower run (its config.yaml does not say method.name: clip): "
+            "zero-shot and retrieval need a text tower; an SSL run's encoder works with "
+            "`vssl eval knn / linear`"
+        )
+    backbone_file = run_backbone(run)
+    towers = run / TWO_TOWER_FILE
+    if backbone_file is None or not towers.is_file():
+        raise ValueError(
+            f"{run} has no {TWO_TOWER_FILE} / backbone.safetensors yet: they are written when "
+            "the run ends; resume it (`vssl pretrain` on the same output folder) to finish it"
+        )
+    recipe = load_recipe(run / "config.yaml")
+    backbone = create_model(str(backbone_file))
+    method = CLIP(backbone, recipe.method)
+    sd = load_file(str(towers))
+    own = {k: v for k, v in method.student.state_dict().items() if not k.startswith("backbone.")}
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{towers} does not fit the run's method config: missing {missing[:6]}, "
+            f"unexpected {unexpected[:6]}"
+        )
+    method.student.load_state_dict(
+        {**sd, **{f"backbone.{k}": v for k, v in backbone.state_dict().items()}}
+    )
+    if recipe.method.text_model is None:
+        tok = run / TOKENIZER_FILE
+        if not tok.is_file():
+            raise ValueError(f"{run} has no {TOKENIZER_FILE}: the text tower cannot read text")
+        method.set_tokenizer(BPETokenizer.from_file(tok))
+    return CLIPRun(method, device=device, batch_size=batch_size, name=str(run))
