@@ -230,3 +230,19 @@ def test_transformers_text_model_as_text_tower(tmp_path):
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
     assert method.student["text"].model.embeddings.word_embeddings.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "name", ["clip_vitb16", "align_base", "siglip_vitb16", "lit_dinov2_vitb14", "lit_webdino_1b"]
+)
+def test_recipes_build(name):
+    from vssl.pretrain import build_method
+    from vssl.train.config import load_recipe
+
+    method, _ = build_method(load_recipe(name), meta=True)
+    text = sum(p.numel() for p in method.student["text"].parameters())
+    if name == "clip_vitb16":
+        # CLIP's paper (Sec. 2.4): "a 63M-parameter 12-layer 512-wide model with 8 heads"
+        assert abs(text - 63.4e6) < 0.1e6
+    trainable = {n.split(".")[0] for n, p in method.student.named_parameters() if p.requires_grad}
+    assert ("backbone" in trainable) == (not name.startswith("lit_"))
