@@ -237,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_pretrain_parser(sub)
     add_quickstart_parser(sub)
+    from .classify import add_classify_parser
+    from .compare import add_compare_parser
+
+    add_classify_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 

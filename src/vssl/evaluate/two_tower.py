@@ -25,7 +25,14 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["HFTwoTower", "SUPPORTED_TYPES", "TwoTowerModel", "encode_image_files", "load_two_tower"]
+__all__ = [
+    "HFTwoTower",
+    "SUPPORTED_TYPES",
+    "TwoTowerModel",
+    "encode_image_files",
+    "load_two_tower",
+    "pil_image_processor",
+]
 
 
 @runtime_checkable
@@ -157,6 +164,22 @@ class HFTwoTower:
         return torch.cat(out)
 
 
+def pil_image_processor(d: str | os.PathLike):
+    """The directory's image processor with the PIL backend: the default "fast" ones need
+    torchvision. transformers 5 picks the backend with ``backend=``, 4.x with ``use_fast=False``."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    major = int(transformers.__version__.split(".")[0])
+    kw = {"backend": "pil"} if major >= 5 else {"use_fast": False}
+    try:
+        return AutoImageProcessor.from_pretrained(d, **kw)
+    except Exception as exc:  # noqa: BLE001 - an unreadable processor is a user error: name it
+        raise ValueError(
+            f"cannot load the image processor in {d} (preprocessor_config.json): {exc}"
+        ) from exc
+
+
 def load_two_tower(
     path: str | os.PathLike,
     *,
@@ -196,8 +219,7 @@ def load_two_tower(
             "SiglipModel)"
         )
 
-    import transformers
-    from transformers import AlignModel, AutoImageProcessor, AutoTokenizer, CLIPModel, SiglipModel
+    from transformers import AlignModel, AutoTokenizer, CLIPModel, SiglipModel
 
     cls = {"clip": CLIPModel, "align": AlignModel, "siglip": SiglipModel}[model_type]
     torch_dtype = parse_dtype(dtype) or torch.float32
@@ -214,16 +236,7 @@ def load_two_tower(
             else ""
         )
         raise ValueError(f"cannot load the tokenizer in {d}: {exc}{hint}") from exc
-    # The PIL processors: the default "fast" ones need torchvision. transformers 5 picks the
-    # backend with `backend=`, 4.x with `use_fast=False`.
-    major = int(transformers.__version__.split(".")[0])
-    kw = {"backend": "pil"} if major >= 5 else {"use_fast": False}
-    try:
-        processor = AutoImageProcessor.from_pretrained(d, **kw)
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(
-            f"cannot load the image processor in {d} (preprocessor_config.json): {exc}"
-        ) from exc
+    processor = pil_image_processor(d)
     model = model.to(device)
     return HFTwoTower(
         model,
