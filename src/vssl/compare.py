@@ -30,7 +30,6 @@ import html
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,11 +65,13 @@ def train_recipe(
     minutes: float,
     overrides: list[str] = (),
     *,
+    steps: int | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> dict:
-    """Train ``recipe_name`` on ``data`` for ``minutes`` of training in ``run_dir`` (module doc);
-    returns ``{"steps", "seconds", "captions"}``."""
+    """Train ``recipe_name`` on ``data`` for ``minutes`` of training in ``run_dir`` (module doc),
+    or for exactly ``steps`` steps (the schedule compressed into them; ``minutes`` still caps
+    the time); returns ``{"steps", "seconds", "captions"}``."""
     import torch
 
     from .pretrain import build_data, build_method, run_pretrain
@@ -88,19 +89,24 @@ def train_recipe(
         recipe.data.captions = "templates"  # a labelled folder has no captions of its own
         captions = "class-name templates"
     data_obj = build_data(recipe, method.views(), device="cpu")
-    if hasattr(method, "prepare"):
-        method.prepare(data_obj, run_dir)  # e.g. the tokenizer, before the probe's forward
-    batches = _endless(data_obj)
-    t_step = _time_step(method, batches) * 1.08  # quickstart's measured overhead factor
-    batches.close()
-    del batches, data_obj, method
-    steps = max(1, int(minutes * 60.0 / t_step))
+    if steps is None:
+        if hasattr(method, "prepare"):
+            method.prepare(data_obj, run_dir)  # e.g. the tokenizer, before the probe's forward
+        batches = _endless(data_obj)
+        t_step = _time_step(method, batches) * 1.08  # quickstart's measured overhead factor
+        batches.close()
+        del batches
+        steps = max(1, int(minutes * 60.0 / t_step))
+        plan = f"{steps} steps of ~{t_step:.2f} s in {minutes:g} min"
+    else:
+        plan = f"{steps} steps (at most {minutes:g} min)"
+    del data_obj, method
     recipe.train = dataclasses.replace(
         _rescale_schedule(recipe, steps), time_budget_s=max(minutes * 60.0, 1.0)
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, run_dir / "config.yaml")
-    _say(f"{recipe_name}: {steps} steps of ~{t_step:.2f} s in {minutes:g} min -> {run_dir}")
+    _say(f"{recipe_name}: {plan} -> {run_dir}")
     summary = run_pretrain(recipe, progress=progress)
     return {"steps": summary["step"], "seconds": summary["seconds"], "captions": captions}
 
@@ -250,6 +256,7 @@ def run_compare(
     overrides: list[str] = (),
     results_file: str | None = None,
     max_per_split: int | None = 5000,
+    steps: int | None = None,
     seed: int = 0,
     c_grid=None,
     progress: bool = False,
@@ -264,6 +271,8 @@ def run_compare(
         raise ValueError("give at least one recipe or run folder to compare")
     if not minutes > 0:
         raise ValueError(f"--minutes must be > 0, got {minutes}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
     for name, p in (("--data", data), ("--test", test)):
         if not Path(p).is_dir():
             raise FileNotFoundError(f"{name} {p} is not a folder of class subfolders")
@@ -276,7 +285,7 @@ def run_compare(
     for entry, label in zip(entries, labels):
         path = Path(entry)
         note = None
-        steps = seconds = None
+        run_steps = seconds = None
         if _is_run(path):
             run_dir = path
             note = "given run"
@@ -285,19 +294,25 @@ def run_compare(
             if run_backbone(run_dir) is not None:
                 note = "reused run"
             else:
-                t = time.perf_counter()
                 info = train_recipe(
-                    entry, data, run_dir, minutes, overrides, seed=seed, progress=progress
+                    entry,
+                    data,
+                    run_dir,
+                    minutes,
+                    overrides,
+                    steps=steps,
+                    seed=seed,
+                    progress=progress,
                 )
-                steps, seconds = info["steps"], time.perf_counter() - t
+                run_steps, seconds = info["steps"], info["seconds"]
                 if info["captions"]:
                     note = f"captions: {info['captions']}"
-        if steps is None:
+        if run_steps is None:  # a reused or given run: what its metrics say
             metrics_file = run_dir / "metrics.jsonl"
             if metrics_file.is_file():
-                last = metrics_file.read_text(encoding="utf-8").strip().splitlines()
-                rows = [json.loads(x) for x in last if x.strip().startswith("{")]
-                steps = max((r.get("step", 0) for r in rows), default=None)
+                lines = metrics_file.read_text(encoding="utf-8").strip().splitlines()
+                rows = [json.loads(x) for x in lines if x.strip().startswith("{")]
+                run_steps = max((r.get("step", 0) for r in rows), default=None)
                 seconds = max((r.get("seconds", 0) for r in rows), default=None)
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
         method = str((cfg.get("method") or {}).get("name", "?"))
@@ -319,7 +334,7 @@ def run_compare(
                     "compare": str(out),
                     "method": method,
                     "minutes": minutes,
-                    "steps": steps,
+                    "steps": run_steps,
                     **{k: v for k, v in vals.items() if k != "top1"},
                 },
             )
@@ -328,7 +343,7 @@ def run_compare(
                 "label": label,
                 "method": method,
                 "run": str(run_dir),
-                "steps": steps,
+                "steps": run_steps,
                 "seconds": seconds,
                 "metrics": metrics,
                 "note": note,
@@ -391,6 +406,14 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
         metavar="FILE",
         help="append every number here (default vssl_results.jsonl; '-': nowhere)",
     )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train every recipe for exactly N steps instead of what fits --minutes (which "
+        "still caps each run)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd)
     return p
@@ -406,6 +429,7 @@ def _cmd(args: argparse.Namespace) -> int:
         overrides=args.set,
         results_file=args.results,
         max_per_split=args.max_per_split or None,
+        steps=args.steps,
         seed=args.seed,
         progress=sys.stderr.isatty(),
     )

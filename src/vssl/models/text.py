@@ -41,6 +41,17 @@ SPECIAL_TOKENS = ("<pad>", "<sot>", "<eot>")  # ids 0, 1, 2
 
 
 # ------------------------------------------------------------------------------------ tokenizer
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise ImportError(
+            "the text tower's BPE needs the `tokenizers` library: pip install tokenizers "
+            "(or vssl's clip extra)"
+        ) from None
+    return tokenizers
+
+
 class BPETokenizer:
     """``tokenizer(texts) -> (ids (N, L) long, lengths (N,) long)`` from a ``tokenizer.json``
     written by :func:`train_bpe_tokenizer` (every sequence padded to the context length ``L``)."""
@@ -62,8 +73,7 @@ class BPETokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> BPETokenizer:
-        from tokenizers import Tokenizer
-
+        Tokenizer = _tokenizers().Tokenizer
         try:
             return cls(Tokenizer.from_file(str(path)))
         except Exception as exc:  # noqa: BLE001 - a broken file is a user error: name it
@@ -85,9 +95,7 @@ class BPETokenizer:
 
     @classmethod
     def from_json(cls, text: str) -> BPETokenizer:
-        from tokenizers import Tokenizer
-
-        return cls(Tokenizer.from_str(text))
+        return cls(_tokenizers().Tokenizer.from_str(text))
 
     def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(texts, str):
@@ -104,6 +112,7 @@ def train_bpe_tokenizer(
     """A byte-level BPE (GPT-2 / CLIP style: lower-cased, NFC) trained on ``texts`` with at most
     ``vocab_size`` tokens, wrapping each text as ``<sot> ... <eot>``, truncated and padded to
     ``context_length`` (the truncation keeps ``<eot>`` last, as the post-processor adds it)."""
+    _tokenizers()
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers.trainers import BpeTrainer
 
