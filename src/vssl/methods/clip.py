@@ -416,14 +416,25 @@ class CLIPRun:
     ``vssl classify`` (:mod:`vssl.evaluate.two_tower`). Images are resized to the tower's
     resolution and center-cropped (CLIP's evaluation transform), normalized as in training."""
 
-    def __init__(self, method: CLIP, *, device="cpu", batch_size: int = 64, name: str = ""):
+    def __init__(
+        self,
+        method: CLIP,
+        *,
+        resolution: int | None = None,
+        device="cpu",
+        batch_size: int = 64,
+        name: str = "",
+    ):
         from ..data.transforms import EvalTransform
 
         self.method = method.to(device).eval()
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.name = name
-        self.transform = EvalTransform(method.student["backbone"].config.img_size, resize_ratio=1.0)
+        # the size the run trained at (data.global_size), not the backbone's position grid
+        # (DINOv2's is 518 while LiT trains it at 224)
+        size = resolution or method.student["backbone"].config.img_size
+        self.transform = EvalTransform(size, resize_ratio=1.0)
 
     def __repr__(self) -> str:
         return f"CLIPRun({self.name}, loss={self.method.cfg.loss})"
@@ -509,4 +520,10 @@ def load_run(run_dir: str | os.PathLike, *, device="cpu", batch_size: int = 64) 
         if not tok.is_file():
             raise ValueError(f"{run} has no {TOKENIZER_FILE}: the text tower cannot read text")
         method.set_tokenizer(BPETokenizer.from_file(tok))
-    return CLIPRun(method, device=device, batch_size=batch_size, name=str(run))
+    return CLIPRun(
+        method,
+        resolution=recipe.data.global_size,
+        device=device,
+        batch_size=batch_size,
+        name=str(run),
+    )
