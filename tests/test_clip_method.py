@@ -246,3 +246,42 @@ def test_recipes_build(name):
         assert abs(text - 63.4e6) < 0.1e6
     trainable = {n.split(".")[0] for n, p in method.student.named_parameters() if p.requires_grad}
     assert ("backbone" in trainable) == (not name.startswith("lit_"))
+
+
+def test_two_rank_pretrain_shares_the_tokenizer_and_exports(torchrun_pretrain, tmp_path):
+    """2 gloo ranks (DDP): rank 0's tokenizer is broadcast, the all-gathered loss trains, and the
+    run folder is a two-tower model afterwards."""
+    import os
+    import subprocess
+
+    data = _folder(tmp_path / "train")
+    out = tmp_path / "run"
+    overrides = [
+        f"data.train={data}",
+        "data.captions=templates",
+        "data.num_workers=0",
+        "model.depth=1",
+        "method.embed_dim=16",
+        "method.vocab_size=512",
+        "method.context_length=16",
+        "method.text_width=32",
+        "method.text_depth=1",
+        "method.text_heads=2",
+        "train.batch_size_per_rank=4",
+        "train.max_steps=2",
+        f"train.output_dir={out}",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [*torchrun_pretrain, "cpu_clip32", *overrides, "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = load_run(out)
+    emb = model.encode_text(["a photo of a cat.", "a photo of a dog."])
+    assert emb.shape == (2, 16) and torch.isfinite(emb).all()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) >= 1 and "logit_scale" in lines[-1]

@@ -256,6 +256,9 @@ class CLIP(MethodBase):
                 "logit": LogitScale(cfg.init_logit_scale, cfg.init_logit_bias),
             }
         )
+        if getattr(backbone, "mask_token", None) is not None:
+            # never masked here: a parameter without gradient would stall DDP's reducer
+            backbone.mask_token.requires_grad_(False)
         if cfg.lock_image:
             backbone.requires_grad_(False)
         self.tokenizer: BPETokenizer | None = None

@@ -289,6 +289,8 @@ class HFTextTower(nn.Module):
             self.tokenizer = AutoTokenizer.from_pretrained(d)
         except Exception as exc:  # noqa: BLE001 - an unreadable directory is a user error
             raise ValueError(f"cannot load a text model from {d}: {exc}") from exc
+        if getattr(self.model, "pooler", None) is not None:
+            self.model.pooler = None  # BERT's pooler is not used: unused parameters stall DDP
         self.path, self.pool = str(d), pool
         limits = [max_length, getattr(self.model.config, "max_position_embeddings", None)]
         tok_max = getattr(self.tokenizer, "model_max_length", None)
