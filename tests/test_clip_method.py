@@ -285,3 +285,20 @@ def test_two_rank_pretrain_shares_the_tokenizer_and_exports(torchrun_pretrain, t
     assert emb.shape == (2, 16) and torch.isfinite(emb).all()
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) >= 1 and "logit_scale" in lines[-1]
+
+
+def test_template_captions_name_the_class_and_repeat_exactly(tmp_path):
+    from vssl.data.views import ViewSpec
+    from vssl.train.data import TrainData
+
+    data = _folder(tmp_path / "train")
+    spec = ViewSpec("single", captions=True)
+    kw = dict(batch_size=8, global_size=32, photometric=None, views=spec, captions="templates")
+    a = next(TrainData(data, **kw).batches(0))
+    b = next(TrainData(data, **kw).batches(0))
+    assert a["caption"] == b["caption"]  # a function of (seed, epoch, step): exact resume
+    for caption, label in zip(a["caption"], a["label"].tolist()):
+        assert ["cat", "dog"][label] in caption and caption != ["cat", "dog"][label]
+    assert len(set(a["caption"])) > 2  # templates are drawn per sample
+    with pytest.raises(ValueError, match="captions must be one of"):
+        TrainData(data, **{**kw, "captions": "labels"})

@@ -258,7 +258,6 @@ class TrainData:
             local_scale=local_scale,
             photometric=photometric,
         )
-        self.caption_mode = captions
 
         self.stream: ShardStream | None = None
         self.dataset: FileDataset | None = None
