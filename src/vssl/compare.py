@@ -370,7 +370,11 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "compare",
         help="train recipes on the same images for the same budget and compare their encoders",
-        description=__doc__.split("\n\n")[1].replace("\n", " "),
+        description="Train each recipe on the same images (--data) for the same training time "
+        "(--minutes, or --steps), reuse finished runs and run folders given as paths, evaluate "
+        "every encoder with the same protocols on --test (kNN k=20, a logistic-regression linear "
+        "probe, zero-shot where the run has a text tower) and write OUTPUT/compare.md and "
+        "OUTPUT/compare.html (one row per method); every number is appended to --results.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
