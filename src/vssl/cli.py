@@ -240,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .finetune import add_finetune_parser
 
     add_finetune_parser(sub)
+    from .classify import add_classify_parser
+    from .compare import add_compare_parser
+
+    add_classify_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 

@@ -580,6 +580,13 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
         metavar="N",
         help=f"refuse larger images as decompression bombs (default {DEFAULT_MAX_PIXELS})",
     )
+    p.add_argument(
+        "--text",
+        metavar="FILE",
+        default=None,
+        help="two-tower MODEL (CLIP / ALIGN / SigLIP directory, clip run): also embed these "
+        "lines with the text tower (text_embeddings.npy)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_embed)
     return p
@@ -625,6 +632,22 @@ def run_embed(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         return _fail(f"--output {out} exists and is not a folder")
+    from .embed_two_tower import embed_two_tower, is_two_tower
+
+    if is_two_tower(args.model):  # image-text models: their own module (vssl.embed_two_tower)
+        embed_two_tower(
+            args.model,
+            inputs,
+            out,
+            text_file=args.text,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+            progress=not args.no_progress,
+        )
+        return 0
+    if args.text is not None:
+        return _fail("--text needs a two-tower MODEL (a CLIP / ALIGN / SigLIP directory)")
 
     from .cli import parse_overrides
     from .models import create_model, list_models

@@ -145,6 +145,7 @@ def build_data(
         epoch_len=d.epoch_len,
         shuffle_buffer=d.shuffle_buffer,
         resampled=d.resampled,
+        captions=d.captions,
         **kwargs,
     )
 
@@ -313,6 +314,22 @@ def export_encoder(method, out_dir: Path, strategy: str, is_main: bool) -> Path 
     return save_vssl(backbone, out_dir / BACKBONE_FILE)
 
 
+def export_extra(method, out_dir: Path, strategy: str, is_main: bool) -> Path | None:
+    """A method's own export beside the encoder (optional ``method.export(out_dir, state)``,
+    e.g. CLIP's text tower), given the full state dict of ``method.student``."""
+    if not hasattr(method, "export"):
+        return None
+    if strategy == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(
+            method.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    else:
+        sd = method.student.state_dict()
+    return method.export(out_dir, sd) if is_main else None
+
+
 #: The trained encoder in every run folder (runs from before the method contract wrote
 #: ``teacher_backbone.safetensors``; ``models.checkpoints.run_backbone`` reads both).
 BACKBONE_FILE = "backbone.safetensors"
@@ -389,6 +406,9 @@ def run_pretrain(
         exported = export_encoder(method, out_dir, strategy, main)
         if exported is not None:
             summary["backbone"] = str(exported)
+        extra = export_extra(method, out_dir, strategy, main)
+        if extra is not None:
+            summary["exported"] = str(extra)
         if main:
             from .viz.report import read_metrics, training_report, write_page
 

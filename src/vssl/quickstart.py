@@ -35,6 +35,8 @@ _QUICKSTART_FILES = (
     "quickstart.json",
     BACKBONE_FILE,
     "teacher_backbone.safetensors",
+    "two_tower.safetensors",  # an image-text recipe's towers and tokenizer
+    "tokenizer.json",
     "train.txt",
     "test.txt",
 )
@@ -504,9 +506,10 @@ def _run_quickstart(
     trainer = Trainer(method, data_obj, recipe.train, monitors=monitors, progress=progress)
     summary = trainer.fit()
     del trainer
-    from .pretrain import export_encoder
+    from .pretrain import export_encoder, export_extra
 
     exported = export_encoder(method, out, "none", True)
+    export_extra(method, out, "none", True)  # a method's own files (CLIP: its text tower)
     _say(f"trained encoder: {exported}")
     if summary["stopped"] == "interrupted":
         _say(

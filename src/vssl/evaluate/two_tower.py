@@ -6,8 +6,8 @@ vssl trains, a transformers checkpoint (:func:`load_two_tower`), or a test doubl
 back *unnormalized*, exactly what the model's ``get_image_features``/``get_text_features`` return;
 the evaluators normalize, so one convention holds for every model.
 
-:func:`load_two_tower` reads local transformers directories holding ``CLIPModel``, ``AlignModel``
-(Kakao's ALIGN) or ``SiglipModel``, tokenizing each the way the model was trained (see
+:func:`load_two_tower` reads a ``vssl pretrain`` run of the ``clip`` method, or local transformers
+directories holding ``CLIPModel``, ``AlignModel`` (Kakao's ALIGN) or ``SiglipModel``, tokenizing each the way the model was trained (see
 ``_TEXT_RULES``). Images go through the directory's image processor with the PIL backend: the
 torchvision ("fast") processors are not used, so no torchvision install is needed.
 """
@@ -25,7 +25,14 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["HFTwoTower", "SUPPORTED_TYPES", "TwoTowerModel", "encode_image_files", "load_two_tower"]
+__all__ = [
+    "HFTwoTower",
+    "SUPPORTED_TYPES",
+    "TwoTowerModel",
+    "encode_image_files",
+    "load_two_tower",
+    "pil_image_processor",
+]
 
 
 @runtime_checkable
@@ -157,14 +164,31 @@ class HFTwoTower:
         return torch.cat(out)
 
 
+def pil_image_processor(d: str | os.PathLike):
+    """The directory's image processor with the PIL backend: the default "fast" ones need
+    torchvision. transformers 5 picks the backend with ``backend=``, 4.x with ``use_fast=False``."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    major = int(transformers.__version__.split(".")[0])
+    kw = {"backend": "pil"} if major >= 5 else {"use_fast": False}
+    try:
+        return AutoImageProcessor.from_pretrained(d, **kw)
+    except Exception as exc:  # noqa: BLE001 - an unreadable processor is a user error: name it
+        raise ValueError(
+            f"cannot load the image processor in {d} (preprocessor_config.json): {exc}"
+        ) from exc
+
+
 def load_two_tower(
     path: str | os.PathLike,
     *,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     batch_size: int = 64,
-) -> HFTwoTower:
-    """Load a local transformers directory holding a CLIP, ALIGN or SigLIP model.
+) -> TwoTowerModel:
+    """Load a local transformers directory holding a CLIP, ALIGN or SigLIP model, or a finished
+    ``vssl pretrain`` run of the ``clip`` method (:func:`vssl.methods.clip.load_run`, float32).
 
     The family comes from ``config.json``'s ``model_type``. Raises ValueError (saying what to
     change) for a missing directory, an unsupported type, or an unreadable tokenizer/processor.
@@ -173,6 +197,10 @@ def load_two_tower(
 
     d = Path(path).expanduser()
     cfg_file = d / "config.json"
+    if d.is_dir() and not cfg_file.is_file() and (d / "config.yaml").is_file():
+        from ..methods.clip import load_run  # a `vssl pretrain` run of the clip method
+
+        return load_run(d, device=device, batch_size=batch_size)
     if not d.is_dir():
         raise ValueError(
             f"two-tower model directory not found: {d} (give a local transformers "
@@ -191,8 +219,7 @@ def load_two_tower(
             "SiglipModel)"
         )
 
-    import transformers
-    from transformers import AlignModel, AutoImageProcessor, AutoTokenizer, CLIPModel, SiglipModel
+    from transformers import AlignModel, AutoTokenizer, CLIPModel, SiglipModel
 
     cls = {"clip": CLIPModel, "align": AlignModel, "siglip": SiglipModel}[model_type]
     torch_dtype = parse_dtype(dtype) or torch.float32
@@ -209,16 +236,7 @@ def load_two_tower(
             else ""
         )
         raise ValueError(f"cannot load the tokenizer in {d}: {exc}{hint}") from exc
-    # The PIL processors: the default "fast" ones need torchvision. transformers 5 picks the
-    # backend with `backend=`, 4.x with `use_fast=False`.
-    major = int(transformers.__version__.split(".")[0])
-    kw = {"backend": "pil"} if major >= 5 else {"use_fast": False}
-    try:
-        processor = AutoImageProcessor.from_pretrained(d, **kw)
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(
-            f"cannot load the image processor in {d} (preprocessor_config.json): {exc}"
-        ) from exc
+    processor = pil_image_processor(d)
     model = model.to(device)
     return HFTwoTower(
         model,

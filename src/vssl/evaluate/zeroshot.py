@@ -237,7 +237,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--model",
         required=True,
         metavar="DIR",
-        help="local transformers directory with a CLIP, ALIGN or SigLIP model",
+        help="local transformers directory with a CLIP, ALIGN or SigLIP model, or a "
+        "finished `vssl pretrain` run of the clip method",
     )
     g.add_argument(
         "--batch-size",

@@ -10,11 +10,14 @@ from __future__ import annotations
 import torch
 
 from .base import Freeze, Method, MethodBase, StepPlan, get_method, list_methods, register_method
+from .clip import CLIP, CLIPConfig
 from .dinov2 import DINOv2, DINOv2Config
 from .mae import MAE, MAEConfig
 from .splitmask import SplitMask, SplitMaskConfig
 
 __all__ = [
+    "CLIP",
+    "CLIPConfig",
     "DINOv2",
     "DINOv2Config",
     "Freeze",

@@ -84,6 +84,7 @@ class DataConfig:
     epoch_len: int | None = None  # images per epoch of a shard stream
     shuffle_buffer: int = 1000
     resampled: bool = False  # shards drawn with replacement (web-scale streaming)
+    captions: str | None = None  # image-text methods: null (the data's own) or templates
 
 
 @dataclass

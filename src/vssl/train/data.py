@@ -79,9 +79,15 @@ class _PassThrough:
 class _Collator:
     """Views + collation of one batch, seeded as the module docstring says (runs in workers)."""
 
-    def __init__(self, views: Any, seed: int, rank: int):
+    def __init__(self, views: Any, seed: int, rank: int, captions: Any = None):
         self.views = views
         self.seed, self.rank = seed, rank
+        self.captions = captions  # a _TemplateCaptions, or None: the samples' own
+
+    def caption(self, sample: Any, epoch: int, sid: Any) -> str | None:
+        if self.captions is None:
+            return getattr(sample, "caption", None)
+        return self.captions(sample.label, _py_rng(self.seed, epoch, "caption", sid))
 
     def __call__(
         self, epoch: int, step: int, samples: Sequence[Any], sample_ids: Sequence[Any]
@@ -93,7 +99,7 @@ class _Collator:
         return self.views.collate(
             views,
             [s.label for s in samples],
-            [getattr(s, "caption", None) for s in samples],
+            [self.caption(s, epoch, sid) for s, sid in zip(samples, sample_ids)],
             _py_rng(self.seed, epoch, step, self.rank, "masks"),
         )
 
@@ -151,6 +157,31 @@ def _identity(x):
     return x
 
 
+#: ``data.captions`` values: None (the samples' own: parquet ``text``, shard ``.txt``) or
+#: ``templates`` (a labelled folder's class names in CLIP's prompts, one drawn per sample).
+CAPTION_MODES = (None, "templates")
+
+
+class _TemplateCaptions:
+    """Captions made from class names: ``template.format(classes[label])`` with a template drawn
+    per sample (seeded, so batches stay a function of the step). Not real captions: the run
+    reports them as templates."""
+
+    def __init__(self, classes: Sequence[str]):
+        from ..evaluate.zeroshot import TEMPLATE_SETS
+
+        self.classes = [c.replace("_", " ") for c in classes]
+        self.templates = TEMPLATE_SETS["clip7"] + TEMPLATE_SETS["simple"]
+
+    def __call__(self, label: Any, rng: random.Random) -> str | None:
+        if label is None or not 0 <= int(label) < len(self.classes):
+            return None
+        return rng.choice(self.templates).format(self.classes[int(label)])
+
+    def all_texts(self) -> list[str]:
+        return [t.format(c) for c in self.classes for t in self.templates]
+
+
 class TrainData:
     """Training batches of the views a method declares, ready on ``device``.
 
@@ -192,7 +223,12 @@ class TrainData:
         shuffle_buffer: int = 1000,
         resampled: bool = False,
         views: ViewSpec | None = None,
+        captions: str | None = None,
     ):
+        if captions not in CAPTION_MODES:
+            raise ValueError(
+                f"captions must be one of {CAPTION_MODES} (data.captions), got {captions!r}"
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -222,7 +258,6 @@ class TrainData:
             local_scale=local_scale,
             photometric=photometric,
         )
-        self.collator = _Collator(self.views, self.seed, self.rank)
 
         self.stream: ShardStream | None = None
         self.dataset: FileDataset | None = None
@@ -282,27 +317,63 @@ class TrainData:
                 )
             self._batches_per_epoch = batches_per_epoch or full
 
+        templates = None
+        if captions == "templates":
+            classes = self.dataset.classes if self.dataset is not None else []
+            if not classes:
+                raise ValueError(
+                    "data.captions=templates makes captions from class names, but the training "
+                    "data has none: give a folder with one subfolder per class (or drop "
+                    "data.captions to use the data's own captions)"
+                )
+            templates = _TemplateCaptions(classes)
+        self.templates = templates
+        self.collator = _Collator(self.views, self.seed, self.rank, templates)
         if self.spec.captions:
             self._check_captions()
 
     def _check_captions(self) -> None:
-        """Refuse data without captions for an image–text method, before the first step."""
+        """Refuse data without captions for an image–text method, before the first step
+        (map-style sources: every item, read from the listing without decoding an image)."""
         if self.dataset is not None:
-            n = len(self.dataset)
-            probe = [self.dataset[i] for i in range(min(n, 8))]
+            items = self.dataset.source.items
+            if self.templates is not None:
+                missing = [it.key for it in items if it.label is None]
+            else:
+                missing = [it.key for it in items if not it.caption]
+            total = len(items)
         else:
             probe = []
             for sample in self.stream.iter_worker(0, 1):
                 probe.append(sample)
                 if len(probe) >= 8:
                     break
-        missing = [s.key for s in probe if not getattr(s, "caption", None)]
+            missing = [s.key for s in probe if not getattr(s, "caption", None)]
+            total = len(probe)
         if missing:
+            what = "training samples" if self.dataset is not None else "first training samples"
             raise MissingViewError(
-                f"the method needs image + caption pairs, but {len(missing)} of the first "
-                f"{len(probe)} training samples have no caption (e.g. {missing[0]}): give a parquet "
-                "manifest with a 'text' column or shards with key.txt members"
+                f"the method needs image + caption pairs, but {len(missing)} of the {total} "
+                f"{what} have no caption (e.g. {missing[0]}): give a parquet manifest with a "
+                "'text' column, shards with key.txt members, or, for a folder with one "
+                "subfolder per class, data.captions=templates (class names in prompt templates)"
             )
+
+    def caption_texts(self, limit: int = 200_000) -> list[str]:
+        """Up to ``limit`` training captions (to train a tokenizer): every template x class
+        with ``data.captions=templates``, the listing's captions for map-style sources, the
+        ``.txt`` members of the shards in stream order otherwise."""
+        if self.templates is not None:
+            return self.templates.all_texts()[:limit]
+        if self.dataset is not None:
+            return [it.caption for it in self.dataset.source.items if it.caption][:limit]
+        out = []
+        for sample in self.stream.iter_worker(0, 1):
+            if getattr(sample, "caption", None):
+                out.append(sample.caption)
+            if len(out) >= limit:
+                break
+        return out
 
     # -- sizes
     @property

@@ -10,7 +10,8 @@ The rules are ``dinov2/utils/param_groups.py``'s, applied by parameter name:
   decoder) is not mistaken for the encoder.
 - lr multiplier ``layer_decay ** (num_layers + 1 - layer_id)``, times ``patch_embed_lr_mult`` for
   ``patch_embed`` parameters.
-- wd multiplier 0 when the name ends in ``.bias`` or contains ``norm`` or ``gamma`` (LayerScale).
+- wd multiplier 0 when the name ends in ``.bias`` or contains ``norm`` (any case), ``gamma``
+  (LayerScale) or ``logit_`` (an image-text model's logit scale and bias, as open_clip).
 - ``frozen_until``: the step before which the parameter is held still (0: never), from the
   method's ``frozen_parameters()``; the trainer gives such groups lr 0 and zeroed gradients until
   then (DINOv2 does this to its head's last layer for the first epoch).
@@ -33,6 +34,13 @@ _TOKENS = ("patch_embed", "pos_embed", "cls_token", "mask_token", "register_toke
 # wrappers that insert a path component into parameter names (DDP, FSDP1, compile, checkpointing)
 _WRAPPER_PARTS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def _no_weight_decay(name: str) -> bool:
+    """Biases, norms (``norm*``, transformers' ``LayerNorm``), LayerScale ``gamma`` and an
+    image-text model's ``logit_scale`` / ``logit_bias`` (open_clip excludes them too)."""
+    low = name.lower()
+    return name.endswith(".bias") or "norm" in low or "gamma" in name or "logit_" in name
 
 
 def clean_name(name: str) -> str:
@@ -94,7 +102,7 @@ def param_groups(
         lr_mult = layer_decay ** (num_layers + 1 - lid)
         if "patch_embed" in name:
             lr_mult *= patch_embed_lr_mult
-        wd_mult = 0.0 if (name.endswith(".bias") or "norm" in name or "gamma" in name) else 1.0
+        wd_mult = 0.0 if _no_weight_decay(name) else 1.0
         frozen_until = until.get(id(p), 0)
         key = (lr_mult, wd_mult, frozen_until)
         g = fused.setdefault(
