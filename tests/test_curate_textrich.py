@@ -102,3 +102,98 @@ def test_bad_input(tmp_path, capsys):
     assert "not a folder" in capsys.readouterr().err
     assert main(["curate", "textrich", str(tmp_path / "none"), "--out", argv[-1]]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def _tiny_vlm(folder):
+    """A random LLaVA (1-layer CLIP vision tower + 1-layer Llama) with a word-level tokenizer and
+    a chat template, saved as a transformers folder: what `--model DIR` loads."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    words = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "yes", "no", "Yes", "No", "user"]
+    words += "Assistant : Does this image contain any readable text ? Answer only or .".split()
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+        eos_token="</s>", extra_special_tokens={"image_token": "<image>"},
+    )  # fmt: skip
+    template = (
+        "{% for m in messages %}{{ m['role'] }} : {% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+        "{% endfor %}{% if add_generation_prompt %}Assistant :{% endif %}"
+    )
+    size = {"shortest_edge": 32}
+    proc = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size=size, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+        chat_template=template, image_token="<image>", num_additional_image_tokens=1,
+    )  # fmt: skip
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            image_size=32, patch_size=8,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=2,
+        ),
+        image_token_index=vocab["<image>"], vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(cfg).save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return folder
+
+
+def test_vlm_scorer_plumbing(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    import torch
+
+    from vssl.curate.textrich import LIGHT_PROMPT, VlmScorer
+
+    model = _tiny_vlm(tmp_path / "vlm")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "vlm.parquet"
+    argv = ["curate", "textrich", str(folder), "--out", str(out), "--scorer", "vlm"]
+    assert main([*argv, "--model", str(model), "--quiet"]) == 0
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 2 and all(
+        0 < r["text_score"] < 1 and 0 < r["heavy_score"] < 1 for r in rows
+    )
+    assert [r["light"] for r in rows] == [r["text_score"] >= 0.5 for r in rows]
+    assert rows[0]["text_score"] != rows[1]["text_score"]  # the image reaches the model
+
+    # the same probability through generate(): the first new token's scores, yes vs no
+    scorer = VlmScorer(str(model))
+    img = Image.open(folder / "0.png").convert("RGB")
+    msgs = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": LIGHT_PROMPT}]}
+    ]
+    text = scorer.processor.apply_chat_template(msgs, add_generation_prompt=True)
+    inputs = scorer.processor(text=[text], images=[img], return_tensors="pt")
+    with torch.no_grad():
+        gen = scorer.model.generate(
+            **inputs, max_new_tokens=1, do_sample=False, output_scores=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+    p = gen.scores[0][0].float().softmax(-1)
+    tok = scorer.processor.tokenizer
+    yes = p[tok.convert_tokens_to_ids(["yes", "Yes"])].sum()
+    no = p[tok.convert_tokens_to_ids(["no", "No"])].sum()
+    assert rows[0]["text_score"] == pytest.approx(float(yes / (yes + no)), rel=1e-4)

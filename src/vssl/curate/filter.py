@@ -169,7 +169,10 @@ def filter_manifest(
     **thresholds,
 ) -> FilterResult:
     """Write the rows of ``manifests`` passing every rule to ``out`` (parquet, zstd)."""
-    import duckdb
+    try:
+        import duckdb
+    except ImportError:
+        raise ValueError("vssl curate filter needs DuckDB: pip install 'vssl[filter]'") from None
 
     files = manifest_files([manifests] if isinstance(manifests, (str, os.PathLike)) else manifests)
     out = Path(out)

@@ -50,7 +50,7 @@ HEAVY_PROMPT = (
 # ----------------------------------------------------------------------------------- OCR scorer
 @dataclass
 class OcrConfig:
-    max_side: int = 640  # long side the image is resized to before detection
+    max_side: int = 480  # long side the image is resized to before detection (see BENCHMARKS.md)
     max_recognize: int = 8  # boxes recognized per image (largest first)
     min_box_height: int = 8  # px at max_side: smaller boxes are not candidates
     min_confidence: float = 0.8  # recognition confidence of a readable line
@@ -245,7 +245,8 @@ def _token_ids(tok, words) -> list[int]:
     ids = set()
     for w in words:
         enc = tok.encode(w, add_special_tokens=False)
-        if len(enc) == 1:
+        # one token that decodes back to the word (not <unk>, which would count every unknown)
+        if len(enc) == 1 and tok.decode(enc).strip() == w.strip():
             ids.add(enc[0])
     return sorted(ids)
 

@@ -410,6 +410,12 @@ def download(
         raise ValueError("--samples-per-shard, --image-size, --threads, --processes must be >= 1")
     if opt.max_aspect_ratio < 1:
         raise ValueError("--max-aspect-ratio must be >= 1 (long side / short side)")
+    try:
+        import requests  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "vssl data download needs requests: pip install 'vssl[download]'"
+        ) from None
     files = manifest_files(manifest)
     import pyarrow.parquet as pq
 
