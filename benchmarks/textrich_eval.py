@@ -243,6 +243,49 @@ def evaluate(labels, max_side: int, max_recognize: int, threads: int) -> dict:
     }
 
 
+def peer(labels) -> dict:
+    """rapidocr-onnxruntime used as shipped: RapidOCR() (det + cls + rec, its own resize), a
+    readable line = the same confidence / alphanumerics test; and its detector alone (>= 1 box)."""
+    from rapidocr_onnxruntime import RapidOCR
+
+    engine = RapidOCR()
+    light = np.array([lab["light"] for lab in labels])
+    engine(labels[0]["path"])  # warm-up
+    t0 = time.perf_counter()
+    found, boxes = [], []
+    for lab in labels:
+        res, _ = engine(lab["path"])
+        res = res or []
+        found.append(any(s >= 0.8 and textrich._alnum(t) >= 3 for _, t, s in res))
+        boxes.append(len(res))
+    secs = time.perf_counter() - t0
+    p_full, r_full = pr(np.array(found), light)
+    return {"img_per_s": len(labels) / secs, "light_p": p_full, "light_r": r_full}
+
+
+def det_only(labels, max_side: int) -> dict:
+    """Our resize + the detector alone, light = at least one box: what recognition adds."""
+    from vssl.data.decode import open_image
+
+    scorer = textrich.OcrScorer(textrich.OcrConfig(max_side=max_side))
+    light = np.array([lab["light"] for lab in labels])
+    t0 = time.perf_counter()
+    pred = []
+    for lab in labels:
+        rgb = scorer.prepare(open_image(lab["path"], draft_size=max_side))
+        b, _ = scorer.det(np.ascontiguousarray(rgb[..., ::-1]))
+        pred.append(b is not None and len(b) > 0)
+    secs = time.perf_counter() - t0
+    p, r = pr(np.array(pred), light)
+    plain = np.array([not lab["light"] for lab in labels])
+    return {
+        "img_per_s": len(labels) / secs,
+        "light_p": p,
+        "light_r": r,
+        "plain_photos_with_a_box": float(np.array(pred)[plain].mean()),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/textrich-labelled")
@@ -250,6 +293,7 @@ def main() -> None:
     ap.add_argument("--settings", default="320:8,480:8,640:8,640:4,640:32")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", help="write all scores here")
+    ap.add_argument("--peer", action="store_true", help="also time RapidOCR() as shipped")
     args = ap.parse_args()
     labels = make_set(Path(args.out), args.per_class)
     print(f"{len(labels)} labelled images in {args.out}; load {os.getloadavg()[0]:.1f}")
@@ -263,6 +307,21 @@ def main() -> None:
             f"light P {r['light_p']:.2f} R {r['light_r']:.2f} ({100 * r['light_frac']:.0f}%)  "
             f"heavy P {r['heavy_p']:.2f} R {r['heavy_r']:.2f} ({100 * r['heavy_frac']:.0f}%)  "
             f"load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+    if args.peer:
+        r = det_only(labels, 480)
+        print(
+            f"detector only, max_side 480, light = >= 1 box: {r['img_per_s']:.2f} img/s  light P "
+            f"{r['light_p']:.2f} R {r['light_r']:.2f}; plain photos with a box: "
+            f"{100 * r['plain_photos_with_a_box']:.0f}%  load {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+        r = peer(labels)
+        print(
+            f"peer: RapidOCR() as shipped (det+cls+rec, 736 px short side): {r['img_per_s']:.2f} "
+            f"img/s  light P {r['light_p']:.2f} R {r['light_r']:.2f}  load "
+            f"{os.getloadavg()[0]:.1f}",
             flush=True,
         )
     if args.json:

@@ -1,6 +1,6 @@
 """``vssl curate textrich``: score images for readable text and for charts / tables / documents.
 
-Web-SSL (docs/architecture.md, *Curation*) trained on MC-2B filtered by a small VLM to images
+Web-SSL (docs/architecture.md, *Web data*) trained on MC-2B filtered by a small VLM to images
 with readable text ("light", 50.3%) or with charts, tables or documents ("heavy", 1.3%), and that
 is what made language-free models good at OCR and chart VQA. Two scorers:
 

@@ -263,31 +263,38 @@ def _download_shard(shard_id: int, table, duplicates: list[bool], out: str, opt:
 
     t0 = time.time()
     rows = table.to_pylist()
-    with ThreadPoolExecutor(max(1, opt.threads)) as pool:
-        results = list(pool.map(lambda a: _one(a[0], a[1], opt), zip(rows, duplicates)))
     name = _shard_name(shard_id)
     width = _key_width(opt.samples_per_shard)
     keys = [f"{name}{i:0{width}d}" for i in range(len(rows))]
     caption = opt.caption_col
     outdir = Path(out)
+    results: list[dict] = []
 
     def write_tar(tmp: str) -> None:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for key, row, res in zip(keys, rows, results):
+        # images go into the tar as they arrive (in manifest order) and are dropped: a shard's
+        # images are never all in memory at once
+        with (
+            ThreadPoolExecutor(max(1, opt.threads)) as pool,
+            tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar,
+        ):
+            todo = pool.map(lambda a: _one(a[0], a[1], opt), zip(rows, duplicates))
+            for key, row, res in zip(keys, rows, todo):
+                data, ext = res.pop("_bytes", None), res.pop("_ext", None)
+                results.append(res)
                 if res["status"] != "success":
                     continue
                 meta = {k: v for k, v in row.items() if k != caption}
                 meta.update({k: res[k] for k in ADDED_COLUMNS[3:]}, key=key)
                 text = "" if caption is None or row.get(caption) is None else str(row[caption])
                 members = {
-                    res["_ext"]: res["_bytes"],
+                    ext: data,
                     "txt": text.encode("utf-8"),
                     "json": json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8"),
                 }
-                for ext, data in members.items():
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size, info.mtime, info.mode = len(data), 0, 0o444
-                    tar.addfile(info, io.BytesIO(data))
+                for e, blob in members.items():
+                    info = tarfile.TarInfo(f"{key}.{e}")
+                    info.size, info.mtime, info.mode = len(blob), 0, 0o444
+                    tar.addfile(info, io.BytesIO(blob))
 
     atomic_write(outdir / f"{name}.tar", write_tar)
     renamed = {c: f"manifest_{c}" for c in table.column_names if c in ADDED_COLUMNS}
