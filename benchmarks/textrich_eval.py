@@ -292,10 +292,11 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--settings", default="320:8,480:8,640:8,640:4,640:32")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="0: the set the thresholds were set on")
     ap.add_argument("--json", help="write all scores here")
     ap.add_argument("--peer", action="store_true", help="also time RapidOCR() as shipped")
     args = ap.parse_args()
-    labels = make_set(Path(args.out), args.per_class)
+    labels = make_set(Path(args.out), args.per_class, seed=args.seed)
     print(f"{len(labels)} labelled images in {args.out}; load {os.getloadavg()[0]:.1f}")
     results = []
     for s in args.settings.split(","):

@@ -37,7 +37,7 @@ HELP = "score images for readable text (light) and charts/tables/documents (heav
 
 # defaults chosen on the labelled set of benchmarks/textrich_eval.py (see BENCHMARKS.md)
 OCR_LIGHT_THRESHOLD = 1.0  # at least one readable line
-OCR_HEAVY_THRESHOLD = 0.5
+OCR_HEAVY_THRESHOLD = 0.75
 VLM_THRESHOLD = 0.5  # P(yes) for both prompts
 
 LIGHT_PROMPT = "Does this image contain any readable text? Answer only yes or no."
@@ -254,8 +254,11 @@ def _token_ids(tok, words) -> list[int]:
 # ----------------------------------------------------------------------------------- driver
 def _samples(src: str):
     """(name column, iterator of (name, image bytes or None, error)) for any vssl input."""
+    from vssl.data.download import is_download_folder
     from vssl.data.sources import ShardSource, open_source
 
+    if is_download_folder(src):  # `vssl data download` output: its tars, not its parquet files
+        src = sorted(str(p) for p in Path(src).glob("*.tar"))
     source = open_source(src, decode=False)
     col = "key" if isinstance(source, ShardSource) else "path"
 
