@@ -208,11 +208,13 @@ def pr(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return tp / max(1, pred.sum()), tp / max(1, truth.sum())
 
 
-def evaluate(labels, max_side: int, max_recognize: int, threads: int) -> dict:
+def evaluate(labels, max_side: int, max_recognize: int, threads: int, ratio: float) -> dict:
     from vssl.data.decode import open_image
 
     scorer = textrich.OcrScorer(
-        textrich.OcrConfig(max_side=max_side, max_recognize=max_recognize, threads=threads)
+        textrich.OcrConfig(
+            max_side=max_side, max_recognize=max_recognize, threads=threads, max_crop_ratio=ratio
+        )
     )
     scorer(scorer.prepare(open_image(labels[0]["path"])))  # warm-up
     rows = []
@@ -290,7 +292,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/textrich-labelled")
     ap.add_argument("--per-class", type=int, default=20)
-    ap.add_argument("--settings", default="320:8,480:8,640:8,640:4,640:32")
+    ap.add_argument(
+        "--settings",
+        default="480:8,480:8:1000,320:8,640:8,480:4",
+        help="max_side:max_recognize[:max_crop_ratio], comma-separated",
+    )
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0, help="0: the set the thresholds were set on")
     ap.add_argument("--json", help="write all scores here")
@@ -300,11 +306,14 @@ def main() -> None:
     print(f"{len(labels)} labelled images in {args.out}; load {os.getloadavg()[0]:.1f}")
     results = []
     for s in args.settings.split(","):
-        side, rec = (int(v) for v in s.split(":"))
-        r = evaluate(labels, side, rec, args.threads)
+        side, rec, *ratio = s.split(":")  # max_side:max_recognize[:max_crop_ratio]
+        ratio = float(ratio[0]) if ratio else textrich.OcrConfig.max_crop_ratio
+        side, rec = int(side), int(rec)
+        r = evaluate(labels, side, rec, args.threads, ratio)
         results.append(r)
         print(
-            f"max_side {side:4d} max_recognize {rec:3d}: {r['img_per_s']:.2f} img/s  "
+            f"max_side {side:4d} max_recognize {rec:3d} crop ratio {ratio:g}: "
+            f"{r['img_per_s']:.2f} img/s  "
             f"light P {r['light_p']:.2f} R {r['light_r']:.2f} ({100 * r['light_frac']:.0f}%)  "
             f"heavy P {r['heavy_p']:.2f} R {r['heavy_r']:.2f} ({100 * r['heavy_frac']:.0f}%)  "
             f"load {os.getloadavg()[0]:.1f}",

@@ -55,22 +55,31 @@ def images(tmp_path, shared_data):
 
 
 def test_ocr_scorer_light_heavy_and_select(images, tmp_path, capsys):
+    import pyarrow as pa
+
+    names = ["doc.png", "missing.jpg", "photo.jpg", "sign.jpg", "broken.jpg"]
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(
+        pa.table({"path": [f"imgs/{n}" for n in names], "id": [0, 1, 2, 3, 4]}), manifest
+    )
     out = tmp_path / "scores.parquet"
-    argv = ["curate", "textrich", str(images), "--out", str(out), "--max-side", "480"]
+    argv = ["curate", "textrich", str(manifest), "--out", str(out), "--max-side", "480"]
     assert main([*argv, "--select", "heavy", "--quiet"]) == 0
-    rows = {r["path"].rsplit("/", 1)[1]: r for r in pq.read_table(out).to_pylist()}
-    assert set(rows) == {"doc.png", "photo.jpg", "sign.jpg", "broken.jpg"}  # nothing dropped
-    doc, photo, sign = rows["doc.png"], rows["photo.jpg"], rows["sign.jpg"]
+    table = pq.read_table(out).to_pylist()
+    assert [r["path"].rsplit("/", 1)[1] for r in table] == names  # input order, nothing dropped
+    doc, missing, photo, sign, broken = table
     assert doc["light"] and doc["heavy"] and doc["readable_lines"] >= 10
     assert sign["light"] and not sign["heavy"] and 1 <= sign["text_score"] <= 3
     assert not photo["light"] and not photo["heavy"] and photo["text_score"] == 0
     assert doc["heavy_score"] > sign["heavy_score"] > photo["heavy_score"]
-    assert rows["broken.jpg"]["error"] and rows["broken.jpg"]["text_score"] is None
-    assert not rows["broken.jpg"]["light"]
-    subset = pq.read_table(tmp_path / "scores-heavy.parquet").column("path").to_pylist()
-    assert [p.rsplit("/", 1)[1] for p in subset] == ["doc.png"]
+    for bad in (missing, broken):
+        assert bad["error"] and bad["text_score"] is None and not bad["light"]
+    # --select on a manifest: the manifest's own rows
+    assert pq.read_table(tmp_path / "scores-heavy.parquet").to_pylist() == [
+        {"path": "imgs/doc.png", "id": 0}
+    ]
     printed = capsys.readouterr().out
-    assert "scored 3 images" in printed and "1 unreadable" in printed and "heavy: 1 rows" in printed
+    assert "scored 3 images" in printed and "2 unreadable" in printed and "heavy: 1 rows" in printed
 
 
 def test_layout_features_by_hand():

@@ -55,6 +55,8 @@ class OcrConfig:
     min_box_height: int = 8  # px at max_side: smaller boxes are not candidates
     min_confidence: float = 0.8  # recognition confidence of a readable line
     min_alnum: int = 3  # letters or digits in a readable line
+    max_crop_ratio: float = 8.0  # recognize at most this width/height of a line (its start):
+    # enough to read >= 3 characters, and recognition cost grows with the crop's width
     threads: int = 0  # onnxruntime intra-op threads (0: all cores)
 
 
@@ -150,6 +152,7 @@ class OcrScorer:
         for i in order:
             x0, y0, x1, y1 = rects[i]
             pad = 0.1 * (y1 - y0)
+            x1 = min(x1, x0 + cfg.max_crop_ratio * (y1 - y0))
             crops.append(
                 bgr[
                     int(max(0, y0 - pad)) : int(min(h, y1 + pad)) + 1,
@@ -254,6 +257,7 @@ def _token_ids(tok, words) -> list[int]:
 # ----------------------------------------------------------------------------------- driver
 def _samples(src: str):
     """(name column, iterator of (name, image bytes or None, error)) for any vssl input."""
+    from vssl.data.decode import ImageDecodeError
     from vssl.data.download import is_download_folder
     from vssl.data.sources import ShardSource, open_source
 
@@ -263,11 +267,19 @@ def _samples(src: str):
     col = "key" if isinstance(source, ShardSource) else "path"
 
     def gen():
-        for s in source:
-            name = s.key if col == "key" else (s.source or s.key)
-            yield name, s.source, s.image, None
-        for key, reason in source.skipped:
-            yield key, None, None, reason
+        if col == "key":
+            for s in source:
+                yield s.key, s.source, s.image, None
+            for key, reason in source.skipped:  # unreadable members, after the shard's others
+                yield key, None, None, reason
+            return
+        for i, item in enumerate(source.items):  # files: in input order, failures in place
+            try:
+                s = source.load(i)
+            except ImageDecodeError as exc:
+                yield item.path or item.key, None, None, exc.reason
+            else:
+                yield s.source or s.key, s.source, s.image, None
 
     return col, gen(), (len(source) if hasattr(source, "__len__") else None), source
 
@@ -326,7 +338,8 @@ def scorer_draft(scorer) -> int:
 
 def select_manifest(src: str, scores, which: str):
     """The input rows whose ``which`` flag is set: the manifest's own rows (all columns) for a
-    parquet input, else the scores' rows (``path`` feeds `vssl data pack`)."""
+    parquet input (scores are in manifest order, one per row), else the scores' rows (``path``
+    feeds `vssl data pack`)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -334,7 +347,7 @@ def select_manifest(src: str, scores, which: str):
     if str(src).endswith(".parquet"):
         manifest = pq.read_table(src)
         if manifest.num_rows == scores.num_rows:
-            return manifest.filter(mask)
+            return manifest.filter(pc.fill_null(mask, False))
     return scores.filter(pc.fill_null(mask, False))
 
 
