@@ -398,13 +398,17 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``data`` (with ``pack`` and ``inspect``) on an argparse subparsers object."""
     p = subparsers.add_parser(
         "data",
-        help="pack images into WebDataset shards; inspect shards",
-        description="Data tools: pack folders / lists / parquet manifests into WebDataset tar "
-        "shards, and inspect shards.",
+        help="download URL manifests, pack images into WebDataset shards; inspect shards",
+        description="Data tools: download the images of URL manifests (COYO / LAION parquet), "
+        "pack folders / lists / parquet manifests into WebDataset tar shards, and inspect shards.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="data_command", metavar="{pack,inspect}")
+    sub = p.add_subparsers(dest="data_command", metavar="{download,pack,inspect}")
     sub.required = True
+
+    from .download import add_download_parser
+
+    add_download_parser(sub)
 
     pk = sub.add_parser(
         "pack",
@@ -454,7 +458,8 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
         "shards",
         metavar="SHARDS",
         nargs="+",
-        help="tar files, brace patterns ('a-{000..009}.tar') or folders of tars",
+        help="tar files, brace patterns ('a-{000..009}.tar') or folders of tars; a folder "
+        "written by `vssl data download` also gets its success rate and failure reasons",
     )
     ins.add_argument(
         "--no-decode",
@@ -504,12 +509,22 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .download import download_report, format_download_report, is_download_folder
+
+    downloads = [download_report(s) for s in args.shards if is_download_folder(s)]
     try:
         report = inspect_shards(args.shards, decode=not args.no_decode)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_report(report))
+        if not downloads:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        report = {"shards": [], "totals": {"samples": 0}}  # a download with no shard yet
+    else:
+        print(format_report(report))
+    for rep in downloads:
+        print(format_download_report(rep))
+    if downloads:
+        report["downloads"] = downloads
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     return 0 if report["totals"]["samples"] else 1
