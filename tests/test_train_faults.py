@@ -536,3 +536,22 @@ def test_pretrain_command_interrupted_exports_and_says_how_to_resume(
     assert main(args) == 0
     assert "resumed from step 2" in capsys.readouterr().err
     assert latest_checkpoint(run) == checkpoint_path(run, 4)
+
+
+def test_a_checkpoint_whose_optimizer_groups_differ_is_refused_with_the_reason(tmp_path):
+    """A run checkpointed with one grouping of the parameters (e.g. a freeze of 0 steps, so the
+    prototypes share a group) and resumed with another must not crash later on a missing key."""
+    model, opt = _tiny()
+    p = _save(tmp_path, 1, model, opt)
+    fresh, _ = _tiny(1)
+    split = torch.optim.AdamW(
+        [
+            {"params": list(fresh[0].parameters()), "frozen_until": 0},
+            {"params": list(fresh[2].parameters()), "frozen_until": 5},
+        ],
+        lr=1e-2,
+    )
+    with pytest.raises(CheckpointError, match="groups the optimizer's parameters differently"):
+        load_checkpoint(p, {"model": fresh, "optimizer": split})
+    same, same_opt = _tiny(2)
+    assert load_checkpoint(p, {"model": same, "optimizer": same_opt}) == {"step": 1}
