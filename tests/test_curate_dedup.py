@@ -210,3 +210,26 @@ def test_bad_inputs_name_the_file(tmp_path):
         )
         == 2
     )
+
+
+def test_eval_knn_faiss_search_equals_blocked_torch_search():
+    import torch
+
+    from vssl.evaluate.knn import _topk_blocked, knn_classify
+
+    rng = np.random.default_rng(5)
+    xtr = rng.standard_normal((700, 24)).astype(np.float32)
+    xte = rng.standard_normal((90, 24)).astype(np.float32)
+    ytr = rng.integers(0, 7, 700)
+    u = torch.nn.functional.normalize(torch.from_numpy(xtr), dim=1)
+    q = torch.nn.functional.normalize(torch.from_numpy(xte), dim=1)
+    ref_s, ref_i = _topk_blocked(q, u, 20, block=128)
+    s, i = exact_knn(q.numpy(), u.numpy(), 20)
+    np.testing.assert_array_equal(i, ref_i.numpy())
+    np.testing.assert_allclose(s, ref_s.numpy(), atol=1e-5)
+    # and the classifier's vote over them matches a brute-force vote
+    res = knn_classify(xtr, ytr, xte, ks=(20,), temperature=0.07)
+    w = torch.softmax(ref_s / 0.07, dim=1).numpy()
+    votes = np.zeros((90, 7))
+    np.add.at(votes, (np.arange(90)[:, None], ytr[ref_i.numpy()]), w)
+    np.testing.assert_array_equal(res.predictions[20], votes.argmax(1))
