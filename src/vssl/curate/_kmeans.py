@@ -89,11 +89,16 @@ def rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:
     return round(n / world * rank), round(n / world * (rank + 1))
 
 
-def _sqdist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Squared L2 distances (len(x), len(c)) in float64: ||x||^2 - 2 x.c + ||c||^2."""
-    x64 = x.astype(np.float64)
-    c64 = c.astype(np.float64)
-    d = (x64 * x64).sum(1)[:, None] - 2 * x64 @ c64.T + (c64 * c64).sum(1)[None, :]
+def _sqnorms(x: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", x, x, dtype=np.float64)
+
+
+def _sqdist(x: np.ndarray, c: np.ndarray, x_sq: np.ndarray | None = None) -> np.ndarray:
+    """Squared L2 distances (len(x), len(c)): ||x||^2 - 2 x.c + ||c||^2, the norms in float64,
+    the product a float32 GEMM (``x_sq``: the rows' squared norms, computed once by the caller)."""
+    x_sq = _sqnorms(x) if x_sq is None else x_sq
+    c32 = np.ascontiguousarray(c, dtype=np.float32)
+    d = x_sq[:, None] - 2 * (x @ c32.T).astype(np.float64) + _sqnorms(c32)[None, :]
     return np.maximum(d, 0)
 
 
@@ -128,7 +133,8 @@ def kmeans_plusplus(x: np.ndarray, k: int, comm: Comm, rng: np.random.Generator)
 
     centers = np.empty((k, x.shape[1]), dtype=np.float32)
     centers[0] = pick(np.array([rng.integers(total_n)]))[0]
-    closest = _sqdist(x, centers[:1])[:, 0]
+    x_sq = _sqnorms(x)
+    closest = _sqdist(x, centers[:1], x_sq)[:, 0]
     for i in range(1, k):
         local_pot = np.zeros(comm.world)
         local_pot[comm.rank] = closest.sum()
@@ -156,7 +162,7 @@ def kmeans_plusplus(x: np.ndarray, k: int, comm: Comm, rng: np.random.Generator)
             cands = pick(idx)
         else:  # every row sits on a centre already: fewer distinct rows than k
             cands = pick((u * total_n).astype(np.int64))
-        d = np.minimum(closest[:, None], _sqdist(x, cands))
+        d = np.minimum(closest[:, None], _sqdist(x, cands, x_sq))
         cand_pot = comm.sum(d.sum(axis=0))
         best = int(np.argmin(cand_pot))
         centers[i] = cands[best]
@@ -183,12 +189,12 @@ def _update(rows: Rows, centroids: np.ndarray, comm: Comm, block_rows: int = 655
     """One Lloyd iteration: assign, then centroids = float64 per-cluster sums / counts (summed
     over ranks); an empty cluster keeps its centroid. Returns (centroids, labels, sq. dists)."""
     import faiss
-    import torch
+    import scipy.sparse as sp
 
     k, dim = centroids.shape
     index = faiss.IndexFlatL2(dim)
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    sums = torch.zeros(k, dim, dtype=torch.float64)
+    sums = np.zeros((k, dim), dtype=np.float64)
     counts = np.zeros(k, dtype=np.float64)
     labels = np.empty(rows.n_local, dtype=np.int64)
     dist = np.empty(rows.n_local, dtype=np.float32)
@@ -197,9 +203,11 @@ def _update(rows: Rows, centroids: np.ndarray, comm: Comm, block_rows: int = 655
         lab = i[:, 0]
         sl = slice(s - rows.lo, s - rows.lo + len(block))
         labels[sl], dist[sl] = lab, np.maximum(d[:, 0], 0)
-        sums.index_add_(0, torch.from_numpy(lab), torch.from_numpy(block).double())
+        # per-cluster sums as a sparse one-hot (k x rows) times the block, in float64
+        onehot = sp.csr_matrix((np.ones(len(lab)), (lab, np.arange(len(lab)))), shape=(k, len(lab)))
+        sums += onehot @ block.astype(np.float64)
         counts += np.bincount(lab, minlength=k)
-    both = comm.sum(np.concatenate([sums.numpy(), counts[:, None]], axis=1))
+    both = comm.sum(np.concatenate([sums, counts[:, None]], axis=1))
     sums, counts = both[:, :dim], both[:, dim]
     new = centroids.astype(np.float64).copy()
     full = counts > 0
