@@ -69,7 +69,7 @@ def make(args):
     w[4:] *= 0.6 / w[4:].sum()
     out.mkdir(parents=True, exist_ok=True)
     full = np.empty((args.n, args.dim), dtype=np.float16)
-    pairs = []
+    pairs, labels = [], []
     for s in range(0, args.n, CHUNK):
         m = min(CHUNK, args.n - s)
         lab = rng.choice(2000, m, p=w)
@@ -85,7 +85,9 @@ def make(args):
         )
         full[s : s + m] = x
         pairs.append(np.stack([a + s, b + s], axis=1))
+        labels.append(lab)
     np.save(out / "pairs.npy", np.concatenate(pairs))
+    np.save(out / "modes.npy", np.concatenate(labels))  # the true mode of each row
     for n in sorted({min(v, args.n) for v in (100_000, 300_000, args.n)}):
         _write_folder(out / f"feats_{n}", full[:n])
         print(f"wrote {out / f'feats_{n}'}", flush=True)
@@ -106,11 +108,22 @@ def _load():
     return os.getloadavg()
 
 
+def _sizes(args, data: Path) -> list[int]:
+    have = sorted(int(p.name.split("_")[1]) for p in data.glob("feats_*"))
+    if not args.sizes:
+        return have
+    want = [int(v) for v in args.sizes.split(",")]
+    missing = set(want) - set(have)
+    if missing:
+        raise SystemExit(f"no feats_N folder for {sorted(missing)} in {data}")
+    return sorted(want)
+
+
 def kmeans(args):
     data = Path(args.data)
-    sizes = sorted(int(p.name.split("_")[1]) for p in data.glob("feats_*"))
+    sizes = _sizes(args, data)
     rows = []
-    for n in sizes:
+    for n in sizes if not args.peer_only else []:
         out = data / f"clusters_{n}"
         cmd = [
             sys.executable,
@@ -146,20 +159,21 @@ def kmeans(args):
         )
         print(json.dumps(rows[-1]), flush=True)
     n = sizes[-1]
-    _, _, err = _timed(
-        [
-            sys.executable,
-            "-m",
-            "vssl",
-            "curate",
-            "sample",
-            str(data / f"clusters_{n}"),
-            "--n",
-            str(n // 10),
-            "--out",
-            str(data / "sample.parquet"),
-        ]
-    )
+    if not args.peer_only:
+        _, _, err = _timed(
+            [
+                sys.executable,
+                "-m",
+                "vssl",
+                "curate",
+                "sample",
+                str(data / f"clusters_{n}"),
+                "--n",
+                str(n // 10),
+                "--out",
+                str(data / "sample.parquet"),
+            ]
+        )
     rows.append(
         {"what": f"vssl curate sample N={n} -> {n // 10}", "note": err.strip().splitlines()[-2]}
     )
@@ -186,6 +200,38 @@ def kmeans(args):
         }
     )
     print(json.dumps(rows[-1]), flush=True)
+
+
+def balance(args):
+    """The true-mode distribution of a sample against the data's: entropy and the huge modes'
+    share (modes 0-3 are the huge ones)."""
+    import pyarrow.parquet as pq
+
+    modes = np.load(Path(args.data) / "modes.npy")
+    rows = pq.read_table(args.sample, columns=["row"]).column("row").to_numpy()
+    n = int(args.n)
+
+    def ent(lab):
+        p = np.bincount(lab, minlength=2000).astype(float)
+        p = p[p > 0] / p.sum()
+        return float(-(p * np.log(p)).sum())
+
+    before, after = modes[:n], modes[:n][rows]
+    print(
+        json.dumps(
+            {
+                "what": f"balanced sample {len(rows)} of {n}: true modes",
+                "entropy_before": ent(before),
+                "entropy_after": ent(after),
+                "entropy_max": float(np.log(2000)),
+                "huge_modes_share_before": float((before < 4).mean()),
+                "huge_modes_share_after": float((after < 4).mean()),
+                "modes_present_before": int(len(np.unique(before))),
+                "modes_present_after": int(len(np.unique(after))),
+            }
+        ),
+        flush=True,
+    )
 
 
 def args_dim(data: Path, n: int) -> int:
@@ -226,7 +272,7 @@ def brute_force_dedup(x: np.ndarray, threshold: float) -> np.ndarray:
 
 def dedup(args):
     data = Path(args.data)
-    sizes = sorted(int(p.name.split("_")[1]) for p in data.glob("feats_*"))
+    sizes = _sizes(args, data)
     pairs = np.load(data / "pairs.npy")
     rows = []
     for n in (sizes[-1], sizes[0]):
@@ -300,10 +346,17 @@ def main():
     k.add_argument("--steps", default="1,10,10")
     k.add_argument("--iters", type=int, default=50)
     k.add_argument("--init-ppc", type=int, default=32)
+    k.add_argument("--sizes", default=None, help="comma-separated N (default: every feats_N)")
+    k.add_argument("--peer-only", action="store_true", help="only faiss's k-means at max N")
     d = sub.add_parser("dedup")
     d.add_argument("--data", required=True)
+    d.add_argument("--sizes", default=None, help="comma-separated N (default: every feats_N)")
+    b = sub.add_parser("balance")
+    b.add_argument("--data", required=True, help="a folder made by `make` (modes.npy)")
+    b.add_argument("--sample", required=True, help="a `vssl curate sample` output")
+    b.add_argument("--n", required=True, help="the number of rows that were clustered")
     args = ap.parse_args()
-    {"make": make, "kmeans": kmeans, "dedup": dedup}[args.part](args)
+    {"make": make, "kmeans": kmeans, "dedup": dedup, "balance": balance}[args.part](args)
 
 
 if __name__ == "__main__":
