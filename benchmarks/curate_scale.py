@@ -171,13 +171,13 @@ def kmeans(args):
                 "--n",
                 str(n // 10),
                 "--out",
-                str(data / "sample.parquet"),
+                str(data / f"sample_{n}.parquet"),
             ]
         )
-    rows.append(
-        {"what": f"vssl curate sample N={n} -> {n // 10}", "note": err.strip().splitlines()[-2]}
-    )
-    print(json.dumps(rows[-1]), flush=True)
+        rows.append(
+            {"what": f"vssl curate sample N={n} -> {n // 10}", "note": err.strip().splitlines()[-2]}
+        )
+        print(json.dumps(rows[-1]), flush=True)
     code = (
         "import faiss, numpy as np, time, sys\n"
         f"x = np.load('{data / f'feats_{n}' / 'embeddings.npy'}').astype(np.float32)\n"
