@@ -275,8 +275,9 @@ def dedup(args):
     sizes = _sizes(args, data)
     pairs = np.load(data / "pairs.npy")
     rows = []
-    for n in (sizes[-1], sizes[0]):
-        out = data / f"keep_{n}.parquet"
+    for n in sorted({sizes[-1], sizes[0]}) if not args.peer_only else []:
+        tag = "" if args.index == "auto" else f"_{args.index}"
+        out = data / f"keep_{n}{tag}.parquet"
         load0 = _load()
         sec, rss, err = _timed(
             [
@@ -286,12 +287,14 @@ def dedup(args):
                 "curate",
                 "dedup",
                 str(data / f"feats_{n}"),
+                "--index",
+                args.index,
                 "--out",
                 str(out),
                 "--no-progress",
             ]
         )
-        rep = _components_from_removed(data / f"keep_{n}.removed.parquet", n)
+        rep = _components_from_removed(out.with_name(f"{out.stem}.removed.parquet"), n)
         p = pairs[(pairs < n).all(axis=1)]
         recall = float((rep[p[:, 0]] == rep[p[:, 1]]).mean())
         in_pair = np.zeros(n, bool)
@@ -313,6 +316,8 @@ def dedup(args):
             }
         )
         print(json.dumps(rows[-1]), flush=True)
+    if args.index != "auto":
+        return
     n = sizes[0]
     x = np.load(data / f"feats_{n}" / "embeddings.npy")
     load0 = _load()
@@ -351,6 +356,8 @@ def main():
     d = sub.add_parser("dedup")
     d.add_argument("--data", required=True)
     d.add_argument("--sizes", default=None, help="comma-separated N (default: every feats_N)")
+    d.add_argument("--index", default="auto", help="faiss index for vssl (not auto: no peer)")
+    d.add_argument("--peer-only", action="store_true", help="only the brute force, at min N")
     b = sub.add_parser("balance")
     b.add_argument("--data", required=True, help="a folder made by `make` (modes.npy)")
     b.add_argument("--sample", required=True, help="a `vssl curate sample` output")
