@@ -2,7 +2,8 @@
 
 Outputs in ``--output`` (row ``i`` of every array is row ``i`` of the manifest):
 
-- ``embeddings.npy``   float32 (N, D): the normalized CLS token (``x_norm_clstoken``);
+- ``embeddings.npy``   float32 (N, D): the normalized CLS token (``x_norm_clstoken``); float16
+  with ``--feature-dtype float16`` (half the disk; curation memory-maps it);
 - ``patch_tokens.npy`` float32 (N, num_patches, D), only with ``--patch-tokens`` (written
   incrementally to a memory map, so it never has to fit in RAM);
 - ``layers.npy``       float32 (N, L, D), only with ``--layers L``: the normalized CLS tokens of the
@@ -13,6 +14,8 @@ Outputs in ``--output`` (row ``i`` of every array is row ``i`` of the manifest):
 - ``manifest.parquet`` columns ``row`` (int64), ``path`` (absolute, string), ``label`` (string or
   null: the first-level subfolder of an input folder);
 - ``errors.jsonl``     one ``{"path": ..., "error": ...}`` line per skipped input (always written);
+- under ``torchrun`` (``WORLD_SIZE`` > 1) each rank embeds its contiguous share of the inputs into
+  ``OUTPUT/part-RRRRR-of-WWWWW/`` (all of the above per part; `vssl curate` reads all parts as one);
 - ``embed.json``       where the features come from: the model and weights named, the seed of a
   random init, resolution, dtype, and ``weights_digest`` (a digest of the model's parameters), so
   ``vssl eval`` can warn when train and test features come from different networks.
@@ -124,8 +127,8 @@ def _truncate_npy(path: Path, rows: int) -> None:
 class _RowWriter:
     """A ``.npy`` memory map pre-sized to every input, filled row by row, cut to size at the end."""
 
-    def __init__(self, path: Path, capacity: int):
-        self.path, self.capacity = path, capacity
+    def __init__(self, path: Path, capacity: int, dtype=np.float32):
+        self.path, self.capacity, self.dtype = path, capacity, np.dtype(dtype)
         self.partial = path.with_name(path.name + ".partial")
         self.array: np.memmap | None = None
         self.rows = 0
@@ -133,7 +136,7 @@ class _RowWriter:
     def write(self, block: np.ndarray) -> None:
         if self.array is None:  # shape known from the first batch (patch count, width)
             self.array = np.lib.format.open_memmap(
-                self.partial, mode="w+", dtype=np.float32, shape=(self.capacity, *block.shape[1:])
+                self.partial, mode="w+", dtype=self.dtype, shape=(self.capacity, *block.shape[1:])
             )
         self.array[self.rows : self.rows + len(block)] = block
         self.rows += len(block)
@@ -145,7 +148,7 @@ class _RowWriter:
     def close(self, empty_shape: tuple[int, ...]) -> tuple[int, ...]:
         if self.array is None:  # nothing embedded: still write a valid, empty array
             with open(self.partial, "wb") as f:  # a file object: np.save adds no ".npy"
-                np.save(f, np.zeros((0, *empty_shape), dtype=np.float32))
+                np.save(f, np.zeros((0, *empty_shape), dtype=self.dtype))
             shape: tuple[int, ...] = (0, *empty_shape)
         else:
             shape = (self.rows, *self.array.shape[1:])
@@ -271,6 +274,7 @@ def embed_images(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     compile: bool = False,
     provenance: dict | None = None,
+    feature_dtype: str = "float32",
 ) -> EmbedResult:
     """Embed ``inputs`` (``list_inputs`` output, or plain paths) with ``model`` into ``output_dir``.
 
@@ -287,8 +291,12 @@ def embed_images(
     linear-probe inputs). Bad inputs are skipped and listed in ``errors.jsonl``, never raised.
     ``verbose`` prints the summary line at the end. ``provenance``: what the model is (``model``,
     ``weights``, ``seed``, ...), written to ``embed.json`` with the weights' digest. Features with
-    NaN/Inf raise ``NonFiniteFeaturesError`` and no output is written.
+    NaN/Inf raise ``NonFiniteFeaturesError`` and no output is written. ``feature_dtype``:
+    ``float16`` halves ``embeddings.npy`` and ``avgpool.npy`` on disk (what `vssl curate` memory-maps
+    at web scale; a row whose values overflow float16 is refused like a NaN row).
     """
+    if feature_dtype not in ("float32", "float16"):
+        raise ValueError(f"feature_dtype must be float32 or float16, got {feature_dtype!r}")
     items = [
         (Path(os.path.abspath(x[0])), x[1])
         if isinstance(x, tuple)
@@ -330,13 +338,13 @@ def embed_images(
 
     from tqdm import tqdm
 
-    writers = {"cls": _RowWriter(out_dir / EMBEDDINGS, len(items))}
+    writers = {"cls": _RowWriter(out_dir / EMBEDDINGS, len(items), feature_dtype)}
     if patch_tokens:
         writers["patch"] = _RowWriter(out_dir / PATCH_TOKENS, len(items))
     if layers:
         writers["layers"] = _RowWriter(out_dir / LAYERS, len(items))
     if avgpool:
-        writers["avgpool"] = _RowWriter(out_dir / AVGPOOL, len(items))
+        writers["avgpool"] = _RowWriter(out_dir / AVGPOOL, len(items), feature_dtype)
     manifest: list[tuple[str, str | None]] = []
     errors: list[dict] = []
     nonfinite = 0  # rows with a NaN/Inf in any output
@@ -363,6 +371,9 @@ def embed_images(
                     finite = np.ones(n, dtype=bool)
                     for name, writer in writers.items():
                         block = out[name][:n].float().cpu().numpy()
+                        if writer.dtype != np.float32:  # overflow to inf is caught below
+                            with np.errstate(over="ignore"):
+                                block = block.astype(writer.dtype)
                         finite &= np.isfinite(block.reshape(n, -1)).all(axis=1)
                         writer.write(block)
                     nonfinite += int(n - finite.sum())
@@ -587,6 +598,13 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
         help="two-tower MODEL (CLIP / ALIGN / SigLIP directory, clip run): also embed these "
         "lines with the text tower (text_embeddings.npy)",
     )
+    p.add_argument(
+        "--feature-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="dtype of embeddings.npy / avgpool.npy on disk (default float32; float16 halves "
+        "them: what `vssl curate` memory-maps at web scale)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_embed)
     return p
@@ -648,6 +666,19 @@ def run_embed(args: argparse.Namespace) -> int:
         return 0
     if args.text is not None:
         return _fail("--text needs a two-tower MODEL (a CLIP / ALIGN / SigLIP directory)")
+    device = args.device
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:  # torchrun: this rank's contiguous share of the inputs, into its own part
+        n_all = len(inputs)
+        inputs = inputs[round(n_all / world * rank) : round(n_all / world * (rank + 1))]
+        out = out / f"part-{rank:05d}-of-{world:05d}"
+        if device == "cuda":
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        print(
+            f"vssl embed: rank {rank} of {world}: {len(inputs)} of {n_all} inputs -> {out}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     from .cli import parse_overrides
     from .models import create_model, list_models
@@ -666,7 +697,7 @@ def run_embed(args: argparse.Namespace) -> int:
             args.model,
             args.weights,
             dtype=args.dtype,
-            device=args.device,
+            device=device,
             random_init=args.random_init,
             seed=args.seed if random else None,
             **overrides,
@@ -708,7 +739,7 @@ def run_embed(args: argparse.Namespace) -> int:
             resolution=resolution,
             batch_size=args.batch_size,
             num_workers=args.num_workers,
-            device=args.device,
+            device=device,
             dtype=args.dtype,
             patch_tokens=args.patch_tokens,
             layers=args.layers,
@@ -719,12 +750,13 @@ def run_embed(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels,
             compile=args.compile,
             provenance=provenance,
+            feature_dtype=args.feature_dtype,
         )
     except (ValueError, NotADirectoryError) as exc:
         return _fail(str(exc))
     except torch.cuda.OutOfMemoryError:
         return _fail(f"out of GPU memory at --batch-size {args.batch_size}: try a smaller one")
-    if result.num_embedded == 0:
+    if result.num_embedded == 0 and result.num_inputs:
         return _fail(
             f"no image could be embedded from {input_path} ({result.num_inputs} inputs, all "
             f"skipped; reasons in {out / ERRORS})"

@@ -8,13 +8,11 @@ five largest are the top-5 (reported with >= 5 classes). Because the softmax nor
 by all classes of a row, this ranks classes exactly as ``sum exp(sim / T)`` over the k neighbours.
 Ties between class scores go to the lower class index.
 
-Neighbour search is blocked over test rows and training rows with a running top-k merge, so
-memory stays bounded (one ``batch_size x train_block`` similarity block) for a 1M x 1M evaluation.
-It is written in torch rather than with faiss ``IndexFlatIP`` because both are one sgemm plus a
-selection and ran at the same speed here (2 shared CPU cores, 2k-4k queries x 50k x 768, k=200,
-best of interleaved runs: torch 65 vs faiss 66 GFLOP/s, 33 vs 31 under heavier load; both
-BLAS-bound), while torch also runs on the GPU the features already live on (the training-time
-monitor) and adds no dependency.
+Neighbour search on CPU is faiss's exact search (``vssl/neighbors.py``: ``faiss.knn``, blocked
+GEMMs with heap selection inside the loop); the torch version it replaced spent its extra time in
+``torch.topk`` over each 65 536-column block and was 1.6x slower at 100k x 100k x 768, k=200
+(BENCHMARKS.md). Features on a GPU (the training-time monitor) keep a torch search blocked over
+test and training rows with a running top-k merge, so memory stays bounded there too.
 """
 
 from __future__ import annotations
@@ -180,9 +178,19 @@ def knn_classify(
         hits1 = {k: 0 for k in ks}
         hits5 = {k: 0 for k in ks}
         with_top5 = num_classes >= 5
+        on_cpu = train.device.type == "cpu"
+        if on_cpu:  # faiss: one exact search of all test rows (vssl/neighbors.py)
+            from ..neighbors import exact_knn
+
+            all_sims, all_idx = exact_knn(F.normalize(test, dim=1).numpy(), train.numpy(), max_k)
+            all_sims, all_idx = torch.from_numpy(all_sims), torch.from_numpy(all_idx)
         for start in range(0, n_test, batch_size):
             q = F.normalize(test[start : start + batch_size], dim=1)
-            sims, idx = _topk_blocked(q, train, max_k, train_block)
+            if on_cpu:
+                sims = all_sims[start : start + batch_size]
+                idx = all_idx[start : start + batch_size]
+            else:
+                sims, idx = _topk_blocked(q, train, max_k, train_block)
             weights = (sims / temperature).softmax(dim=1)  # over the max_k neighbours, as DINOv2
             neighbour_labels = ytrain[idx]
             for k in ks:
