@@ -692,7 +692,7 @@ def load_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> dict
             raise CheckpointError(f"checkpoint {directory} holds no optimizer state")
         payload["optim"] = optim_sd
         impl = [{k: g.get(k) for k in ("foreach", "fused")} for g in optimizer.param_groups]
-        groups = [_group_signature(g) for g in optimizer.param_groups]
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     try:
         with _quiet_single_process():
             dcp.load(
@@ -716,21 +716,20 @@ def load_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> dict
                 model_state_dict=payload["model"],
                 optim_state_dict=payload["optim"],
             )
-            differs = [_group_signature(g) for g in optimizer.param_groups] != groups
-        except ValueError:  # torch: "... doesn't match the size of optimizer's group"
-            differs = True
-        if differs:
+        except ValueError as e:  # torch: "... doesn't match the size of optimizer's group"
             raise CheckpointError(
                 f"checkpoint {directory} groups the optimizer's parameters differently from this "
-                "run (its lr multipliers, layer decay or frozen parameters were set otherwise, "
-                "e.g. a freeze of 0 steps where this recipe freezes some): resume with the settings "
-                "the run was started with, or set train.output_dir to a new folder"
-            )
+                "run (its lr multipliers, layer decay or frozen parameters were set otherwise): "
+                "resume with the settings the run was started with, or set train.output_dir to "
+                f"a new folder ({e})"
+            ) from e
+        # DCP restores each parameter's state by name and each group's settings from the
+        # checkpoint's groups: a group the checkpoint does not have (the run resumed with another
+        # grouping: other layer decay, freezes, lr multipliers) comes back bare, and the next
+        # step failed on its missing keys. It gets this run's settings.
+        for g, own in zip(optimizer.param_groups, settings):
+            for k, v in own.items():
+                g.setdefault(k, v)
         for g, flags in zip(optimizer.param_groups, impl):  # keep this machine's kernels
             g.update(flags)
     return meta
-
-
-def _group_signature(group: dict) -> tuple:
-    """What a parameter group is, independent of its values: its parameters and its keys."""
-    return tuple(id(p) for p in group["params"]), tuple(sorted(group))
