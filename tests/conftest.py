@@ -22,6 +22,17 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def listing(shared_data, tmp_path):
+    """A path list of 80 real CIFAR images (8 per class): the recipes' end-to-end runs."""
+    rows = []
+    for cls in sorted(p.name for p in (shared_data / "cifar10-subset" / "train").iterdir()):
+        rows += sorted((shared_data / "cifar10-subset" / "train" / cls).glob("*.jpg"))[:8]
+    path = tmp_path / "train.txt"
+    path.write_text("".join(f"{p}\n" for p in rows))
+    return path
+
+
 def perturb_(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
     """Move every parameter off its init (LayerNorm ones, zero biases, LayerScale constants), so
     that a wrongly mapped tensor cannot hide behind a symmetric initial value."""

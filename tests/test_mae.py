@@ -397,16 +397,6 @@ def _run(listing, out, *extra):
     return run_pretrain(r, progress=False)
 
 
-@pytest.fixture
-def listing(shared_data, tmp_path):
-    rows = []
-    for cls in sorted(p.name for p in (shared_data / "cifar10-subset" / "train").iterdir()):
-        rows += sorted((shared_data / "cifar10-subset" / "train" / cls).glob("*.jpg"))[:8]
-    path = tmp_path / "train.txt"
-    path.write_text("".join(f"{p}\n" for p in rows))
-    return path
-
-
 def test_cpu_mae32_trains_resumes_exactly_and_exports_the_encoder(listing, tmp_path):
     from safetensors.torch import load_file
 

@@ -253,16 +253,6 @@ def test_paper_recipes(name, embed_dim):
 
 
 # ----------------------------------------------------------------- the recipe, end to end on CPU
-@pytest.fixture
-def listing(shared_data, tmp_path):
-    rows = []
-    for cls in sorted(p.name for p in (shared_data / "cifar10-subset" / "train").iterdir()):
-        rows += sorted((shared_data / "cifar10-subset" / "train" / cls).glob("*.jpg"))[:8]
-    path = tmp_path / "train.txt"
-    path.write_text("".join(f"{p}\n" for p in rows))
-    return path
-
-
 def _run(listing, out, *extra):
     from vssl.pretrain import run_pretrain
     from vssl.train.config import load_recipe

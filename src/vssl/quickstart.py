@@ -262,6 +262,23 @@ def verdict(knn: dict[str, float], steps: int) -> str:
     )
 
 
+def _restores_torch_threads(fn):
+    """The planner may switch torch to one thread (busy cores): put the caller's count back."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        threads = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
+
+
 def _fastest_threads(method, batches) -> float:
     """Time a step with torch's default thread count and with one thread, keep the faster, and
     return its seconds. On a busy machine (other jobs on the cores) OpenMP threads wait for each
@@ -332,6 +349,7 @@ def _clear_quickstart(out: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+@_restores_torch_threads
 def run_quickstart(
     data: str | None = None,
     output: str | os.PathLike = "vssl-quickstart",
@@ -358,41 +376,6 @@ def run_quickstart(
     ``output``; returns the summary. ``steps`` trains exactly that many steps instead of planning
     them from the budget (the same run, and the same numbers, on any machine).
     """
-    import torch
-
-    threads = torch.get_num_threads()  # the planner may train with one thread (busy cores)
-    try:
-        return _run_quickstart(
-            data,
-            output,
-            minutes,
-            overrides,
-            seed=seed,
-            progress=progress,
-            n_pca=n_pca,
-            knn_images=knn_images,
-            k=k,
-            recipe=recipe,
-            steps=steps,
-        )
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run_quickstart(
-    data: str | None = None,
-    output: str | os.PathLike = "vssl-quickstart",
-    minutes: float = 5.0,
-    overrides: Sequence[str] = (),
-    *,
-    seed: int = 0,
-    progress: bool = True,
-    n_pca: int = 8,
-    knn_images: int = 1000,
-    k: int = 20,
-    recipe: str = QUICKSTART_RECIPE,
-    steps: int | None = None,
-) -> dict:
     import dataclasses
 
     import numpy as np

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..data.views import ViewSpec
 from ..models.checkpoints import Checkpoint, CheckpointError, check_state_dict, read_checkpoint
-from ..models.decoders import MAEDecoder, describe_decoder, mae_init_
+from ..models.decoders import MAEDecoder, check_decoder_settings, describe_decoder, mae_init_
 from ..models.vit import VisionTransformer, sincos_pos_embed_2d
 from .base import MethodBase, register_method
 
@@ -51,16 +51,7 @@ class MAEConfig:
     def __post_init__(self):
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio!r}")
-        for name in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.decoder_embed_dim % self.decoder_num_heads:
-            raise ValueError(
-                f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
-                f"decoder_num_heads {self.decoder_num_heads}"
-            )
-        if self.decoder_embed_dim % 4:
-            raise ValueError("decoder_embed_dim must be divisible by 4 (sin-cos positions)")
+        check_decoder_settings(self.decoder_embed_dim, self.decoder_depth, self.decoder_num_heads)
         if not self.decoder_mlp_ratio > 0:
             raise ValueError(f"decoder_mlp_ratio must be > 0, got {self.decoder_mlp_ratio!r}")
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..data.views import ViewSpec
 from ..models.checkpoints import Checkpoint, CheckpointError, check_state_dict, read_checkpoint
-from ..models.decoders import MAEDecoder, mae_init_
+from ..models.decoders import MAEDecoder, check_decoder_settings, mae_init_
 from ..models.patch_tokenizer import PatchTokenizer
 from ..models.vit import VisionTransformer, sincos_pos_embed_2d
 from .base import MethodBase, register_method
@@ -82,16 +82,7 @@ class SplitMaskConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if self.contrastive_weight < 0:
             raise ValueError(f"contrastive_weight must be >= 0, got {self.contrastive_weight!r}")
-        for name in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.decoder_embed_dim % self.decoder_num_heads:
-            raise ValueError(
-                f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
-                f"decoder_num_heads {self.decoder_num_heads}"
-            )
-        if self.decoder_embed_dim % 4:
-            raise ValueError("decoder_embed_dim must be divisible by 4 (sin-cos positions)")
+        check_decoder_settings(self.decoder_embed_dim, self.decoder_depth, self.decoder_num_heads)
 
     def to_dict(self) -> dict:
         return asdict(self)

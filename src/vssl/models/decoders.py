@@ -13,7 +13,7 @@ from torch import nn
 
 from .vit import Block, ViTConfig, sincos_pos_embed_2d
 
-__all__ = ["MAEDecoder", "describe_decoder", "mae_init_"]
+__all__ = ["MAEDecoder", "check_decoder_settings", "describe_decoder", "mae_init_"]
 
 
 class MAEDecoder(nn.Module):
@@ -80,6 +80,25 @@ class MAEDecoder(nn.Module):
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_norm(x)
+
+
+def check_decoder_settings(embed_dim: int, depth: int, num_heads: int) -> None:
+    """What an :class:`MAEDecoder` needs of a method config's ``decoder_*`` settings (MAE's and
+    SplitMask's), as errors naming the setting."""
+    values = {
+        "decoder_embed_dim": embed_dim,
+        "decoder_depth": depth,
+        "decoder_num_heads": num_heads,
+    }
+    for name, value in values.items():
+        if int(value) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if embed_dim % num_heads:
+        raise ValueError(
+            f"decoder_embed_dim {embed_dim} is not divisible by decoder_num_heads {num_heads}"
+        )
+    if embed_dim % 4:
+        raise ValueError("decoder_embed_dim must be divisible by 4 (sin-cos positions)")
 
 
 def describe_decoder(sd: dict[str, torch.Tensor]) -> dict:
