@@ -28,8 +28,13 @@ from torch import nn
 
 from ..data.views import ViewSpec
 from ..models.checkpoints import Checkpoint, CheckpointError, check_state_dict, read_checkpoint
-from ..models.decoders import MAEDecoder, check_decoder_settings, describe_decoder, mae_init_
-from ..models.vit import VisionTransformer, sincos_pos_embed_2d
+from ..models.decoders import (
+    MAEDecoder,
+    check_decoder_settings,
+    describe_decoder,
+    init_mae_encoder_,
+)
+from ..models.vit import VisionTransformer
 from .base import MethodBase, register_method
 
 log = logging.getLogger("vssl")
@@ -118,11 +123,7 @@ class MAE(MethodBase):
             bcfg.norm_eps,
         )
         self.student = nn.ModuleDict({"backbone": backbone, "decoder": decoder})
-        if not backbone.pos_embed.is_meta:
-            mae_init_(backbone)
-            with torch.no_grad():
-                backbone.pos_embed.copy_(sincos_pos_embed_2d(backbone.embed_dim, bcfg.grid_size))
-        backbone.pos_embed.requires_grad_(False)  # fixed, as in MAE's pretraining
+        init_mae_encoder_(backbone)  # fixed sin-cos positions, as in MAE's pretraining
 
     def views(self) -> ViewSpec:
         return ViewSpec(

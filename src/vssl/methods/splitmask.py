@@ -34,9 +34,9 @@ from torch import nn
 
 from ..data.views import ViewSpec
 from ..models.checkpoints import Checkpoint, CheckpointError, check_state_dict, read_checkpoint
-from ..models.decoders import MAEDecoder, check_decoder_settings, mae_init_
+from ..models.decoders import MAEDecoder, check_decoder_settings, init_mae_encoder_
 from ..models.patch_tokenizer import PatchTokenizer
-from ..models.vit import VisionTransformer, sincos_pos_embed_2d
+from ..models.vit import VisionTransformer
 from .base import MethodBase, register_method
 from .contrastive import info_nce
 from .mae import patchify, pixel_targets
@@ -136,11 +136,7 @@ class SplitMask(MethodBase):
         self.tokenizer = (
             PatchTokenizer(cfg.vocab_size, patch_dim) if cfg.target == "tokens" else None
         )
-        if not backbone.pos_embed.is_meta:
-            mae_init_(backbone)
-            with torch.no_grad():
-                backbone.pos_embed.copy_(sincos_pos_embed_2d(backbone.embed_dim, bcfg.grid_size))
-        backbone.pos_embed.requires_grad_(False)
+        init_mae_encoder_(backbone)  # fixed sin-cos positions, as in MAE's pretraining
 
     def views(self) -> ViewSpec:
         return ViewSpec(

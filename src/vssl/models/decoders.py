@@ -13,7 +13,13 @@ from torch import nn
 
 from .vit import Block, ViTConfig, sincos_pos_embed_2d
 
-__all__ = ["MAEDecoder", "check_decoder_settings", "describe_decoder", "mae_init_"]
+__all__ = [
+    "MAEDecoder",
+    "check_decoder_settings",
+    "describe_decoder",
+    "init_mae_encoder_",
+    "mae_init_",
+]
 
 
 class MAEDecoder(nn.Module):
@@ -134,3 +140,14 @@ def mae_init_(module: nn.Module) -> None:
             nn.init.xavier_uniform_(p.view(p.shape[0], -1))
         elif name.endswith(("cls_token", "mask_token")) and p.ndim == 3:
             nn.init.normal_(p, std=0.02)
+
+
+@torch.no_grad()
+def init_mae_encoder_(backbone: nn.Module) -> None:
+    """An encoder trained as MAE trains it (MAE and SplitMask): MAE's initialization and fixed
+    sin-cos positions from scratch (a meta-device encoder, about to receive a checkpoint's
+    weights, keeps its own); the position embedding is not trained either way."""
+    if not backbone.pos_embed.is_meta:
+        mae_init_(backbone)
+        backbone.pos_embed.copy_(sincos_pos_embed_2d(backbone.embed_dim, backbone.config.grid_size))
+    backbone.pos_embed.requires_grad_(False)
