@@ -417,3 +417,53 @@ def test_multicrop_geometry_takes_arrays_like_pil():
         assert torch.equal(a["global"], b["global"]) and torch.equal(a["local"], b["local"])
     with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
         MultiCropGeometry()(arr.astype(np.float32))
+
+
+def test_recipe_colour_settings_reach_the_multicrop_augmentation(tmp_path):
+    """data.color_jitter / color_jitter_p / grayscale_p set every crop group's colour recipe;
+    DINOv2's values (the defaults) keep DINOv2's per-group recipe (blur, solarize) untouched."""
+    from vssl.data.augment import DINO_GLOBAL1, DINO_GLOBAL2, DINO_LOCAL
+    from vssl.pretrain import build_data, build_method
+    from vssl.train.config import load_recipe
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    overrides = [f"data.train={folder}", "data.num_workers=0", "train.batch_size_per_rank=2"]
+    recipe = load_recipe("cpu_tiny32", overrides)
+    method, _ = build_method(recipe)
+    p = build_data(recipe, method.views()).views.photometric
+    assert (p.global1, p.global2, p.local) == (DINO_GLOBAL1, DINO_GLOBAL2, DINO_LOCAL)
+
+    strong = [
+        "data.color_jitter=[0.4,0.4,0.4,0.5]",
+        "data.color_jitter_p=1.0",
+        "data.grayscale_p=0.5",
+    ]
+    recipe = load_recipe("cpu_tiny32", overrides + strong)
+    p = build_data(recipe, method.views()).views.photometric
+    for group, dino in (
+        (p.global1, DINO_GLOBAL1),
+        (p.global2, DINO_GLOBAL2),
+        (p.local, DINO_LOCAL),
+    ):
+        assert group.jitter == (0.4, 0.4, 0.4, 0.5)
+        assert (group.jitter_p, group.grayscale_p) == (1.0, 0.5)
+        assert (group.blur_p, group.solarize_p) == (dino.blur_p, dino.solarize_p)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.color_jitter=[0.4,0.4,0.2,0.7]", "hue <= 0.5"),
+        ("data.color_jitter=[-0.1,0.4,0.2,0.1]", "each >= 0"),
+        ("data.grayscale_p=1.5", r"data.grayscale_p is a probability"),
+        ("data.color_jitter_p=-1", r"data.color_jitter_p is a probability"),
+    ],
+)
+def test_bad_colour_settings_are_refused(override, message):
+    from vssl.train.config import load_recipe
+
+    with pytest.raises(ValueError, match=message):
+        load_recipe("cpu_tiny32", [override])

@@ -116,6 +116,10 @@ def _check_source(spec: Any) -> None:
             )
 
 
+#: DINOv2's colour augmentation (data.color_jitter / color_jitter_p / grayscale_p defaults)
+_DINOV2_COLOUR = {"jitter": (0.4, 0.4, 0.2, 0.1), "jitter_p": 0.8, "grayscale_p": 0.2}
+
+
 def build_data(
     recipe, views, *, device: Any = "cpu", rank: int | None = None, world_size: int | None = None
 ):
@@ -127,6 +131,15 @@ def build_data(
     _check_source(d.train)
     source = d.train if not isinstance(d.train, list) else [str(x) for x in d.train]
     kwargs = {} if d.photometric else {"photometric": None}
+    colour = {
+        "jitter": tuple(d.color_jitter),
+        "jitter_p": d.color_jitter_p,
+        "grayscale_p": d.grayscale_p,
+    }
+    if d.photometric and colour != _DINOV2_COLOUR:
+        from .data.augment import MultiCropPhotometric
+
+        kwargs["photometric"] = MultiCropPhotometric(**colour)
     return TrainData(
         source,
         batch_size=t.batch_size_per_rank,

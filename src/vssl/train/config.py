@@ -79,6 +79,25 @@ class DataConfig:
     global_scale: tuple[float, float] = (0.32, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.32)
     photometric: bool = True  # False: normalize only (no colour jitter, blur, solarize)
+    # multi-crop colour recipe (DINOv2's): ColorJitter(brightness, contrast, saturation, hue)
+    # strengths with probability color_jitter_p, and RandomGrayscale(grayscale_p), in every crop
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+
+    def __post_init__(self):
+        b, c, sat, hue = self.color_jitter
+        if min(b, c, sat, hue) < 0 or hue > 0.5:
+            raise ValueError(
+                "data.color_jitter is [brightness, contrast, saturation, hue] strengths as in "
+                f"torchvision's ColorJitter: each >= 0 and hue <= 0.5, got {list(self.color_jitter)}"
+            )
+        for name in ("color_jitter_p", "grayscale_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(
+                    f"data.{name} is a probability in [0, 1], got {getattr(self, name)}"
+                )
+
     num_workers: int = 8
     batches_per_epoch: int | None = None  # shards without sizes.json need it (or epoch_len)
     epoch_len: int | None = None  # images per epoch of a shard stream
