@@ -78,6 +78,22 @@ def test_toy_dataset_is_deterministic_and_labelled(tmp_path):
         draw_shape("blob", np.random.default_rng(0))
 
 
+def test_plain_toy_images_have_flat_backgrounds():
+    """plain=True: one background colour (the four corners agree) behind a visible shape; the
+    default set varies its backgrounds (gradients, stripes, noise)."""
+    textured = 0
+    for i in range(30):
+        name = CLASSES[i % len(CLASSES)]
+        plain = np.asarray(draw_shape(name, np.random.default_rng(i), plain=True), dtype=int)
+        corners = plain[[0, 0, -1, -1], [0, -1, 0, -1]]
+        assert (corners == corners[0]).all(), i
+        assert (np.abs(plain - corners[0]).sum(-1) > 60).sum() > 20, i  # the shape is there
+        default = np.asarray(draw_shape(name, np.random.default_rng(i)), dtype=int)
+        d_corners = default[[0, 0, -1, -1], [0, -1, 0, -1]]
+        textured += not (d_corners == d_corners[0]).all()
+    assert textured >= 10
+
+
 # ------------------------------------------------------------------------------------ pretrain
 def test_pretrain_cli_end_to_end_writes_metrics_checkpoint_and_resumes(
     shared_data, tmp_path, capsys

@@ -73,10 +73,11 @@ def _bar_polygon(cx, cy, length, width, angle) -> list[tuple]:
     ]
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """(size, size, 3) float32 background at the output resolution (upsampled for drawing)."""
+def _background(rng: np.random.Generator, size: int, plain: bool = False) -> np.ndarray:
+    """(size, size, 3) float32 background at the output resolution (upsampled for drawing);
+    ``plain``: always one flat colour (no kind is drawn)."""
     base = rng.integers(0, 256, 3).astype(np.float32)
-    kind = rng.integers(0, 4)
+    kind = 0 if plain else rng.integers(0, 4)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
     if kind == 0:  # flat
         arr = np.broadcast_to(base, (size, size, 3))
@@ -107,12 +108,19 @@ def _foreground_colour(rng: np.random.Generator, bg: np.ndarray) -> tuple[int, i
     return tuple(int(v) for v in (255 - mean))
 
 
-def draw_shape(name: str, rng: np.random.Generator, size: int = 32) -> Image.Image:
-    """One RGB image of class ``name`` with random colour, background, pose and scale."""
+def draw_shape(
+    name: str, rng: np.random.Generator, size: int = 32, *, plain: bool = False
+) -> Image.Image:
+    """One RGB image of class ``name`` with random colour, background, pose and scale.
+
+    ``plain``: flat backgrounds and no blur, so colour, pose and scale are the only nuisances
+    (an experiment of issue 12: two crops of one image share its background type, which the
+    objectives learn before the shape; see BENCHMARKS.md, "The quickstart").
+    """
     if name not in CLASSES:
         raise ValueError(f"unknown toy class {name!r}; classes are {', '.join(CLASSES)}")
     S = size * _SUPERSAMPLE
-    bg = _background(rng, size)
+    bg = _background(rng, size, plain)
     colour = _foreground_colour(rng, bg)
     img = Image.fromarray(bg.astype(np.uint8), "RGB").resize((S, S), Image.Resampling.BILINEAR)
     draw = ImageDraw.Draw(img)
@@ -146,14 +154,23 @@ def draw_shape(name: str, rng: np.random.Generator, size: int = 32) -> Image.Ima
         for a in (angle, angle + math.pi / 2):
             draw.polygon(_bar_polygon(cx, cy, 2 * r, stroke * 1.2, a), fill=colour)
     if rng.random() < 0.3:
-        img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.5, 2.0)))
+        radius = rng.uniform(0.5, 2.0)
+        if not plain:
+            img = img.filter(ImageFilter.GaussianBlur(radius=radius))
     return img.resize((size, size), Image.Resampling.BOX)
 
 
 def make_toy_dataset(
-    root: str | os.PathLike, *, n_train: int = 400, n_test: int = 100, size: int = 32, seed: int = 0
+    root: str | os.PathLike,
+    *,
+    n_train: int = 400,
+    n_test: int = 100,
+    size: int = 32,
+    seed: int = 0,
+    plain: bool = False,
 ) -> Path:
-    """Write ``root/{train,test}/<class>/<i>.png``: ``n_train``/``n_test`` images per class.
+    """Write ``root/{train,test}/<class>/<i>.png``: ``n_train``/``n_test`` images per class
+    (``plain``: see :func:`draw_shape`).
 
     Deterministic: image ``i`` of class ``c`` in split ``s`` depends only on (seed, s, c, i).
     Written into a temporary folder beside ``root`` and renamed into place, so an interrupted
@@ -169,7 +186,9 @@ def make_toy_dataset(
                 folder.mkdir(parents=True)
                 for i in range(n):
                     rng = np.random.default_rng([seed, split_id, class_id, i])
-                    draw_shape(name, rng, size).save(folder / f"{i:05d}.png", compress_level=1)
+                    draw_shape(name, rng, size, plain=plain).save(
+                        folder / f"{i:05d}.png", compress_level=1
+                    )
         if root.exists():  # another process finished first: keep its copy
             shutil.rmtree(tmp)
         else:
