@@ -579,8 +579,8 @@ class Trainer:
                     _say(
                         info,
                         f"stopping at step {step:,} of {total:,}: the time budget "
-                        f"train.time_budget_s={cfg.time_budget_s:g} s is spent; run the same "
-                        "command again to continue",
+                        f"train.time_budget_s={cfg.time_budget_s:g} s is spent; the checkpoint "
+                        "is saved (`vssl pretrain` with the same output_dir continues from it)",
                         bar,
                     )
                 if (
