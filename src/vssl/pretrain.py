@@ -116,10 +116,6 @@ def _check_source(spec: Any) -> None:
             )
 
 
-#: DINOv2's colour augmentation (data.color_jitter / color_jitter_p / grayscale_p defaults)
-_DINOV2_COLOUR = {"jitter": (0.4, 0.4, 0.2, 0.1), "jitter_p": 0.8, "grayscale_p": 0.2}
-
-
 def build_data(
     recipe, views, *, device: Any = "cpu", rank: int | None = None, world_size: int | None = None
 ):
@@ -130,16 +126,14 @@ def build_data(
     d, t = recipe.data, recipe.train
     _check_source(d.train)
     source = d.train if not isinstance(d.train, list) else [str(x) for x in d.train]
-    kwargs = {} if d.photometric else {"photometric": None}
-    colour = {
-        "jitter": tuple(d.color_jitter),
-        "jitter_p": d.color_jitter_p,
-        "grayscale_p": d.grayscale_p,
-    }
-    if d.photometric and colour != _DINOV2_COLOUR:
+    if d.photometric:  # DINOv2's per-group recipe with the recipe's colour settings
         from .data.augment import MultiCropPhotometric
 
-        kwargs["photometric"] = MultiCropPhotometric(**colour)
+        photometric = MultiCropPhotometric(
+            jitter=tuple(d.color_jitter), jitter_p=d.color_jitter_p, grayscale_p=d.grayscale_p
+        )
+    else:
+        photometric = None
     return TrainData(
         source,
         batch_size=t.batch_size_per_rank,
@@ -159,7 +153,7 @@ def build_data(
         shuffle_buffer=d.shuffle_buffer,
         resampled=d.resampled,
         captions=d.captions,
-        **kwargs,
+        photometric=photometric,
     )
 
 

@@ -154,7 +154,7 @@ def draw_shape(
         for a in (angle, angle + math.pi / 2):
             draw.polygon(_bar_polygon(cx, cy, 2 * r, stroke * 1.2, a), fill=colour)
     if rng.random() < 0.3:
-        radius = rng.uniform(0.5, 2.0)
+        radius = rng.uniform(0.5, 2.0)  # drawn either way: same draws, same generator state
         if not plain:
             img = img.filter(ImageFilter.GaussianBlur(radius=radius))
     return img.resize((size, size), Image.Resampling.BOX)

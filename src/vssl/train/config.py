@@ -84,6 +84,12 @@ class DataConfig:
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     color_jitter_p: float = 0.8
     grayscale_p: float = 0.2
+    num_workers: int = 8
+    batches_per_epoch: int | None = None  # shards without sizes.json need it (or epoch_len)
+    epoch_len: int | None = None  # images per epoch of a shard stream
+    shuffle_buffer: int = 1000
+    resampled: bool = False  # shards drawn with replacement (web-scale streaming)
+    captions: str | None = None  # image-text methods: null (the data's own) or templates
 
     def __post_init__(self):
         b, c, sat, hue = self.color_jitter
@@ -97,13 +103,6 @@ class DataConfig:
                 raise ValueError(
                     f"data.{name} is a probability in [0, 1], got {getattr(self, name)}"
                 )
-
-    num_workers: int = 8
-    batches_per_epoch: int | None = None  # shards without sizes.json need it (or epoch_len)
-    epoch_len: int | None = None  # images per epoch of a shard stream
-    shuffle_buffer: int = 1000
-    resampled: bool = False  # shards drawn with replacement (web-scale streaming)
-    captions: str | None = None  # image-text methods: null (the data's own) or templates
 
 
 @dataclass
