@@ -452,6 +452,17 @@ def test_recipe_colour_settings_reach_the_multicrop_augmentation(tmp_path):
         assert (group.jitter_p, group.grayscale_p) == (1.0, 0.5)
         assert (group.blur_p, group.solarize_p) == (dino.blur_p, dino.solarize_p)
 
+    # data.blur_p / data.solarize_p set every group (no blur: SimCLR's CIFAR recipe)
+    recipe = load_recipe("cpu_tiny32", overrides + ["data.blur_p=0", "data.solarize_p=0.1"])
+    p = build_data(recipe, method.views()).views.photometric
+    for group, dino in (
+        (p.global1, DINO_GLOBAL1),
+        (p.global2, DINO_GLOBAL2),
+        (p.local, DINO_LOCAL),
+    ):
+        assert (group.blur_p, group.solarize_p) == (0.0, 0.1)
+        assert group.jitter == dino.jitter
+
 
 @pytest.mark.parametrize(
     "override, message",
@@ -460,6 +471,7 @@ def test_recipe_colour_settings_reach_the_multicrop_augmentation(tmp_path):
         ("data.color_jitter=[-0.1,0.4,0.2,0.1]", "each >= 0"),
         ("data.grayscale_p=1.5", r"data.grayscale_p is a probability"),
         ("data.color_jitter_p=-1", r"data.color_jitter_p is a probability"),
+        ("data.blur_p=2", r"data.blur_p is a probability"),
     ],
 )
 def test_bad_colour_settings_are_refused(override, message):

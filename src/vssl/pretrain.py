@@ -129,8 +129,14 @@ def build_data(
     if d.photometric:  # DINOv2's per-group recipe with the recipe's colour settings
         from .data.augment import MultiCropPhotometric
 
+        groups = {
+            k: v for k, v in (("blur_p", d.blur_p), ("solarize_p", d.solarize_p)) if v is not None
+        }
         photometric = MultiCropPhotometric(
-            jitter=tuple(d.color_jitter), jitter_p=d.color_jitter_p, grayscale_p=d.grayscale_p
+            jitter=tuple(d.color_jitter),
+            jitter_p=d.color_jitter_p,
+            grayscale_p=d.grayscale_p,
+            **groups,
         )
     else:
         photometric = None

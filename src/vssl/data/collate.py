@@ -19,6 +19,7 @@ output, optionally with a label) or a pair ``(views_dict, label)``. Tensors stay
 from __future__ import annotations
 
 import functools
+import math
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -56,7 +57,8 @@ def _crop_major(crops: Sequence[torch.Tensor]) -> torch.Tensor:
             f"crops of different shapes cannot be batched: {sorted({tuple(c.shape) for c in crops})}"
         )
     if torch.utils.data.get_worker_info() is not None:
-        storage = first._typed_storage()._new_shared(k * b * first[0].numel(), device=first.device)
+        numel = k * b * math.prod(shape)  # 0 when there are no crops of this kind (n_local=0)
+        storage = first._typed_storage()._new_shared(numel, device=first.device)
         out = first.new(storage).view(k * b, *shape)
     else:
         out = first.new_empty((k * b, *shape))

@@ -84,6 +84,12 @@ class DataConfig:
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     color_jitter_p: float = 0.8
     grayscale_p: float = 0.2
+    # gaussian blur and solarization probabilities: null keeps DINOv2's per crop group (blur 1.0 /
+    # 0.1 / 0.5 for global crop 1 / global crop 2 / local crops, solarize 0 / 0.2 / 0); a number
+    # sets every group (SimCLR's CIFAR-10 recipe and lightly's CIFAR benchmarks use no blur: a
+    # sigma of up to 2 px wipes out a 32-px image's shapes)
+    blur_p: float | None = None
+    solarize_p: float | None = None
     num_workers: int = 8
     batches_per_epoch: int | None = None  # shards without sizes.json need it (or epoch_len)
     epoch_len: int | None = None  # images per epoch of a shard stream
@@ -98,8 +104,9 @@ class DataConfig:
                 "data.color_jitter is [brightness, contrast, saturation, hue] strengths as in "
                 f"torchvision's ColorJitter: each >= 0 and hue <= 0.5, got {list(self.color_jitter)}"
             )
-        for name in ("color_jitter_p", "grayscale_p"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
+        for name in ("color_jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(
                     f"data.{name} is a probability in [0, 1], got {getattr(self, name)}"
                 )
