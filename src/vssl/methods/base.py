@@ -151,7 +151,7 @@ def register_method(name: str) -> Callable[[type], type]:
 
 def _load_builtin() -> None:
     """Import the methods shipped with vssl (they register themselves)."""
-    from . import clip, dinov2, mae, splitmask  # noqa: F401
+    from . import clip, dinov2, mae, simclr, splitmask  # noqa: F401
 
 
 def list_methods() -> list[str]:
