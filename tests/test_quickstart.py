@@ -30,6 +30,8 @@ TINY = [
     "method.bottleneck_dim=32",
     "data.num_workers=0",
 ]
+#: the same for the quickstart's own recipe (cpu_simclr32: SimCLR, a projection head)
+TINY_QUICKSTART = [*TINY[:3], "method.proj_hidden_dim=32", "data.num_workers=0"]
 
 
 def _parse(argv):
@@ -193,7 +195,7 @@ def test_quickstart_end_to_end_report(tmp_path, capsys):
 
     data = make_toy_dataset(tmp_path / "toy", n_train=5, n_test=2)  # 50 train / 20 test
     out = tmp_path / "qs"
-    result = run_quickstart(str(data), out, minutes=0.2, overrides=TINY, progress=False)
+    result = run_quickstart(str(data), out, minutes=0.2, overrides=TINY_QUICKSTART, progress=False)
     printed = capsys.readouterr().out
 
     summary = json.loads((out / "quickstart.json").read_text())
@@ -233,7 +235,7 @@ def test_quickstart_end_to_end_report(tmp_path, capsys):
     (out / "ckpt").mkdir(exist_ok=True)
     (out / "mine.txt").write_text("x")
     with pytest.raises(ValueError, match="already holds other files.*mine.txt"):
-        run_quickstart(str(data), out, minutes=0.1, overrides=TINY, progress=False)
+        run_quickstart(str(data), out, minutes=0.1, overrides=TINY_QUICKSTART, progress=False)
 
 
 def test_quickstart_without_labels_skips_knn(tmp_path, capsys):
@@ -245,7 +247,7 @@ def test_quickstart_without_labels_skips_knn(tmp_path, capsys):
     for i in range(12):
         draw_shape(CLASSES[i % len(CLASSES)], rng).save(folder / f"{i}.png")
     result = run_quickstart(
-        str(folder), tmp_path / "qs", minutes=0.1, overrides=TINY, progress=False
+        str(folder), tmp_path / "qs", minutes=0.1, overrides=TINY_QUICKSTART, progress=False
     )
     assert result["knn_top1"] is None and result["steps"] >= 1
     page = (tmp_path / "qs" / "report.html").read_text()

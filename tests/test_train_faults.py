@@ -571,3 +571,35 @@ def test_a_run_resumed_with_another_grouping_of_its_parameters_continues(images,
     assert rest["resumed_from"].endswith("step_00000001") and rest["step"] == 6
     multipliers = sorted({round(g["lr_multiplier"], 6) for g in trainer.optimizer.param_groups})
     assert len(multipliers) > 2 and multipliers[-1] == 1.0  # this run's layer decay
+
+
+def test_an_error_with_a_loader_open_exits_instead_of_hanging(tmp_path):
+    """Workers ignore SIGTERM; an error that escapes while a loader is open must still end the
+    process (multiprocessing's exit handler used to wait for the workers forever)."""
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    for i in range(8):
+        Image.fromarray(np.full((32, 32, 3), 30 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    code = f"""
+import torch
+import vssl.data.collate as c
+original = c._crop_major
+def failing(crops):
+    if torch.utils.data.get_worker_info() is not None:
+        raise RuntimeError("injected worker failure")
+    return original(crops)
+c._crop_major = failing
+from vssl.pretrain import build_data, build_method
+from vssl.train.config import load_recipe
+recipe = load_recipe("cpu_tiny32", ["data.train={tmp_path}", "data.num_workers=1",
+                                    "train.batch_size_per_rank=4"])
+method, _ = build_method(recipe)
+batches = build_data(recipe, method.views()).batches(0)
+next(batches)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "injected worker failure" in proc.stderr

@@ -26,8 +26,10 @@ photometric half runs batched on the training device in the main process (docs/a
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import random
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -63,6 +65,37 @@ def _ignore_interrupts(worker_id: int) -> None:
         sig = getattr(signal, name, None)
         if sig is not None:
             signal.signal(sig, signal.SIG_IGN)
+
+
+#: Loader iterators with worker processes that may still be running (see _stop_workers_at_exit).
+_LIVE_LOADERS: weakref.WeakSet = weakref.WeakSet()
+_EXIT_HOOK = None
+
+
+def _stop_workers_at_exit() -> None:
+    """Shut down the workers of loaders still open when the interpreter exits.
+
+    Workers ignore SIGTERM (:func:`_ignore_interrupts`). When an error escapes while a loader is
+    open, its traceback keeps the loader alive past the exit handlers, and multiprocessing's own
+    exit handler would SIGTERM the workers and then wait for them forever: the command hung
+    after printing its error. This handler runs before that one (atexit is last in, first out,
+    and it is registered when the first loader starts, after torch imported multiprocessing)
+    and stops them the way a finished loader does."""
+    for it in list(_LIVE_LOADERS):
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _iterate(loader: DataLoader) -> Iterator:
+    """``iter(loader)``, registered for :func:`_stop_workers_at_exit` when it has workers."""
+    global _EXIT_HOOK
+    it = iter(loader)  # starts the workers (multiprocessing's exit handler is registered by now)
+    if loader.num_workers:
+        if not _EXIT_HOOK:
+            _EXIT_HOOK = atexit.register(_stop_workers_at_exit)
+        _LIVE_LOADERS.add(it)
+    return it
 
 
 class _PassThrough:
@@ -419,7 +452,9 @@ class TrainData:
         if self.dataset is not None:
             order = self.epoch_order(epoch)
             keys = [(epoch, s, self.batch_indices(epoch, s, order)) for s in range(start_step, n)]
-            yield from self._loader(_MapBatches(self.dataset, self.collator), sampler=keys)
+            yield from _iterate(
+                self._loader(_MapBatches(self.dataset, self.collator), sampler=keys)
+            )
             return
         data = _StreamBatches(
             self.stream, self.collator, self.batch_size, epoch, start_step, self.num_workers
@@ -427,7 +462,7 @@ class TrainData:
         # workers finish in their own time: hand batches on in step order
         pending: dict[int, dict] = {}
         expected = start_step
-        for step, batch in self._loader(data):
+        for step, batch in _iterate(self._loader(data)):
             pending[step] = batch
             while expected in pending:
                 yield expected, pending.pop(expected)
