@@ -96,3 +96,22 @@ def test_cpu_simclr32_trains_and_resumes_exactly(listing, tmp_path):
     # chance level of NT-Xent with 31 candidates is log(31) = 3.43; it must move below it
     assert min(r["loss"] for r in a[-5:]) < a[0]["loss"]
     assert (tmp_path / "full" / "backbone.safetensors").is_file()
+
+
+def test_load_pretrained_initializes_the_encoder_and_refuses_another(tmp_path):
+    from safetensors.torch import save_file
+
+    from vssl.models.checkpoints import CheckpointError
+
+    torch.manual_seed(1)
+    released = _encoder()
+    save_file(released.state_dict(), tmp_path / "encoder.safetensors")
+    method = SimCLR(_encoder(), SimCLRConfig(proj_hidden_dim=16, proj_dim=8))
+    report = method.load_pretrained(str(tmp_path / "encoder.safetensors"))
+    assert report["backbone"] is True
+    for k, v in released.state_dict().items():
+        torch.testing.assert_close(method.encoder().state_dict()[k], v, rtol=0, atol=0, msg=k)
+    wider = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)
+    save_file(wider.state_dict(), tmp_path / "wider.safetensors")
+    with pytest.raises(CheckpointError, match="wider.safetensors"):
+        method.load_pretrained(str(tmp_path / "wider.safetensors"))

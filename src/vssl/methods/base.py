@@ -122,6 +122,21 @@ class MethodBase(nn.Module):
         return self.student["backbone"]
 
 
+def load_backbone_strictly(backbone: nn.Module, checkpoint: Any) -> Any:
+    """Load any checkpoint :func:`vssl.models.checkpoints.read_checkpoint` reads (or its result)
+    into ``backbone``, strictly: a file without encoder weights, or with tensors that do not fit,
+    is refused naming it. Returns the :class:`~vssl.models.checkpoints.Checkpoint` (its heads
+    are the caller's to use). The encoder part of the methods' ``load_pretrained``."""
+    from ..models.checkpoints import Checkpoint, CheckpointError, check_state_dict, read_checkpoint
+
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
+    if not ck.state_dict:
+        raise CheckpointError(f"{ck.source} holds no encoder weights")
+    check_state_dict(backbone, ck.state_dict, ck.source)
+    backbone.load_state_dict(dict(ck.state_dict), strict=True)
+    return ck
+
+
 class UnknownMethodError(KeyError, ValueError):
     """A method name that is not registered; the message lists the registered ones."""
 

@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.views import ViewSpec
-from ..models.checkpoints import Checkpoint, CheckpointError, check_state_dict, read_checkpoint
+from ..models.checkpoints import Checkpoint, CheckpointError
 from ..models.text import POOLS, BPETokenizer, HFTextTower, TextTransformer, train_bpe_tokenizer
 from ..models.vit import VisionTransformer
-from .base import MethodBase, register_method
+from .base import MethodBase, load_backbone_strictly, register_method
 from .contrastive import all_gather_with_grad
 
 log = logging.getLogger("vssl")
@@ -399,12 +399,8 @@ class CLIP(MethodBase):
     @torch.no_grad()
     def load_pretrained(self, checkpoint: str | Checkpoint) -> dict:
         """The image backbone from any checkpoint :func:`read_checkpoint` reads (strictly)."""
-        ck = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
-        if not ck.state_dict:
-            raise CheckpointError(f"{ck.source} holds no encoder weights")
         backbone = self.student["backbone"]
-        check_state_dict(backbone, ck.state_dict, ck.source)
-        backbone.load_state_dict(dict(ck.state_dict), strict=True)
+        ck = load_backbone_strictly(backbone, checkpoint)
         if self.cfg.lock_image:
             backbone.requires_grad_(False)
         return {"source": ck.source, "format": ck.format, "backbone": True}

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.views import ViewSpec
-from ..models.checkpoints import Checkpoint, CheckpointError, check_state_dict, read_checkpoint
+from ..models.checkpoints import Checkpoint
 from ..models.vit import VisionTransformer
-from .base import MethodBase, register_method
+from .base import MethodBase, load_backbone_strictly, register_method
 from .contrastive import _world, all_gather_with_grad
 
 __all__ = ["SimCLR", "SimCLRConfig", "ProjectionHead", "nt_xent"]
@@ -141,10 +141,6 @@ class SimCLR(MethodBase):
     def load_pretrained(self, checkpoint: str | Checkpoint) -> dict:
         """Initialize the encoder strictly from any checkpoint :func:`read_checkpoint` reads; the
         projection head starts fresh. Returns ``{"source", "format", "backbone"}``."""
-        ck = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
-        if not ck.state_dict:
-            raise CheckpointError(f"{ck.source} holds no encoder weights")
         backbone = self.student["backbone"]
-        check_state_dict(backbone, ck.state_dict, ck.source)
-        backbone.load_state_dict(dict(ck.state_dict), strict=True)
+        ck = load_backbone_strictly(backbone, checkpoint)
         return {"source": ck.source, "format": ck.format, "backbone": True}

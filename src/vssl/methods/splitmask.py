@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.views import ViewSpec
-from ..models.checkpoints import Checkpoint, CheckpointError, check_state_dict, read_checkpoint
+from ..models.checkpoints import Checkpoint
 from ..models.decoders import MAEDecoder, check_decoder_settings, init_mae_encoder_
 from ..models.patch_tokenizer import PatchTokenizer
 from ..models.vit import VisionTransformer
-from .base import MethodBase, register_method
+from .base import MethodBase, load_backbone_strictly, register_method
 from .contrastive import info_nce
 from .mae import patchify, pixel_targets
 
@@ -227,11 +227,7 @@ class SplitMask(MethodBase):
         """Initialize the encoder strictly from any checkpoint :func:`read_checkpoint` reads (a
         Web-MAE / DINOv2 / MAE encoder, a vssl run); the decoder and the vocabulary start
         fresh (no released SplitMask weights exist). Returns ``{"source", "format", "backbone"}``."""
-        ck = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
-        if not ck.state_dict:
-            raise CheckpointError(f"{ck.source} holds no encoder weights")
         backbone = self.student["backbone"]
-        check_state_dict(backbone, ck.state_dict, ck.source)
-        backbone.load_state_dict(dict(ck.state_dict), strict=True)
+        ck = load_backbone_strictly(backbone, checkpoint)
         backbone.pos_embed.requires_grad_(False)
         return {"source": ck.source, "format": ck.format, "backbone": True}
