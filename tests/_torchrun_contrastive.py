@@ -9,8 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vssl.methods.contrastive import all_gather_with_grad, info_nce
-from vssl.methods.simclr import nt_xent
+from vssl.methods.contrastive import all_gather_with_grad, info_nce, nt_xent
 
 
 def one_process_loss(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -9,7 +9,8 @@ import torch
 from _torchrun_contrastive import nt_xent_by_the_paper
 
 from vssl.methods import get_method, list_methods
-from vssl.methods.simclr import SimCLR, SimCLRConfig, nt_xent
+from vssl.methods.contrastive import nt_xent
+from vssl.methods.simclr import SimCLR, SimCLRConfig
 from vssl.models.vit import VisionTransformer
 
 

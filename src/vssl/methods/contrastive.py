@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["all_gather_with_grad", "info_nce"]
+__all__ = ["all_gather_with_grad", "info_nce", "nt_xent"]
 
 
 def _world() -> tuple[int, int]:
@@ -51,3 +51,27 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     logits_ab = a @ all_gather_with_grad(b).t() / temperature
     logits_ba = b @ all_gather_with_grad(a).t() / temperature
     return 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent (Chen et al. 2020, eq. 1) over the global batch: ``z1[i]`` and ``z2[i]`` (this rank's (n, d) projections of
+    image ``i``'s two views) are positives; every other view of every rank is a negative.
+
+    Row layout of the keys: all ranks' ``z1`` (N rows), then all ranks' ``z2``. Each view is
+    compared with all 2N keys except itself. Computed in float32.
+    """
+    z1 = F.normalize(z1.float(), dim=-1)
+    z2 = F.normalize(z2.float(), dim=-1)
+    n = z1.shape[0]
+    rank, _ = _world()
+    k1, k2 = all_gather_with_grad(z1), all_gather_with_grad(z2)
+    big_n = k1.shape[0]
+    keys = torch.cat((k1, k2))  # (2N, d)
+    queries = torch.cat((z1, z2))  # (2n, d)
+    logits = queries @ keys.t() / temperature
+    own = torch.arange(n, device=z1.device) + rank * n  # z1[i]'s row among the keys
+    self_idx = torch.cat((own, own + big_n))
+    positive = torch.cat((own + big_n, own))
+    rows = torch.arange(2 * n, device=z1.device)
+    logits[rows, self_idx] = float("-inf")
+    return F.cross_entropy(logits, positive)

@@ -11,7 +11,7 @@ What the paper's objective is, without its loop (the trainer owns it):
 - the loss is NT-Xent (the paper's eq. 1): for each of the 2N views, its other view is the
   positive and the other 2N - 2 views of the global batch are the negatives, with cosine
   similarity over ``temperature``; the mean over all 2N views. Negatives come from every rank,
-  with gradients (:func:`vssl.methods.contrastive.all_gather_with_grad`).
+  with gradients (:func:`vssl.methods.contrastive.nt_xent`).
 
 Why it is in vssl: it has no teacher, centering or prototypes, so it cannot collapse and its loss
 moves from the first step. On the quickstart's few hundred CPU steps that is what DINOv2 lacked
@@ -24,16 +24,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data.views import ViewSpec
 from ..models.checkpoints import Checkpoint
 from ..models.vit import VisionTransformer
 from .base import MethodBase, load_backbone_strictly, register_method
-from .contrastive import _world, all_gather_with_grad
+from .contrastive import nt_xent
 
-__all__ = ["SimCLR", "SimCLRConfig", "ProjectionHead", "nt_xent"]
+__all__ = ["SimCLR", "SimCLRConfig", "ProjectionHead"]
 
 
 @dataclass
@@ -72,30 +71,6 @@ class ProjectionHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x)
-
-
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """NT-Xent over the global batch: ``z1[i]`` and ``z2[i]`` (this rank's (n, d) projections of
-    image ``i``'s two views) are positives; every other view of every rank is a negative.
-
-    Row layout of the keys: all ranks' ``z1`` (N rows), then all ranks' ``z2``. Each view is
-    compared with all 2N keys except itself. Computed in float32.
-    """
-    z1 = F.normalize(z1.float(), dim=-1)
-    z2 = F.normalize(z2.float(), dim=-1)
-    n = z1.shape[0]
-    rank, _ = _world()
-    k1, k2 = all_gather_with_grad(z1), all_gather_with_grad(z2)
-    big_n = k1.shape[0]
-    keys = torch.cat((k1, k2))  # (2N, d)
-    queries = torch.cat((z1, z2))  # (2n, d)
-    logits = queries @ keys.t() / temperature
-    own = torch.arange(n, device=z1.device) + rank * n  # z1[i]'s row among the keys
-    self_idx = torch.cat((own, own + big_n))
-    positive = torch.cat((own + big_n, own))
-    rows = torch.arange(2 * n, device=z1.device)
-    logits[rows, self_idx] = float("-inf")
-    return F.cross_entropy(logits, positive)
 
 
 @register_method("simclr")
