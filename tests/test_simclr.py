@@ -51,7 +51,7 @@ def test_method_contrasts_the_two_global_crops_and_refuses_local_crops():
     assert method.student["backbone"].blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="data.n_local=0"):
         method({"global": glob, "local": torch.randn(12, 3, 16, 16)}, 0)
-    with pytest.raises(ValueError, match="2 views per image"):
+    with pytest.raises(ValueError, match="SimCLR takes 2 global crops per image"):
         method({"global": glob[:5]}, 0)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         SimCLRConfig(temperature=0)

@@ -122,6 +122,25 @@ class MethodBase(nn.Module):
         return self.student["backbone"]
 
 
+def global_crop_pairs(batch: dict, method: str) -> torch.Tensor:
+    """``batch['global']``, checked to be what a two-view method takes: normalized float crops,
+    crop 1 of every image then crop 2 (an even number of rows)."""
+    if "global" not in batch:
+        raise KeyError(f"the batch has no 'global' crops: {method} needs 2 per image")
+    glob = batch["global"]
+    if not torch.is_floating_point(glob):
+        raise TypeError(
+            "batch['global'] is uint8: apply MultiCropPhotometric (normalization) "
+            "to the collated batch before the method"
+        )
+    if glob.shape[0] % 2:
+        raise ValueError(
+            f"{method} takes 2 global crops per image; batch['global'] has "
+            f"{glob.shape[0]} rows, not an even number"
+        )
+    return glob
+
+
 def load_backbone_strictly(backbone: nn.Module, checkpoint: Any) -> Any:
     """Load any checkpoint :func:`vssl.models.checkpoints.read_checkpoint` reads (or its result)
     into ``backbone``, strictly: a file without encoder weights, or with tensors that do not fit,

@@ -41,7 +41,7 @@ from ..models.checkpoints import Checkpoint, CheckpointError, check_state_dict, 
 from ..models.heads import DINOHead, describe_head
 from ..models.vit import VisionTransformer
 from ..train.schedules import CosineSchedule
-from .base import Freeze, StepPlan, register_method
+from .base import Freeze, StepPlan, global_crop_pairs, register_method
 from .losses import CENTERINGS, DINOLoss, iBOTPatchLoss, koleo_loss
 
 log = logging.getLogger("vssl")
@@ -330,17 +330,7 @@ class DINOv2(nn.Module):
 
     # -- the losses ---------------------------------------------------------------------------
     def _batch_layout(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
-        glob = batch["global"]
-        if not torch.is_floating_point(glob):
-            raise TypeError(
-                "batch['global'] is uint8: apply MultiCropPhotometric (normalization) "
-                "to the collated batch before the method"
-            )
-        if glob.shape[0] % 2:
-            raise ValueError(
-                f"DINOv2 takes 2 global crops per image; batch['global'] has "
-                f"{glob.shape[0]} rows, not an even number"
-            )
+        glob = global_crop_pairs(batch, "DINOv2")
         b = glob.shape[0] // 2
         local = batch.get("local")
         if local is None or local.shape[0] == 0:

@@ -29,7 +29,7 @@ from torch import nn
 from ..data.views import ViewSpec
 from ..models.checkpoints import Checkpoint
 from ..models.vit import VisionTransformer
-from .base import MethodBase, load_backbone_strictly, register_method
+from .base import MethodBase, global_crop_pairs, load_backbone_strictly, register_method
 from .contrastive import nt_xent
 
 __all__ = ["SimCLR", "SimCLRConfig", "ProjectionHead"]
@@ -91,18 +91,7 @@ class SimCLR(MethodBase):
         return ViewSpec("multicrop")
 
     def forward(self, batch: dict, step: int | None = None) -> dict[str, torch.Tensor]:
-        glob = batch.get("global")
-        if glob is None:
-            raise KeyError("the batch has no 'global' crops: SimCLR needs its two views per image")
-        if not torch.is_floating_point(glob):
-            raise TypeError(
-                "batch['global'] is uint8: apply MultiCropPhotometric (normalization) "
-                "to the collated batch before the method"
-            )
-        if glob.shape[0] % 2:
-            raise ValueError(
-                f"SimCLR takes 2 views per image; batch['global'] has {glob.shape[0]} rows"
-            )
+        glob = global_crop_pairs(batch, "SimCLR")
         local = batch.get("local")
         if local is not None and local.shape[0]:
             raise ValueError(
