@@ -31,7 +31,13 @@ TINY = [
     "data.num_workers=0",
 ]
 #: the same for the quickstart's own recipe (cpu_simclr32: SimCLR, a projection head)
-TINY_QUICKSTART = [*TINY[:3], "method.proj_hidden_dim=32", "data.num_workers=0"]
+TINY_QUICKSTART = [
+    "model.embed_dim=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "method.proj_hidden_dim=32",
+    "data.num_workers=0",
+]
 
 
 def _parse(argv):

@@ -1,8 +1,8 @@
 """``vssl quickstart``: pretrain the CPU recipe in minutes and see what it learned.
 
 Pretrains ``cpu_simclr32`` (SimCLR on a small ViT for 32-px images) on a generated toy dataset (or
-``--data``) within a wall-clock budget, measures kNN for the trained encoder, the same architecture at random init and
-raw pixels, and writes ``report.html``: see :func:`run_quickstart`.
+``--data``) within a wall-clock budget, measures kNN for the trained encoder, the same architecture
+at random init and raw pixels, and writes ``report.html``: see :func:`run_quickstart`.
 """
 
 from __future__ import annotations
@@ -371,16 +371,16 @@ def run_quickstart(
     recipe: str = QUICKSTART_RECIPE,
     steps: int | None = None,
 ) -> dict:
-    """Pretrain a CPU recipe (default ``cpu_simclr32``; ``cpu_tiny32``, ``cpu_mae32`` work the same) within
-    ``minutes`` (everything included), evaluate and report.
+    """Pretrain a CPU recipe (default ``cpu_simclr32``; ``cpu_tiny32``, ``cpu_mae32`` work the
+    same) within ``minutes`` (everything included), evaluate and report.
 
     Data: the generated toy shapes (default), or ``data``: a folder with ``train/`` and
     ``test/``/``val/``, or class subfolders (split 80/20), or unlabelled images (no kNN). kNN
     (k=20, DINOv2's weighted vote, the same ``knn_images``-per-split class-balanced subset) is
-    measured for the trained encoder (``method.encoder()``: DINOv2's teacher, SimCLR's backbone), the same architecture at its random
-    initialization (the run's own starting point) and raw pixels. Writes ``report.html`` (loss
-    and kNN curves, the three numbers, PCA maps of patch features) and ``quickstart.json`` into
-    ``output``; returns the summary. ``steps`` trains exactly that many steps instead of planning
+    measured for the trained encoder (``method.encoder()``: DINOv2's teacher, SimCLR's backbone),
+    the same architecture at its random initialization (the run's own starting point) and raw
+    pixels. Writes ``report.html`` (loss and kNN curves, the three numbers, PCA maps of patch
+    features) and ``quickstart.json`` into ``output``; returns the summary. ``steps`` trains exactly that many steps instead of planning
     them from the budget (the same run, and the same numbers, on any machine).
     """
     import dataclasses
@@ -653,8 +653,8 @@ def add_quickstart_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "quickstart",
         help="pretrain a small ViT in minutes on CPU and see what it learned",
-        description="Pretrain the CPU recipe (cpu_simclr32: SimCLR on a small ViT for 32-px images) on a generated "
-        "toy dataset of shapes (no download) or on --data, within --minutes on CPU; "
+        description="Pretrain the CPU recipe (cpu_simclr32: SimCLR on a small ViT for 32-px "
+        "images) on a generated toy dataset of shapes (no download) or on --data, within --minutes on CPU; "
         "then compare kNN accuracy (k=20) of the trained model, the same model at "
         "random init, and raw pixels, and write report.html with loss and kNN curves "
         "and PCA maps of patch features.",
@@ -688,7 +688,8 @@ def add_quickstart_parser(subparsers) -> argparse.ArgumentParser:
         "--recipe",
         default=QUICKSTART_RECIPE,
         metavar="NAME",
-        help="the CPU recipe to run (default cpu_simclr32, SimCLR; cpu_tiny32: DINOv2; cpu_mae32: MAE)",
+        help="the CPU recipe to run (default cpu_simclr32, SimCLR; cpu_tiny32: DINOv2; "
+        "cpu_mae32: MAE)",
     )
     p.add_argument(
         "--steps",

@@ -54,8 +54,9 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SimCLR's NT-Xent (Chen et al. 2020, eq. 1) over the global batch: ``z1[i]`` and ``z2[i]`` (this rank's (n, d) projections of
-    image ``i``'s two views) are positives; every other view of every rank is a negative.
+    """SimCLR's NT-Xent (Chen et al. 2020, eq. 1) over the global batch: ``z1[i]`` and ``z2[i]``
+    (this rank's (n, d) projections of image ``i``'s two views) are positives; every other view
+    of every rank is a negative.
 
     Row layout of the keys: all ranks' ``z1`` (N rows), then all ranks' ``z2``. Each view is
     compared with all 2N keys except itself. Computed in float32.
