@@ -69,9 +69,9 @@ def _ignore_interrupts(worker_id: int) -> None:
 
 #: Loader iterators with worker processes that may still be running (see _stop_workers_at_exit).
 _LIVE_LOADERS: weakref.WeakSet = weakref.WeakSet()
-_EXIT_HOOK = None
 
 
+@atexit.register
 def _stop_workers_at_exit() -> None:
     """Shut down the workers of loaders still open when the interpreter exits.
 
@@ -79,8 +79,8 @@ def _stop_workers_at_exit() -> None:
     open, its traceback keeps the loader alive past the exit handlers, and multiprocessing's own
     exit handler would SIGTERM the workers and then wait for them forever: the command hung
     after printing its error. This handler runs before that one (atexit is last in, first out,
-    and it is registered when the first loader starts, after torch imported multiprocessing)
-    and stops them the way a finished loader does."""
+    and importing torch above registered multiprocessing's) and stops them the way a finished
+    loader does."""
     for it in list(_LIVE_LOADERS):
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:
@@ -89,11 +89,8 @@ def _stop_workers_at_exit() -> None:
 
 def _iterate(loader: DataLoader) -> Iterator:
     """``iter(loader)``, registered for :func:`_stop_workers_at_exit` when it has workers."""
-    global _EXIT_HOOK
-    it = iter(loader)  # starts the workers (multiprocessing's exit handler is registered by now)
+    it = iter(loader)
     if loader.num_workers:
-        if not _EXIT_HOOK:
-            _EXIT_HOOK = atexit.register(_stop_workers_at_exit)
         _LIVE_LOADERS.add(it)
     return it
 
